@@ -1,0 +1,22 @@
+"""drt_peft: Dimensionality Reduced Training for Hugging Face models.
+
+Train d << D entries of a model's weights, Θ = ψ·ϑ + χ·Θ(0), with the methods of the survey
+by Wimmer, Mehnert and Condurache behind one PEFT-style API.
+"""
+
+from .config import DRTConfig, available_methods
+from .layer import DRTLayer
+from .methods import MagnitudeConfig, RandomConfig
+from .model import DRTModel, get_drt_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DRTConfig",
+    "DRTLayer",
+    "DRTModel",
+    "MagnitudeConfig",
+    "RandomConfig",
+    "available_methods",
+    "get_drt_model",
+]

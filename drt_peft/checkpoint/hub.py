@@ -1,0 +1,34 @@
+"""Uploading an adapter to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import TYPE_CHECKING
+
+from huggingface_hub import CommitInfo, HfApi
+
+if TYPE_CHECKING:
+    from ..model import DRTModel
+
+
+def push_to_hub(
+    model: DRTModel,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload drt_peft adapter",
+    create_repo: bool = True,
+    endpoint: str | None = None,
+) -> CommitInfo:
+    """Save ``model``'s adapter to a temporary folder and upload it to ``repo_id`` in one commit.
+
+    ``endpoint`` overrides the Hub address (default: ``HF_ENDPOINT`` or huggingface.co).
+    """
+    api = HfApi(endpoint=endpoint, token=token)
+    if create_repo:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message)

@@ -1,0 +1,234 @@
+"""Adapter checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors`` + model card.
+
+The safetensors file is self-contained and is the commit point of a save: it holds ϑ (all
+layers' trained values concatenated, in the training dtype), ψ (omitted when the config
+regenerates it from the seed, otherwise in the smallest lossless encoding per layer), the
+config itself and checksums in its metadata. Every file is written to a temporary file and
+renamed into place, so an interrupted save leaves the previous adapter loadable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from ..config import CONFIG_NAME, DRTConfig
+from .codec import CODECS, decode, encode_smallest
+
+if TYPE_CHECKING:
+    from ..model import DRTModel
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = "1"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def resolve_file(path_or_repo: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str:
+    """``filename`` inside a local folder, or downloaded from the Hub repo ``path_or_repo``."""
+    if os.path.isdir(path_or_repo):
+        file = os.path.join(path_or_repo, filename)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} does not exist; is {path_or_repo} a drt_peft adapter folder?")
+        return file
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(str(path_or_repo), filename, **hub_kwargs)
+    except Exception as err:
+        raise FileNotFoundError(
+            f"{path_or_repo!r} is not a local folder and {filename} could not be fetched from the Hub: {err}"
+        ) from err
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _indices_checksum(indices: Iterable[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for idx in indices:
+        digest.update(idx.detach().cpu().to(torch.int64).numpy().tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def _targets_checksum(names: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def model_card(model: DRTModel) -> str:
+    """A README.md model card describing the adapter."""
+    config = model.drt_config
+    layers = list(model.drt_layers())
+    d = sum(layer.num_trainable for _, layer in layers)
+    total = sum(layer.base_layer.weight.numel() for _, layer in layers)
+    base = config.base_model_name_or_path or "unknown"
+    return (
+        f"---\nlibrary_name: drt_peft\nbase_model: {base}\ntags:\n- drt_peft\n- sparse-fine-tuning\n"
+        f"- {config.method_name}\n---\n\n"
+        f"# {config.method_name} DRT adapter\n\n"
+        f"Trains d = {d:,} of the D = {total:,} entries ({d / total:.4%}) of {len(layers)} weight tensors of "
+        f"`{base}`, Θ = ψ·ϑ + χ·Θ(0) with mode `{config.mode}`, budget `{config.budget}`, structure "
+        f"`{config.structure}`, base init `{config.base_init}`.\n\n"
+        "```python\nfrom drt_peft import DRTModel\n"
+        'model = DRTModel.from_pretrained(base_model, "path/or/repo-id")\n```\n'
+    )
+
+
+def save_adapter(model: DRTModel, save_directory: str | os.PathLike, is_main_process: bool = True) -> None:
+    """Write the adapter of ``model`` into ``save_directory`` (see module docstring)."""
+    if not is_main_process:
+        return
+    config = model.drt_config
+    layers = list(model.drt_layers())
+    tensors: dict[str, torch.Tensor] = {
+        "drt_values": torch.cat([layer.drt_values.detach().reshape(-1).cpu() for _, layer in layers]),
+        "drt_counts": torch.tensor([layer.num_trainable for _, layer in layers], dtype=torch.int64),
+    }
+    if not config.indices_from_seed:
+        codes, blobs = [], []
+        for _, layer in layers:
+            codec, blob = encode_smallest(layer.drt_indices.cpu().numpy(), layer.base_layer.weight.numel())
+            codes.append(CODECS.index(codec))
+            blobs.append(blob)
+        tensors["drt_index_codecs"] = torch.tensor(codes, dtype=torch.uint8)
+        tensors["drt_index_lengths"] = torch.tensor([b.size for b in blobs], dtype=torch.int64)
+        tensors["drt_index_bytes"] = torch.from_numpy(np.concatenate(blobs))
+        tensors["drt_numels"] = torch.tensor([layer.base_layer.weight.numel() for _, layer in layers])
+    biases = [layer.base_layer.bias for _, layer in layers if layer.base_layer.bias is not None]
+    if config.bias == "all" and biases:
+        tensors["drt_biases"] = torch.cat([b.detach().reshape(-1).cpu() for b in biases])
+    for name in model.modules_to_save:
+        for key, value in model.base_model.get_submodule(name).state_dict().items():
+            tensors[f"modules_to_save.{name}.{key}"] = value.detach().cpu().contiguous()
+    metadata = {
+        "format": "pt",
+        "drt_peft_format": FORMAT_VERSION,
+        "drt_config": config.to_json(),
+        "drt_targets": _targets_checksum(name for name, _ in layers),
+        "drt_index_checksum": _indices_checksum(layer.drt_indices for _, layer in layers),
+        "drt_checksum": _checksum(tensors),
+    }
+    os.makedirs(save_directory, exist_ok=True)
+    atomic_write_bytes(os.path.join(save_directory, "README.md"), model_card(model).encode())
+    atomic_write_bytes(os.path.join(save_directory, WEIGHTS_NAME), safetensors_bytes(tensors, metadata))
+    config.save_pretrained(save_directory)
+
+
+def read_adapter_file(file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of an adapter file, validated; corrupt or foreign files raise ``ValueError``."""
+    try:
+        with safe_open(file, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file} is not a readable safetensors file (corrupted or truncated?): {err}") from None
+    if metadata.get("drt_peft_format") != FORMAT_VERSION:
+        raise ValueError(
+            f"{file} is not a drt_peft adapter of format {FORMAT_VERSION} "
+            f"(drt_peft_format={metadata.get('drt_peft_format')!r})"
+        )
+    if _checksum(tensors) != metadata.get("drt_checksum"):
+        raise ValueError(f"{file} is corrupted: its tensors do not match the checksum recorded when it was saved")
+    return tensors, metadata
+
+
+def _stored_config(
+    file: str, metadata: dict[str, str], folder_or_repo: str | os.PathLike, **hub_kwargs: Any
+) -> DRTConfig:
+    config = DRTConfig.from_dict(json.loads(metadata["drt_config"]), source=file)
+    try:
+        side = DRTConfig.from_pretrained(folder_or_repo, **hub_kwargs)
+    except FileNotFoundError:
+        return config
+    if side != config:
+        warnings.warn(
+            f"{CONFIG_NAME} in {folder_or_repo} differs from the config stored in {WEIGHTS_NAME} "
+            "(an interrupted save, or an edited file); using the one stored with the weights",
+            stacklevel=3,
+        )
+    return config
+
+
+def _decode_indices(tensors: dict[str, torch.Tensor], file: str) -> list[torch.Tensor]:
+    counts = tensors["drt_counts"].tolist()
+    lengths = tensors["drt_index_lengths"].tolist()
+    blobs = np.split(tensors["drt_index_bytes"].numpy(), np.cumsum(lengths)[:-1])
+    indices = []
+    for i, (code, blob, count, numel) in enumerate(
+        zip(tensors["drt_index_codecs"].tolist(), blobs, counts, tensors["drt_numels"].tolist(), strict=True)
+    ):
+        try:
+            indices.append(torch.from_numpy(decode(blob, CODECS[code], count, numel)))
+        except (ValueError, IndexError) as err:
+            raise ValueError(f"{file}: indices of layer {i} cannot be decoded: {err}") from None
+    return indices
+
+
+def load_adapter(
+    base_model: torch.nn.Module, model_id: str | os.PathLike, is_trainable: bool = False, **hub_kwargs: Any
+) -> DRTModel:
+    """Build a :class:`DRTModel` on ``base_model`` from the adapter in ``model_id``."""
+    from ..model import DRTModel
+
+    file = resolve_file(model_id, WEIGHTS_NAME, **hub_kwargs)
+    tensors, metadata = read_adapter_file(file)
+    config = _stored_config(file, metadata, model_id, **hub_kwargs)
+    stored = None if config.indices_from_seed else _decode_indices(tensors, file)
+    model = DRTModel(base_model, config, indices=stored)
+    layers = list(model.drt_layers())
+    if _targets_checksum(name for name, _ in layers) != metadata["drt_targets"]:
+        raise ValueError(f"{file} was saved for other target modules than target_modules selects on this model")
+    if _indices_checksum(layer.drt_indices for _, layer in layers) != metadata["drt_index_checksum"]:
+        raise ValueError(
+            f"the mask regenerated from seed={config.seed} differs from the one saved in {file}; "
+            "the random number generator or criterion changed since it was saved"
+        )
+    with torch.no_grad():
+        values = tensors["drt_values"].split(tensors["drt_counts"].tolist())
+        for (_, layer), value in zip(layers, values, strict=True):
+            layer.drt_values.copy_(value.to(layer.drt_values.dtype))
+            layer.sync_weight()
+        if "drt_biases" in tensors:
+            biases = [layer.base_layer.bias for _, layer in layers if layer.base_layer.bias is not None]
+            for bias, value in zip(biases, tensors["drt_biases"].split([b.numel() for b in biases]), strict=True):
+                bias.copy_(value.reshape(bias.shape))
+        for name in model.modules_to_save:
+            prefix = f"modules_to_save.{name}."
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            model.base_model.get_submodule(name).load_state_dict(state)
+    if not is_trainable:
+        model.requires_grad_(False)
+        model.drt_config.inference_mode = True
+        model.eval()
+    return model

@@ -1,0 +1,20 @@
+"""The ``drt-peft`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="drt-peft", description="Dimensionality Reduced Training for transformers")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo.add_arguments(commands.add_parser("demo", help="fine-tune the real MiniLM on Rotten Tomatoes with DRT"))
+    args = parser.parse_args(argv)
+    return demo.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Configuration of a DRT adapter: which weights train, how many, and what the rest become.
+
+Every method implements the survey's embedding (METHODS.md §1, eq. 7)
+
+    Θ = ψ·ϑ + χ·Θ(0)
+
+and differs only in the policy that chooses ψ. :class:`DRTConfig` holds the choices shared by
+all methods (survey §3: density, budget, structure, mode of the untrained entries); each method
+is a small registered subclass, so ``adapter_config.json`` names its method and round-trips
+through :meth:`DRTConfig.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+CONFIG_NAME = "adapter_config.json"
+
+MODES = ("freeze", "prune")
+BASE_INITS = ("pretrained", "seeded")
+BUDGETS = ("global", "uniform", "erk")
+BIASES = ("none", "all")
+_NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+_METHODS: dict[str, type[DRTConfig]] = {}
+
+C = TypeVar("C", bound="DRTConfig")
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`DRTConfig` subclass under the method ``name``."""
+
+    def wrap(cls: type[C]) -> type[C]:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__name__}")
+        cls.method_name = name
+        _METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_methods() -> list[str]:
+    """Names of all registered methods."""
+    return sorted(_METHODS)
+
+
+def config_class(method: str) -> type[DRTConfig]:
+    """The config class registered for ``method``."""
+    try:
+        return _METHODS[method]
+    except KeyError:
+        raise ValueError(f"unknown method {method!r}; registered methods: {available_methods()}") from None
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; use one of {list(allowed)}")
+
+
+def parse_structure(structure: str) -> tuple[int, int] | str:
+    """``"unstructured"`` / ``"rows"`` unchanged, or ``(N, M)`` for an ``"N:M"`` string."""
+    if structure in ("unstructured", "rows"):
+        return structure
+    match = _NM_PATTERN.match(structure) if isinstance(structure, str) else None
+    if match is None:
+        raise ValueError(
+            f"structure={structure!r} is not supported; use 'unstructured', 'rows' or an N:M string such as '2:4'"
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n <= m:
+        raise ValueError(
+            f"structure={structure!r}: N:M needs 0 < N <= M (at most N trained entries in each block of M)"
+        )
+    return n, m
+
+
+@dataclass
+class DRTConfig:
+    """Shared fields of every DRT method (survey §3). Use a method's subclass, e.g. ``RandomConfig``."""
+
+    method_name: ClassVar[str] = ""
+    #: The criterion (survey §3.4) that scores entries; the selected ψ keeps the largest scores.
+    criterion: ClassVar[str] = ""
+    #: True when ψ is a function of the seed and the layer shapes alone, so checkpoints omit indices.
+    indices_from_seed: ClassVar[bool] = False
+
+    density: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction d/D of the targeted weights that train, 0 < density <= 1. "
+            "Exactly one of `density` and `num_trainable` must be set."
+        },
+    )
+    num_trainable: int | None = field(
+        default=None,
+        metadata={"help": "Total number d of trained weight entries over all targeted layers (instead of `density`)."},
+    )
+    mode: str = field(
+        default="freeze",
+        metadata={
+            "help": "What the untrained entries become: 'freeze' keeps them at Θ(0) (the base values), "
+            "'prune' sets them to zero (a sparse model)."
+        },
+    )
+    base_init: str = field(
+        default="pretrained",
+        metadata={
+            "help": "Θ(0) of the targeted weights: 'pretrained' keeps the base model's values; 'seeded' "
+            "re-initialises them from `seed` as the model's own init would, so they are regenerable "
+            "from 32 bits (survey eqs. 21-22)."
+        },
+    )
+    budget: str = field(
+        default="uniform",
+        metadata={
+            "help": "How d is spread over layers (survey §3.2): 'uniform' (same density per layer), "
+            "'global' (one threshold over all layers), 'erk' (Erdős–Rényi-Kernel, Evci et al. 2020)."
+        },
+    )
+    structure: str = field(
+        default="unstructured",
+        metadata={
+            "help": "Granularity of ψ (survey §3.1): 'unstructured', 'rows' (whole output rows / neurons / "
+            "channels), or 'N:M' such as '2:4' (at most N trained entries in each block of M inputs)."
+        },
+    )
+    target_modules: list[str] | str | None = field(
+        default="all-linear",
+        metadata={
+            "help": "Modules whose weight is embedded: a list of names (a name matches itself or any module "
+            "whose name ends with '.name'), a regular expression matched against the full module name, or "
+            "'all-linear' for every Linear/Conv1D layer except the output head. Supported types: "
+            "nn.Linear, transformers' Conv1D, nn.Conv2d."
+        },
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full and stored in the adapter, e.g. a new classifier head."},
+    )
+    bias: str = field(
+        default="none",
+        metadata={"help": "'none': biases stay frozen; 'all': the biases of targeted layers train too."},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of every random choice (random scores, seeded init); 0 <= seed < 2**32."},
+    )
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Name or path of the base model; filled in by `get_drt_model`."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Revision of the base model, if known."})
+    base_model_fingerprint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hash of the targeted base weights Θ(0); filled in by `get_drt_model` and checked on load "
+            "so an adapter never lands on a different base."
+        },
+    )
+    inference_mode: bool = field(default=False, metadata={"help": "Whether the adapter is loaded for inference."})
+
+    def __post_init__(self) -> None:
+        if type(self) is DRTConfig or not self.method_name:
+            raise TypeError(f"DRTConfig is abstract; use a method config: {available_methods()}")
+        if (self.density is None) == (self.num_trainable is None):
+            raise ValueError(
+                f"set exactly one of density and num_trainable (got density={self.density!r}, "
+                f"num_trainable={self.num_trainable!r})"
+            )
+        if self.density is not None and not (
+            isinstance(self.density, (int, float)) and not isinstance(self.density, bool) and 0 < self.density <= 1
+        ):
+            raise ValueError(f"density={self.density!r} is out of range; it must satisfy 0 < density <= 1")
+        if self.num_trainable is not None and (
+            not isinstance(self.num_trainable, int) or isinstance(self.num_trainable, bool) or self.num_trainable < 1
+        ):
+            raise ValueError(f"num_trainable={self.num_trainable!r} must be a positive integer")
+        _choice("mode", self.mode, MODES)
+        _choice("base_init", self.base_init, BASE_INITS)
+        _choice("budget", self.budget, BUDGETS)
+        _choice("bias", self.bias, BIASES)
+        parse_structure(self.structure)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed!r} must be an integer with 0 <= seed < 2**32")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise ValueError(
+                    f"target_modules={self.target_modules!r} is not a valid regular expression: {err}"
+                ) from None
+        elif self.target_modules is not None and not isinstance(self.target_modules, str):
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
+                raise ValueError(f"target_modules={self.target_modules!r} must be a non-empty list of module names")
+        if self.target_modules is None:
+            raise ValueError("target_modules=None: name the modules to embed, or use 'all-linear'")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(N, M)`` when ``structure`` is an N:M pattern, else None."""
+        parsed = parse_structure(self.structure)
+        return parsed if isinstance(parsed, tuple) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, with the method name first."""
+        return {"method": self.method_name, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
+        """Build the registered config that ``data["method"]`` names; ``cls`` must be it or an ancestor."""
+        data = dict(data)
+        method = data.pop("method", None)
+        if method is None:
+            raise ValueError(f"{source} has no 'method' field; it was not written by drt_peft")
+        target = config_class(method)
+        if not issubclass(target, cls):
+            raise ValueError(
+                f"{source} is a {method!r} adapter ({target.__name__}), not {cls.method_name!r} ({cls.__name__}); "
+                f"load it with {target.__name__}.from_pretrained or DRTConfig.from_pretrained"
+            )
+        known = {f.name for f in dataclasses.fields(target)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{source} has fields {unknown} that {target.__name__} does not know; allowed: {sorted(known)}"
+            )
+        return target(**data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` atomically."""
+        from .checkpoint.io import atomic_write_bytes
+
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json().encode())
+
+    @classmethod
+    def from_pretrained(cls: type[C], path: str | os.PathLike, **hub_kwargs: Any) -> C:
+        """Read ``adapter_config.json`` from a folder (or a Hub repo id) and build the right subclass."""
+        from .checkpoint.io import resolve_file
+
+        file = resolve_file(path, CONFIG_NAME, **hub_kwargs)
+        try:
+            with open(file, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file} is not valid JSON: {err}") from None
+        return cls.from_dict(data, source=str(file))

@@ -1,0 +1,219 @@
+"""The compact forward/backward of one embedded weight, per module type.
+
+Training a DRT layer needs three products per step (survey §2.3):
+
+- the forward with the effective weight Θ = ψ·ϑ + χ·Θ(0), a plain dense product because Θ is
+  kept materialised (the d trained values are written into it at each forward, cost ∝ d);
+- the input gradient with the same dense Θ;
+- the gradient of ϑ, which is the weight gradient *sampled at the d trained positions*: a
+  sampled dense-dense product (SDDMM, ``torch.sparse.sampled_addmm``) over a CSR pattern built
+  once per mask. No D-sized weight gradient is ever formed.
+
+An :class:`WeightOp` knows these products for one module type (``nn.Linear``, transformers'
+``Conv1D``, ``nn.Conv2d``) and how to view its weight as an ``[out, fan_in]`` matrix, which is the
+layout budgets and structures (rows, N:M along the inputs) are defined on.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+# sampled_addmm has CPU kernels for these dtypes; others are computed in float32 and cast back.
+_SDDMM_DTYPES = (torch.float32, torch.float64)
+
+
+def csr_pattern(indices: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """CSR tensor whose non-zeros are the sorted flat ``indices`` of a 2-D ``shape`` (values zero).
+
+    Row-major CSR order equals sorted flat-index order, so SDDMM values line up with ``indices``.
+    """
+    rows, cols = shape
+    crow = torch.zeros(rows + 1, dtype=torch.int64, device=indices.device)
+    crow[1:] = torch.bincount(torch.div(indices, cols, rounding_mode="floor"), minlength=rows).cumsum(0)
+    values = torch.zeros(indices.numel(), dtype=dtype, device=indices.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, indices % cols, values, (rows, cols), check_invariants=False)
+
+
+def sddmm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the SDDMM computes in for ``dtype`` inputs (the CPU kernel has float32/float64 only)."""
+    return dtype if dtype in _SDDMM_DTYPES else torch.float32
+
+
+def sddmm(pattern: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``(a @ b)`` at the non-zeros of ``pattern``, in CSR order: the sampled dense-dense product.
+
+    Computes in ``pattern.dtype`` and returns ``a.dtype``. The CPU kernel reads ``a`` row-major
+    and ``b`` column-major and copies any other layout itself, more slowly than an explicit
+    transpose-copy, so both are laid out that way here.
+    """
+    out_dtype = a.dtype
+    a = a.to(pattern.dtype).contiguous()
+    b = b.to(pattern.dtype).t().contiguous().t()
+    return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values().to(out_dtype)
+
+
+class WeightOp:
+    """Products of one module type with an explicit weight (the base module holds the rest)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property
+    def pattern_shape(self) -> tuple[int, int]:
+        """2-D shape of the weight on which the SDDMM pattern is laid (the weight's own layout)."""
+        weight = self.module.weight
+        return weight.shape[0], weight[0].numel()
+
+    def to_matrix(self, tensor: Tensor) -> Tensor:
+        """View a weight-shaped tensor as ``[out, fan_in]``."""
+        return tensor.reshape(tensor.shape[0], -1)
+
+    def from_matrix(self, matrix: Tensor) -> Tensor:
+        """Inverse of :meth:`to_matrix`."""
+        return matrix.reshape(self.module.weight.shape)
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def grad_input(self, grad_out: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def grad_weight_factors(self, grad_out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` with ``A @ B`` = the dense weight gradient in :attr:`pattern_shape` layout."""
+        raise NotImplementedError
+
+    def grad_values(self, grad_out: Tensor, x: Tensor, pattern: Tensor) -> Tensor:
+        """Gradient of the trained values: the weight gradient at the pattern's positions only."""
+        a, b = self.grad_weight_factors(grad_out, x)
+        return sddmm(pattern, a, b)
+
+    def grad_bias(self, grad_out: Tensor) -> Tensor:
+        return grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+
+
+class LinearOp(WeightOp):
+    """``nn.Linear``: y = x Wᵀ + b, W is ``[out, in]``; dW = gyᵀ x."""
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def grad_input(self, grad_out: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+        return grad_out @ weight
+
+    def grad_weight_factors(self, grad_out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        return grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1])
+
+
+class Conv1DOp(WeightOp):
+    """transformers' ``Conv1D`` (GPT-2): y = x W + b, W is ``[in, out]``; dW = xᵀ gy."""
+
+    def to_matrix(self, tensor: Tensor) -> Tensor:
+        return tensor.t()
+
+    def from_matrix(self, matrix: Tensor) -> Tensor:
+        return matrix.t()
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        out = x.reshape(-1, x.shape[-1]) @ weight
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*x.shape[:-1], weight.shape[1])
+
+    def grad_input(self, grad_out: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+        return grad_out @ weight.t()
+
+    def grad_weight_factors(self, grad_out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x.reshape(-1, x.shape[-1]).t(), grad_out.reshape(-1, grad_out.shape[-1])
+
+
+class Conv2dOp(WeightOp):
+    """``nn.Conv2d`` with zero padding; W is ``[out, in/groups, kh, kw]``.
+
+    For ``groups == 1`` the weight gradient is gyᵀ·unfold(x), sampled at the trained positions.
+    Grouped (e.g. depthwise) convolutions have small weights but no single im2col matrix; their
+    weight gradient is formed densely with ``conv2d_weight`` and gathered at the d positions.
+    """
+
+    def __init__(self, module: nn.Conv2d) -> None:
+        super().__init__(module)
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError(
+                f"Conv2d with padding={module.padding!r}, padding_mode={module.padding_mode!r} is not supported; "
+                "use integer zero padding"
+            )
+
+    def _conv_args(self) -> dict:
+        m = self.module
+        return {"stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups}
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, weight, bias, **self._conv_args())
+
+    def grad_input(self, grad_out: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+        return torch.nn.grad.conv2d_input(x.shape, weight, grad_out, **self._conv_args())
+
+    def grad_weight_factors(self, grad_out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.module
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        batch, fan_in, positions = cols.shape
+        a = grad_out.reshape(batch, grad_out.shape[1], positions).permute(1, 0, 2).reshape(grad_out.shape[1], -1)
+        b = cols.permute(0, 2, 1).reshape(batch * positions, fan_in)
+        return a, b
+
+    def grad_values(self, grad_out: Tensor, x: Tensor, pattern: Tensor) -> Tensor:
+        if self.module.groups == 1:
+            return super().grad_values(grad_out, x, pattern)
+        dense = torch.nn.grad.conv2d_weight(x, self.module.weight.shape, grad_out, **self._conv_args())
+        return dense.reshape(-1)[_pattern_flat_indices(pattern)]
+
+    def grad_bias(self, grad_out: Tensor) -> Tensor:
+        return grad_out.sum((0, 2, 3))
+
+
+def _pattern_flat_indices(pattern: Tensor) -> Tensor:
+    crow = pattern.crow_indices()
+    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
+    return rows * pattern.shape[1] + pattern.col_indices()
+
+
+SUPPORTED_TYPES: dict[type[nn.Module], type[WeightOp]] = {nn.Linear: LinearOp, Conv1D: Conv1DOp, nn.Conv2d: Conv2dOp}
+
+
+def weight_op(module: nn.Module) -> WeightOp:
+    """The :class:`WeightOp` for ``module``; raises for unsupported module types."""
+    for kind, op in SUPPORTED_TYPES.items():
+        if type(module) is kind:
+            return op(module)
+    names = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+    raise TypeError(f"cannot embed a {type(module).__name__}; supported module types: {names}")
+
+
+class SampledWeightFunction(torch.autograd.Function):
+    """y = op(x, Θ, b) with ∂L/∂ϑ = (∂L/∂Θ)[ψ] computed by SDDMM (see module docstring).
+
+    ``weight`` is the materialised Θ; it is not saved for backward because it cannot change
+    between a forward and its backward (only an optimizer step changes ϑ, after the backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, values: Tensor, bias: Tensor | None, weight: Tensor, op: WeightOp, pattern: Tensor):
+        ctx.op, ctx.weight, ctx.pattern = op, weight, pattern
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x)
+        return op.forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (x,) = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = ctx.op.grad_input(grad_out, ctx.weight, x) if ctx.needs_input_grad[0] else None
+        grad_values = ctx.op.grad_values(grad_out, x, ctx.pattern) if ctx.needs_input_grad[1] else None
+        grad_bias = ctx.op.grad_bias(grad_out) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_values, grad_bias, None, None, None

@@ -1,0 +1,1 @@
+"""Small training recipes shared by the demo, the examples and the benchmarks."""

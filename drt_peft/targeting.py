@@ -1,0 +1,78 @@
+"""Which modules a config embeds (``target_modules``) and trains in full (``modules_to_save``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from .layer import SUPPORTED_TYPES
+
+_LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def _matches(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """Modules outside a transformers model's backbone (task heads) and its output embeddings."""
+    if not isinstance(model, PreTrainedModel):
+        return set()
+    heads: set[str] = set()
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and getattr(model, prefix, None) is not None:
+        heads.update(name for name, child in model.named_children() if name != prefix)
+    output = model.get_output_embeddings()
+    if output is not None:
+        heads.update(name for name, module in model.named_modules() if module is output)
+    return heads
+
+
+def _under(name: str, roots: set[str]) -> bool:
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+def find_modules_to_save(model: nn.Module, names: Sequence[str] | None) -> list[str]:
+    """Full names of the modules that ``modules_to_save`` entries match (outermost only)."""
+    if not names:
+        return []
+    found: list[str] = []
+    for entry in names:
+        hits = [n for n, _ in model.named_modules() if n and _matches(n, entry)]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module of {type(model).__name__}")
+        found.extend(hits)
+    unique = set(found)
+    return sorted(n for n in unique if not _under(n, unique - {n}))
+
+
+def find_targets(model: nn.Module, target_modules: list[str] | str, exclude: Sequence[str] = ()) -> list[str]:
+    """Names of the modules to embed, in model order; raises if nothing matches."""
+    excluded = set(exclude)
+    if target_modules == "all-linear":
+        excluded |= _head_names(model)
+        names = [n for n, m in model.named_modules() if isinstance(m, _LINEAR_TYPES) and type(m) in SUPPORTED_TYPES]
+    elif isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        names = [n for n, _ in model.named_modules() if n and pattern.fullmatch(n)]
+    else:
+        names = [n for n, _ in model.named_modules() if n and any(_matches(n, e) for e in target_modules)]
+    names = [n for n in names if not _under(n, excluded)]
+    modules = dict(model.named_modules())
+    unsupported = [f"{n} ({type(modules[n]).__name__})" for n in names if type(modules[n]) not in SUPPORTED_TYPES]
+    if unsupported:
+        allowed = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+        raise ValueError(
+            f"target_modules={target_modules!r} matches unsupported modules {unsupported[:5]}; allowed types: {allowed}"
+        )
+    if not names:
+        candidates = [n for n, m in model.named_modules() if type(m) in SUPPORTED_TYPES][:8]
+        raise ValueError(
+            f"target_modules={target_modules!r} matches no module of {type(model).__name__} "
+            f"(excluding the output head and modules_to_save); supported modules include {candidates}"
+        )
+    return names

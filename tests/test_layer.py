@@ -1,0 +1,126 @@
+"""The embedding layer: exact forward, sampled backward equal to dense autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from drt_peft import DRTLayer
+from drt_peft.layer.ops import SampledWeightFunction, csr_pattern, sddmm
+
+
+def _modules() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    torch.manual_seed(0)
+    return {
+        "linear": (nn.Linear(6, 5), (3, 4, 6)),
+        "conv1d": (Conv1D(5, 6), (3, 4, 6)),
+        "conv2d": (nn.Conv2d(3, 4, 3, padding=1, stride=2), (2, 3, 6, 5)),
+        "conv2d-grouped": (nn.Conv2d(4, 4, 3, padding=1, groups=2), (2, 4, 5, 5)),
+    }
+
+
+def _random_indices(numel: int, d: int, seed: int = 0) -> torch.Tensor:
+    return torch.randperm(numel, generator=torch.Generator().manual_seed(seed))[:d].sort().values
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv2d-grouped"])
+@pytest.mark.parametrize("mode", ["freeze", "prune"])
+def test_gradients_match_dense_autograd(kind: str, mode: str) -> None:
+    module, x_shape = _modules()[kind]
+    module = module.double()
+    original = module.weight.detach().clone()
+    indices = _random_indices(original.numel(), 7)
+    layer = DRTLayer(module, indices, mode, train_bias=True)
+    with torch.no_grad():
+        layer.drt_values.add_(torch.randn(7, dtype=torch.float64))
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+
+    # forward is exact: Θ equals the base (or zero) with ϑ at ψ
+    expected_weight = (original.clone() if mode == "freeze" else torch.zeros_like(original)).reshape(-1)
+    expected_weight[indices] = layer.drt_values.detach()
+    out = layer(x)
+    assert torch.equal(layer.effective_weight.reshape(-1), expected_weight)
+
+    # gradients equal dense autograd's at ψ (and dense input/bias gradients)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    dense_w = expected_weight.reshape(original.shape).clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    bias_ref = module.bias.detach().clone().requires_grad_(True)
+    ref = layer.op.forward(x_ref, dense_w, bias_ref)
+    ref.backward(grad_out)
+    assert torch.allclose(out, ref)
+    assert torch.allclose(layer.drt_values.grad, dense_w.grad.reshape(-1)[indices])
+    assert torch.allclose(x.grad, x_ref.grad)
+    assert torch.allclose(module.bias.grad, bias_ref.grad)
+    assert module.weight.grad is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv2d-grouped"])
+def test_gradcheck(kind: str) -> None:
+    module, x_shape = _modules()[kind]
+    layer = DRTLayer(module.double(), _random_indices(module.weight.numel(), 5), "freeze", train_bias=True)
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+
+    def f(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            layer.drt_values.copy_(values)
+        return SampledWeightFunction.apply(x, values, bias, layer.sync_weight(), layer.op, layer._pattern(values.dtype))
+
+    values = layer.drt_values.detach().clone().requires_grad_(True)
+    bias = module.bias.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (x, values, bias))
+
+
+def test_sddmm_matches_dense_product_in_float32_and_bfloat16() -> None:
+    a, b = torch.randn(8, 20), torch.randn(20, 6)
+    indices = _random_indices(48, 10, seed=3)
+    dense = (a @ b).reshape(-1)[indices]
+    assert torch.allclose(sddmm(csr_pattern(indices, (8, 6), torch.float32), a, b), dense, atol=1e-5)
+    low = sddmm(csr_pattern(indices, (8, 6), torch.float32), a.bfloat16(), b.bfloat16())
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), dense, atol=0.1, rtol=0.05)
+
+
+def test_values_written_after_fused_optimizer_step() -> None:
+    """Fused optimizers do not bump version counters; the next forward must still see new ϑ."""
+    torch.manual_seed(0)
+    layer = DRTLayer(nn.Linear(4, 3), _random_indices(12, 4), "freeze")
+    optimizer = torch.optim.AdamW([layer.drt_values], lr=0.5, fused=True)
+    x = torch.randn(2, 4)
+    layer(x).sum().backward()
+    optimizer.step()
+    out = layer(x)
+    expected = layer.base_layer.weight.detach().clone().reshape(-1)
+    expected[layer.drt_indices] = layer.drt_values.detach()
+    assert torch.allclose(out, x @ expected.reshape(3, 4).t() + layer.base_layer.bias)
+
+
+def test_merge_and_unload_of_one_layer() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3)
+    original = linear.weight.detach().clone()
+    indices = _random_indices(12, 4)
+    for mode in ("freeze", "prune"):
+        layer = DRTLayer(linear, indices, mode)
+        with torch.no_grad():
+            layer.drt_values.fill_(7.0)
+        merged = layer.merge().weight.detach().reshape(-1)
+        assert (merged[indices] == 7.0).all()
+        others = torch.ones(12, dtype=torch.bool)
+        others[indices] = False
+        expected_rest = original.reshape(-1)[others] if mode == "freeze" else torch.zeros(8)
+        assert torch.equal(merged[others], expected_rest)
+        with torch.no_grad():
+            linear.weight.copy_(original)
+
+
+def test_rejects_bad_indices() -> None:
+    with pytest.raises(ValueError, match="sorted and unique"):
+        DRTLayer(nn.Linear(4, 3), torch.tensor([3, 1]), "freeze")
+    with pytest.raises(ValueError, match="out of range"):
+        DRTLayer(nn.Linear(4, 3), torch.tensor([1, 12]), "freeze")
+    with pytest.raises(TypeError, match="supported module types"):
+        DRTLayer(nn.Embedding(4, 3), torch.tensor([1]), "freeze")

@@ -1,0 +1,59 @@
+"""Training through the Hugging Face Trainer (its default fused AdamW included)."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_bert
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+
+from drt_peft import RandomConfig, get_drt_model
+
+
+class _Parity(Dataset):
+    """Label = whether token 7 occurs; learnable by a tiny BERT in a few steps."""
+
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(8, 64, (n, 12), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        self.ids[self.labels == 1, 3] = 7
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def test_trainer_trains_only_the_embedded_entries(tmp_path) -> None:
+    base = tiny_bert()
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = get_drt_model(base, RandomConfig(density=0.2, modules_to_save=["classifier"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        num_train_epochs=4,
+        learning_rate=5e-3,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_Parity(64))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0]
+    state = trainer.optimizer.state
+    d_total = 0
+    for name, layer in model.drt_layers():
+        d_total += layer.num_trainable
+        assert state[layer.drt_values]["exp_avg"].numel() == layer.num_trainable
+        weight = layer.sync_weight()
+        moved = weight != before[f"{name}.weight"]
+        assert not (moved & ~layer.get_mask()).any(), name
+        assert moved.any(), name
+    optimized = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
+    assert optimized == d_total + sum(p.numel() for p in model.base_model.classifier.parameters())
