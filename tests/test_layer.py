@@ -11,37 +11,44 @@ from drt_peft import DRTLayer
 from drt_peft.layer.ops import SampledWeightFunction, csr_pattern, sddmm
 
 
-def _modules() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+def _modules() -> dict[str, tuple[nn.Module, tuple[int, ...], int]]:
+    """Module, input shape and d; the ``-sparse`` ones are below CSR_MAX_DENSITY (CSR kernels when pruned)."""
     torch.manual_seed(0)
     return {
-        "linear": (nn.Linear(6, 5), (3, 4, 6)),
-        "conv1d": (Conv1D(5, 6), (3, 4, 6)),
-        "conv2d": (nn.Conv2d(3, 4, 3, padding=1, stride=2), (2, 3, 6, 5)),
-        "conv2d-grouped": (nn.Conv2d(4, 4, 3, padding=1, groups=2), (2, 4, 5, 5)),
+        "linear": (nn.Linear(6, 5), (3, 4, 6), 7),
+        "conv1d": (Conv1D(5, 6), (3, 4, 6), 7),
+        "linear-sparse": (nn.Linear(40, 30), (3, 4, 40), 20),
+        "conv1d-sparse": (Conv1D(30, 40), (3, 4, 40), 20),
+        "conv2d": (nn.Conv2d(3, 4, 3, padding=1, stride=2), (2, 3, 6, 5), 7),
+        "conv2d-grouped": (nn.Conv2d(4, 4, 3, padding=1, groups=2), (2, 4, 5, 5), 7),
     }
+
+
+KINDS = list(_modules())
 
 
 def _random_indices(numel: int, d: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(numel, generator=torch.Generator().manual_seed(seed))[:d].sort().values
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv2d-grouped"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", ["freeze", "prune"])
 def test_gradients_match_dense_autograd(kind: str, mode: str) -> None:
-    module, x_shape = _modules()[kind]
+    module, x_shape, d = _modules()[kind]
     module = module.double()
     original = module.weight.detach().clone()
-    indices = _random_indices(original.numel(), 7)
+    indices = _random_indices(original.numel(), d)
     layer = DRTLayer(module, indices, mode, train_bias=True)
+    assert layer.sparse_kernels == (mode == "prune" and kind.endswith("-sparse"))
     with torch.no_grad():
-        layer.drt_values.add_(torch.randn(7, dtype=torch.float64))
+        layer.drt_values.add_(torch.randn(d, dtype=torch.float64))
     x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
 
     # forward is exact: Θ equals the base (or zero) with ϑ at ψ
     expected_weight = (original.clone() if mode == "freeze" else torch.zeros_like(original)).reshape(-1)
     expected_weight[indices] = layer.drt_values.detach()
     out = layer(x)
-    assert torch.equal(layer.effective_weight.reshape(-1), expected_weight)
+    assert torch.equal(layer.effective_weight().reshape(-1), expected_weight)
 
     # gradients equal dense autograd's at ψ (and dense input/bias gradients)
     grad_out = torch.randn_like(out)
@@ -58,16 +65,18 @@ def test_gradients_match_dense_autograd(kind: str, mode: str) -> None:
     assert module.weight.grad is None
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv2d-grouped"])
-def test_gradcheck(kind: str) -> None:
-    module, x_shape = _modules()[kind]
-    layer = DRTLayer(module.double(), _random_indices(module.weight.numel(), 5), "freeze", train_bias=True)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["freeze", "prune"])
+def test_gradcheck(kind: str, mode: str) -> None:
+    module, x_shape, _ = _modules()[kind]
+    layer = DRTLayer(module.double(), _random_indices(module.weight.numel(), 5), mode, train_bias=True)
     x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
 
     def f(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             layer.drt_values.copy_(values)
-        return SampledWeightFunction.apply(x, values, bias, layer.sync_weight(), layer.op, layer._pattern(values.dtype))
+        product, pattern = layer._product(), layer._pattern(values.dtype)
+        return SampledWeightFunction.apply(x, values, bias, product, layer.op, pattern)
 
     values = layer.drt_values.detach().clone().requires_grad_(True)
     bias = module.bias.detach().clone().requires_grad_(True)

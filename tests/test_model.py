@@ -20,19 +20,20 @@ def _train(model: DRTModel, batch: dict, steps: int = 3, lr: float = 1e-2) -> to
     return optimizer
 
 
-@pytest.mark.parametrize("mode", ["freeze", "prune"])
-def test_only_the_trained_entries_change(mode: str, bert_batch: dict) -> None:
+@pytest.mark.parametrize(("mode", "density"), [("freeze", 0.1), ("prune", 0.1), ("prune", 0.03)])
+def test_only_the_trained_entries_change(mode: str, density: float, bert_batch: dict) -> None:
     base = tiny_bert()
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    model = get_drt_model(base, RandomConfig(density=0.1, mode=mode, modules_to_save=["classifier"]))
+    model = get_drt_model(base, RandomConfig(density=density, mode=mode, modules_to_save=["classifier"]))
+    assert all(layer.sparse_kernels == (density < 0.05) for _, layer in model.drt_layers())
     optimizer = _train(model, bert_batch)
     masks = model.get_masks()
     assert masks, "no layer was embedded"
     for name, layer in model.drt_layers():
         mask = masks[name]
-        assert mask.sum() == layer.num_trainable == round(0.1 * mask.numel())
+        assert mask.sum() == layer.num_trainable == round(density * mask.numel())
         old = before[f"{name}.weight"]
-        new = layer.sync_weight()
+        new = layer.effective_weight()
         changed = new != (old if mode == "freeze" else torch.where(mask, old, torch.zeros_like(old)))
         assert not (changed & ~mask).any(), f"{name}: an untrained entry changed"
         assert changed[mask].sum() == layer.num_trainable, f"{name}: not every trained entry moved"

@@ -218,7 +218,6 @@ def load_adapter(
         values = tensors["drt_values"].split(tensors["drt_counts"].tolist())
         for (_, layer), value in zip(layers, values, strict=True):
             layer.drt_values.copy_(value.to(layer.drt_values.dtype))
-            layer.sync_weight()
         if "drt_biases" in tensors:
             biases = [layer.base_layer.bias for _, layer in layers if layer.base_layer.bias is not None]
             for bias, value in zip(biases, tensors["drt_biases"].split([b.numel() for b in biases]), strict=True):

@@ -5,7 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .ops import SampledWeightFunction, csr_pattern, sddmm_dtype, weight_op
+from .ops import (
+    Conv1DOp,
+    CSRLayout,
+    DenseProduct,
+    LinearOp,
+    SampledWeightFunction,
+    csr_pattern,
+    sddmm_dtype,
+    weight_op,
+)
+
+#: Prune-mode Linear/Conv1D layers at or below this density run their products on CSR kernels.
+CSR_MAX_DENSITY = 0.05
 
 
 class DRTLayer(nn.Module):
@@ -17,12 +29,14 @@ class DRTLayer(nn.Module):
     - ``drt_values`` — ϑ: the d trained values, the layer's only trainable weight parameter;
     - χ·Θ(0): in ``mode="freeze"`` the untrained entries keep the base weight's values, and the
       base values at ψ are kept in ``drt_base_values`` so :meth:`unload` restores the base exactly;
-      in ``mode="prune"`` they are zero.
+      in ``mode="prune"`` they are zero and the base weight stays untouched.
 
-    The effective weight Θ is kept materialised: in freeze mode it is the base module's own
-    weight (ϑ written in place at ψ before each forward, cost ∝ d), in prune mode a zero tensor
-    holding ϑ at ψ (the base weight stays untouched, so prune mode costs one extra weight copy).
-    The backward computes the gradient of ϑ only at ψ (see :mod:`drt_peft.layer.ops`).
+    Products (see :mod:`drt_peft.layer.ops`): in freeze mode Θ is the base module's own weight with
+    ϑ written in place at ψ before each forward (cost ∝ d), so the forward is a plain dense product.
+    In prune mode a Linear or Conv1D layer at density ≤ :data:`CSR_MAX_DENSITY` (float32/64) keeps Θ
+    as CSR matrices built once per mask and runs its forward and input gradient on sparse kernels;
+    other pruned layers keep a dense zero tensor holding ϑ at ψ. In every case the gradient of ϑ
+    is the weight gradient sampled at ψ, never a dense weight gradient.
     """
 
     def __init__(self, base_layer: nn.Module, indices: Tensor, mode: str, train_bias: bool = False) -> None:
@@ -44,14 +58,20 @@ class DRTLayer(nn.Module):
             raise ValueError(f"DRT indices out of range for a weight of {weight.numel()} entries")
         self.register_buffer("drt_indices", indices)
         initial = weight.detach().reshape(-1)[indices].clone()
+        self.sparse_kernels = (
+            mode == "prune"
+            and isinstance(self.op, (LinearOp, Conv1DOp))
+            and weight.dtype in (torch.float32, torch.float64)
+            and indices.numel() <= CSR_MAX_DENSITY * weight.numel()
+        )
         if mode == "freeze":
             self.register_buffer("drt_base_values", initial.clone())
-        elif mode == "prune":
+        elif mode == "prune" and not self.sparse_kernels:
             self.register_buffer("drt_effective", torch.zeros_like(weight), persistent=False)
-        else:
+        elif mode != "prune":
             raise ValueError(f"mode={mode!r} is not supported; use 'freeze' or 'prune'")
         self.drt_values = nn.Parameter(initial)
-        self._patterns: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._cache: dict[tuple, object] = {}
 
     @property
     def weight_shape(self) -> torch.Size:
@@ -62,17 +82,40 @@ class DRTLayer(nn.Module):
         """d: the number of trained weight entries."""
         return self.drt_indices.numel()
 
-    @property
-    def effective_weight(self) -> Tensor:
-        """Θ as currently materialised (ϑ written at the last forward or :meth:`sync_weight`)."""
-        return self.base_layer.weight if self.mode == "freeze" else self.drt_effective
+    def _cached(self, key: tuple, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
-    def sync_weight(self) -> Tensor:
-        """Write ϑ into the materialised Θ at ψ and return Θ (cost ∝ d)."""
-        weight = self.effective_weight
+    def _apply(self, fn, recurse: bool = True):
+        self._cache.clear()
+        return super()._apply(fn, recurse)
+
+    def _materialised(self) -> Tensor:
+        """The dense tensor that holds Θ (freeze: the base weight; dense prune: a zero buffer)."""
+        weight = self.base_layer.weight if self.mode == "freeze" else self.drt_effective
         with torch.no_grad():
             weight.view(-1).index_copy_(0, self.drt_indices, self.drt_values.detach().to(weight.dtype))
         return weight
+
+    def effective_weight(self) -> Tensor:
+        """Θ with the current ϑ, as a dense tensor shaped like the weight."""
+        if not self.sparse_kernels:
+            return self._materialised()
+        weight = torch.zeros_like(self.base_layer.weight)
+        weight.view(-1)[self.drt_indices] = self.drt_values.detach()
+        return weight
+
+    def _product(self):
+        if not self.sparse_kernels:
+            return DenseProduct(self.op, self._materialised())
+        layout = self._cached(("csr", self.drt_indices.device), lambda: CSRLayout(self.op, self.drt_indices))
+        return layout.bind(self.drt_values.detach())
+
+    def _pattern(self, dtype: torch.dtype) -> Tensor:
+        """CSR pattern of ψ for the SDDMM, built once per device and compute dtype."""
+        key = ("pattern", self.drt_indices.device, sddmm_dtype(dtype))
+        return self._cached(key, lambda: csr_pattern(self.drt_indices, self.op.pattern_shape, key[2]))
 
     def get_mask(self) -> Tensor:
         """Boolean tensor shaped like the weight, True at the trained entries."""
@@ -80,29 +123,19 @@ class DRTLayer(nn.Module):
         mask.view(-1)[self.drt_indices] = True
         return mask
 
-    def _pattern(self, dtype: torch.dtype) -> Tensor:
-        """CSR pattern of ψ for the SDDMM, built once per device and compute dtype."""
-        key = (self.drt_indices.device, sddmm_dtype(dtype))
-        if key not in self._patterns:
-            self._patterns[key] = csr_pattern(self.drt_indices, self.op.pattern_shape, key[1])
-        return self._patterns[key]
-
-    def _apply(self, fn, recurse: bool = True):
-        self._patterns.clear()
-        return super()._apply(fn, recurse)
-
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.sync_weight()
+        product = self._product()
         bias = self.base_layer.bias
         if not torch.is_grad_enabled() or not (self.drt_values.requires_grad or x.requires_grad):
-            return self.op.forward(x, weight, bias)
-        if x.dtype != weight.dtype:
-            x = x.to(weight.dtype)
-        return SampledWeightFunction.apply(x, self.drt_values, bias, weight, self.op, self._pattern(weight.dtype))
+            return product.forward(x, bias)
+        dtype = self.base_layer.weight.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        return SampledWeightFunction.apply(x, self.drt_values, bias, product, self.op, self._pattern(dtype))
 
     def merge(self) -> nn.Module:
         """The base module with Θ as its weight (prune mode: the sparse weight, zeros included)."""
-        weight = self.sync_weight()
+        weight = self.effective_weight()
         if self.mode == "prune":
             with torch.no_grad():
                 self.base_layer.weight.copy_(weight)
@@ -117,4 +150,5 @@ class DRTLayer(nn.Module):
 
     def extra_repr(self) -> str:
         total = self.base_layer.weight.numel()
-        return f"mode={self.mode!r}, trainable={self.num_trainable}/{total} ({self.num_trainable / total:.4%})"
+        kernels = ", sparse_kernels=True" if self.sparse_kernels else ""
+        return f"mode={self.mode!r}, trainable={self.num_trainable}/{total} ({self.num_trainable / total:.4%}){kernels}"

@@ -1,0 +1,212 @@
+"""Training step time, optimizer state and adapter size: DRT against full fine-tuning, LoRA and SHiRA.
+
+A BERT-base-shaped classifier built from a config (hidden 768, 12 layers), batch 16 × 128, every
+encoder linear layer targeted at 1% density; LoRA and SHiRA get the rank whose parameter count
+matches d. All methods run in the same process, interleaved round by round, and the median step
+time is reported. Writes JSON and a markdown table:
+
+    python benchmarks/step_time.py                 # the full run (about 10 minutes on 2 cores)
+    python benchmarks/step_time.py --quick         # a tiny model, to check the harness
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from drt_peft import MagnitudeConfig, RandomConfig, get_drt_model
+from drt_peft.recipes.text_classification import optimizer_state_bytes
+
+ENCODER_LINEAR = (
+    r"bert\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+    r"|intermediate\.dense|output\.dense)"
+)
+
+
+@dataclass
+class Run:
+    name: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    save: Callable[[str], None] | None
+    times: list[float] = field(default_factory=list)
+
+
+def _base(args: argparse.Namespace) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        intermediate_size=4 * args.hidden,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+
+def _build(args: argparse.Namespace) -> tuple[list[Run], dict]:
+    from peft import LoraConfig, ShiraConfig, get_peft_model
+
+    runs = []
+    full = _base(args)
+    runs.append(Run("full fine-tuning", full, _optimizer(full), None))
+
+    drt_random = get_drt_model(_base(args), RandomConfig(density=args.density, target_modules=ENCODER_LINEAR))
+    d = sum(layer.num_trainable for _, layer in drt_random.drt_layers())
+    fan_sum = sum(sum(layer.weight_shape) for _, layer in drt_random.drt_layers())
+    rank = max(1, round(d / fan_sum))
+    for name, config in (
+        ("DRT random (freeze)", None),
+        ("DRT magnitude (freeze)", MagnitudeConfig(density=args.density, target_modules=ENCODER_LINEAR)),
+        ("DRT random (prune)", RandomConfig(density=args.density, mode="prune", target_modules=ENCODER_LINEAR)),
+    ):
+        model = drt_random if config is None else get_drt_model(_base(args), config)
+        runs.append(Run(name, model, _optimizer(model), model.save_pretrained))
+    for name, config in (
+        (f"PEFT LoRA r={rank}", LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ENCODER_LINEAR)),
+        (f"PEFT SHiRA r={rank}", ShiraConfig(r=rank, target_modules=ENCODER_LINEAR, random_seed=0)),
+    ):
+        model = get_peft_model(_base(args), config)
+        runs.append(Run(name, model, _optimizer(model), model.save_pretrained))
+    return runs, {"d": d, "rank": rank, "D": sum(layer.weight_shape.numel() for _, layer in drt_random.drt_layers())}
+
+
+def _step(run: Run, batch: dict) -> float:
+    start = time.perf_counter()
+    run.model(**batch).loss.backward()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def _adapter_bytes(run: Run) -> int | None:
+    if run.save is None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        run.save(folder)
+        return os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps (harness check)")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--density", type=float, default=0.01)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="steps per method per round")
+    parser.add_argument("--out", default="docs/benchmarks/step_time")
+    args = parser.parse_args()
+    if args.quick:
+        args.layers, args.hidden, args.seq, args.rounds, args.steps = 2, 128, 32, 2, 2
+        args.out = os.path.join(tempfile.gettempdir(), "drt_step_time_quick")
+
+    runs, sizes = _build(args)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1000, 20000, (args.batch, args.seq), generator=g),
+        "labels": torch.randint(0, 2, (args.batch,), generator=g),
+    }
+    for run in runs:
+        run.model.train()
+        _step(run, batch)  # warm-up: allocations, CSR patterns, optimizer state
+    for _ in range(args.rounds):
+        for run in runs:
+            run.times += [_step(run, batch) for _ in range(args.steps)]
+
+    full_time = statistics.median(runs[0].times)
+    lora_time = statistics.median(next(r for r in runs if r.name.startswith("PEFT LoRA")).times)
+    d = sizes["d"]
+    rows = []
+    for run in runs:
+        median = statistics.median(run.times)
+        trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        rows.append(
+            {
+                "method": run.name,
+                "trainable": trainable,
+                "median_step_s": round(median, 4),
+                "vs_full": round(median / full_time, 3),
+                "vs_lora": round(median / lora_time, 3),
+                "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
+                "adapter_bytes": _adapter_bytes(run),
+            }
+        )
+    result = {
+        "command": "python benchmarks/step_time.py" + (" --quick" if args.quick else ""),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "setup": {
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "batch": args.batch,
+            "seq": args.seq,
+            "density": args.density,
+            "steps_timed": args.rounds * args.steps,
+            **sizes,
+        },
+        "bounds": {
+            "adapter_random_max": 4 * d + 4096,
+            "adapter_magnitude_max": 6 * d + 4096,
+            "optimizer_state_drt": 8 * d,
+        },
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as handle:
+        json.dump(result, handle, indent=2)
+    with open(args.out + ".md", "w") as handle:
+        handle.write(_markdown(result))
+    print(_markdown(result))
+
+
+def _markdown(result: dict) -> str:
+    s, m = result["setup"], result["machine"]
+    lines = [
+        f"BERT-shaped classifier from config: {s['layers']} layers, hidden {s['hidden']}, batch {s['batch']} × "
+        f"{s['seq']}; all encoder linear layers targeted, density {s['density']} → d = {s['d']:,} of D = {s['D']:,}; "
+        f"LoRA/SHiRA rank {s['rank']} (same parameter count). Median of {s['steps_timed']} AdamW steps per method, "
+        f"interleaved; {m['threads']} CPU threads, torch {m['torch']}. Command: `{result['command']}`.",
+        "",
+        "| method | trainable | median step (s) | vs full | vs LoRA | optimizer state (bytes) | adapter file (bytes) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        adapter = f"{r['adapter_bytes']:,}" if r["adapter_bytes"] is not None else "—"
+        lines.append(
+            f"| {r['method']} | {r['trainable']:,} | {r['median_step_s']:.3f} | {r['vs_full']:.2f} "
+            f"| {r['vs_lora']:.2f} | {r['optimizer_state_bytes']:,} | {adapter} |"
+        )
+    b = result["bounds"]
+    lines += [
+        "",
+        f"Bounds: DRT optimizer state 8·d = {b['optimizer_state_drt']:,} bytes; adapter ≤ 4·d + 4 KB = "
+        f"{b['adapter_random_max']:,} bytes (random mask), ≤ 6·d + 4 KB = {b['adapter_magnitude_max']:,} "
+        "bytes (magnitude mask).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
