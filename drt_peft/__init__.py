@@ -6,17 +6,38 @@ by Wimmer, Mehnert and Condurache behind one PEFT-style API.
 
 from .config import DRTConfig, available_methods
 from .layer import DRTLayer
-from .methods import MagnitudeConfig, RandomConfig
+from .methods import (
+    FISHConfig,
+    FORCEConfig,
+    FreezeNetConfig,
+    GraSPAbsConfig,
+    GraSPConfig,
+    LubanaDickConfig,
+    MagnitudeConfig,
+    RandomConfig,
+    SNIPConfig,
+    SynFlowConfig,
+)
 from .model import DRTModel, get_drt_model
+from .trainer import DRTCallback
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DRTCallback",
     "DRTConfig",
     "DRTLayer",
     "DRTModel",
+    "FISHConfig",
+    "FORCEConfig",
+    "FreezeNetConfig",
+    "GraSPAbsConfig",
+    "GraSPConfig",
+    "LubanaDickConfig",
     "MagnitudeConfig",
     "RandomConfig",
+    "SNIPConfig",
+    "SynFlowConfig",
     "available_methods",
     "get_drt_model",
 ]

@@ -203,6 +203,14 @@ class DRTConfig:
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
 
+    def on_step(self, model: Any, step: int, optimizer: Any) -> dict[str, float]:
+        """The method's per-step policy, run by ``DRTModel.update_masks`` after each optimizer step.
+
+        Static methods do nothing; dynamic ones change ψ, FreezeNet decays its frozen entries.
+        Returns values worth logging.
+        """
+        return {}
+
     @property
     def nm(self) -> tuple[int, int] | None:
         """``(N, M)`` when ``structure`` is an N:M pattern, else None."""

@@ -14,21 +14,28 @@ from torch import Tensor, nn
 from .base_weights import fingerprint, seeded_init_
 from .config import DRTConfig
 from .layer import DRTLayer, weight_op
-from .masks import Target, compute_indices
+from .masks import LossFn, Target, compute_indices
 from .targeting import find_modules_to_save, find_targets
 
 
-def get_drt_model(model: nn.Module, config: DRTConfig, calibration_data: Iterable[Any] | None = None) -> DRTModel:
+def get_drt_model(
+    model: nn.Module,
+    config: DRTConfig,
+    calibration_data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+) -> DRTModel:
     """Embed ``model``'s targeted weights per ``config`` and freeze everything else.
 
     Args:
         model: any ``nn.Module``; transformers models get the output head excluded from ``"all-linear"``.
         config: a method config such as ``RandomConfig(density=0.01)``.
-        calibration_data: batches for data-driven criteria (unused by random and magnitude).
+        calibration_data: batches for data-driven criteria (SNIP, GraSP, FISH, ...): dicts of model
+            inputs with labels, so that ``model(**batch).loss`` is the loss; or any batches with ``loss_fn``.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss`` for models or batches of other shapes.
 
     The model is modified in place (as PEFT does); :meth:`DRTModel.unload` gives it back unchanged.
     """
-    return DRTModel(model, config, calibration_data)
+    return DRTModel(model, config, calibration_data, loss_fn)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -62,6 +69,7 @@ class DRTModel(nn.Module):
         model: nn.Module,
         config: DRTConfig,
         calibration_data: Iterable[Any] | None = None,
+        loss_fn: LossFn | None = None,
         *,
         indices: list[Tensor] | None = None,
     ) -> None:
@@ -93,7 +101,7 @@ class DRTModel(nn.Module):
             revision=config.revision or getattr(model_config, "_commit_hash", None),
         )
         if indices is None:
-            indices = compute_indices(targets, self.drt_config, calibration_data)
+            indices = compute_indices(model, targets, self.drt_config, calibration_data, loss_fn)
         elif len(indices) != len(targets):
             raise ValueError(f"the adapter has {len(indices)} layers but target_modules selects {len(targets)} here")
         for param in model.parameters():
@@ -149,6 +157,15 @@ class DRTModel(nn.Module):
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
+
+    # -- training ---------------------------------------------------------------------------
+    def update_masks(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        """Run the method's per-step policy; call once after each optimizer step.
+
+        Static methods do nothing. Returns values worth logging. With the Trainer, add
+        :class:`drt_peft.DRTCallback` instead.
+        """
+        return self.drt_config.on_step(self, step, optimizer)
 
     # -- leaving ---------------------------------------------------------------------------
     def _replace_layers(self, how: str) -> nn.Module:

@@ -133,3 +133,29 @@ def test_rejects_bad_indices() -> None:
         DRTLayer(nn.Linear(4, 3), torch.tensor([1, 12]), "freeze")
     with pytest.raises(TypeError, match="supported module types"):
         DRTLayer(nn.Embedding(4, 3), torch.tensor([1]), "freeze")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
+def test_decayed_frozen_entries_in_forward_and_backward(kind: str) -> None:
+    module, x_shape, d = _modules()[kind]
+    module = module.double()
+    original = module.weight.detach().clone()
+    indices = _random_indices(original.numel(), d)
+    layer = DRTLayer(module, indices, "freeze", train_bias=True)
+    layer.decay_frozen(0.5)
+    layer.decay_frozen(0.8)
+    with torch.no_grad():
+        layer.drt_values.add_(1.0)
+    expected = (original * 0.4).reshape(-1)
+    expected[indices] = layer.drt_values.detach()
+    dense_w = expected.reshape(original.shape).clone().requires_grad_(True)
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, ref = layer(x), layer.op.forward(x_ref, dense_w, module.bias)
+    assert torch.allclose(out, ref) and torch.allclose(layer.effective_weight(), dense_w)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref.backward(grad_out)
+    assert torch.allclose(layer.drt_values.grad, dense_w.grad.reshape(-1)[indices])
+    assert torch.allclose(x.grad, x_ref.grad)
+    assert torch.equal(layer.unload().weight, original)

@@ -22,6 +22,10 @@ def _targets(*shapes: tuple[int, int], seed: int = 0) -> list[Target]:
     return out
 
 
+def _indices(targets: list[Target], config) -> list[torch.Tensor]:
+    return compute_indices(nn.ModuleList(t.module for t in targets), targets, config)
+
+
 def test_top_k_breaks_ties_towards_lower_indices() -> None:
     scores = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0])
     assert top_k_mask(scores, 3).nonzero().flatten().tolist() == [1, 2, 3]
@@ -48,13 +52,13 @@ def test_erk_matches_hand_computation() -> None:
 
 def test_uniform_budget_gives_exact_total_and_equal_density() -> None:
     targets = _targets((16, 32), (8, 64), (4, 4))
-    indices = compute_indices(targets, RandomConfig(density=0.25))
+    indices = _indices(targets, RandomConfig(density=0.25))
     assert [len(i) for i in indices] == [128, 128, 4]
 
 
 def test_global_magnitude_is_the_exact_global_top_k() -> None:
     targets = _targets((16, 32), (8, 64))
-    indices = compute_indices(targets, MagnitudeConfig(num_trainable=50, budget="global"))
+    indices = _indices(targets, MagnitudeConfig(num_trainable=50, budget="global"))
     all_scores = torch.cat([t.weight.detach().abs().flatten() for t in targets])
     threshold = all_scores.sort(descending=True).values[49]
     chosen = torch.cat([t.weight.detach().abs().flatten()[i] for t, i in zip(targets, indices, strict=True)])
@@ -63,14 +67,14 @@ def test_global_magnitude_is_the_exact_global_top_k() -> None:
 
 def test_per_layer_magnitude_keeps_the_largest() -> None:
     targets = _targets((6, 10))
-    (idx,) = compute_indices(targets, MagnitudeConfig(num_trainable=7))
+    (idx,) = _indices(targets, MagnitudeConfig(num_trainable=7))
     scores = targets[0].weight.detach().abs().flatten()
     assert set(idx.tolist()) == set(scores.argsort(descending=True)[:7].tolist())
 
 
 def test_rows_structure_selects_whole_rows_by_mean_score() -> None:
     targets = _targets((8, 10))
-    (idx,) = compute_indices(targets, MagnitudeConfig(density=0.25, structure="rows"))
+    (idx,) = _indices(targets, MagnitudeConfig(density=0.25, structure="rows"))
     rows = (idx // 10).unique()
     assert len(idx) == 20 and len(rows) == 2
     expected = targets[0].weight.detach().abs().mean(1).argsort(descending=True)[:2].sort().values
@@ -79,7 +83,7 @@ def test_rows_structure_selects_whole_rows_by_mean_score() -> None:
 
 def test_rows_global_covers_the_budget_with_whole_rows() -> None:
     targets = _targets((8, 10), (4, 20))
-    indices = compute_indices(targets, MagnitudeConfig(num_trainable=45, budget="global", structure="rows"))
+    indices = _indices(targets, MagnitudeConfig(num_trainable=45, budget="global", structure="rows"))
     for t, idx in zip(targets, indices, strict=True):
         width = t.weight.shape[1]
         assert len(idx) % width == 0
@@ -88,7 +92,7 @@ def test_rows_global_covers_the_budget_with_whole_rows() -> None:
 
 def test_nm_structure_keeps_at_most_n_per_block() -> None:
     targets = _targets((6, 16))
-    (idx,) = compute_indices(targets, MagnitudeConfig(density=0.5, structure="2:4"))
+    (idx,) = _indices(targets, MagnitudeConfig(density=0.5, structure="2:4"))
     mask = torch.zeros(96, dtype=torch.bool)
     mask[idx] = True
     per_block = mask.reshape(6, 4, 4).sum(-1)
@@ -96,7 +100,7 @@ def test_nm_structure_keeps_at_most_n_per_block() -> None:
     # the two kept in each block are that block's two largest magnitudes
     blocks = targets[0].weight.detach().abs().reshape(6, 4, 4)
     assert torch.equal(nm_candidates(blocks.reshape(6, 16), 2, 4, "x"), mask.reshape(6, 16))
-    (sparser,) = compute_indices(targets, MagnitudeConfig(density=0.25, structure="2:4"))
+    (sparser,) = _indices(targets, MagnitudeConfig(density=0.25, structure="2:4"))
     sparse_mask = torch.zeros(96, dtype=torch.bool)
     sparse_mask[sparser] = True
     assert len(sparser) == 24 and (sparse_mask.reshape(6, 4, 4).sum(-1) <= 2).all()
@@ -105,15 +109,15 @@ def test_nm_structure_keeps_at_most_n_per_block() -> None:
 
 def test_nm_structure_bad_inputs() -> None:
     with pytest.raises(ValueError, match="divisible by 4"):
-        compute_indices(_targets((6, 10)), MagnitudeConfig(density=0.5, structure="2:4"))
+        _indices(_targets((6, 10)), MagnitudeConfig(density=0.5, structure="2:4"))
     with pytest.raises(ValueError, match="exceeds what structure='2:4' allows"):
-        compute_indices(_targets((6, 16)), MagnitudeConfig(density=0.75, structure="2:4"))
+        _indices(_targets((6, 16)), MagnitudeConfig(density=0.75, structure="2:4"))
 
 
 def test_random_mask_is_seeded_and_independent_of_other_targets() -> None:
-    a = compute_indices(_targets((16, 32), (8, 8)), RandomConfig(density=0.1, seed=5))
-    b = compute_indices(_targets((16, 32), seed=1), RandomConfig(density=0.1, seed=5))
-    c = compute_indices(_targets((16, 32)), RandomConfig(density=0.1, seed=6))
+    a = _indices(_targets((16, 32), (8, 8)), RandomConfig(density=0.1, seed=5))
+    b = _indices(_targets((16, 32), seed=1), RandomConfig(density=0.1, seed=5))
+    c = _indices(_targets((16, 32)), RandomConfig(density=0.1, seed=6))
     assert torch.equal(a[0], b[0])
     assert not torch.equal(a[0], c[0])
 
@@ -123,7 +127,7 @@ def test_conv1d_masks_follow_the_input_dimension() -> None:
 
     torch.manual_seed(0)
     module = Conv1D(6, 8)  # weight [in=8, out=6]
-    (idx,) = compute_indices([Target("c", module, weight_op(module))], MagnitudeConfig(density=0.5, structure="2:4"))
+    (idx,) = _indices([Target("c", module, weight_op(module))], MagnitudeConfig(density=0.5, structure="2:4"))
     mask = torch.zeros(48, dtype=torch.bool)
     mask[idx] = True
     # blocks of 4 run along the input dimension, which is dim 0 of a Conv1D weight

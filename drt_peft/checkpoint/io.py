@@ -125,6 +125,9 @@ def save_adapter(model: DRTModel, save_directory: str | os.PathLike, is_main_pro
         tensors["drt_index_lengths"] = torch.tensor([b.size for b in blobs], dtype=torch.int64)
         tensors["drt_index_bytes"] = torch.from_numpy(np.concatenate(blobs))
         tensors["drt_numels"] = torch.tensor([layer.base_layer.weight.numel() for _, layer in layers])
+    scales = [layer.frozen_scale for _, layer in layers]
+    if any(scale != 1.0 for scale in scales):
+        tensors["drt_frozen_scales"] = torch.tensor(scales, dtype=torch.float64)
     biases = [layer.base_layer.bias for _, layer in layers if layer.base_layer.bias is not None]
     if config.bias == "all" and biases:
         tensors["drt_biases"] = torch.cat([b.detach().reshape(-1).cpu() for b in biases])
@@ -218,6 +221,9 @@ def load_adapter(
         values = tensors["drt_values"].split(tensors["drt_counts"].tolist())
         for (_, layer), value in zip(layers, values, strict=True):
             layer.drt_values.copy_(value.to(layer.drt_values.dtype))
+        if "drt_frozen_scales" in tensors:
+            for (_, layer), scale in zip(layers, tensors["drt_frozen_scales"].tolist(), strict=True):
+                layer.frozen_scale = scale
         if "drt_biases" in tensors:
             biases = [layer.base_layer.bias for _, layer in layers if layer.base_layer.bias is not None]
             for bias, value in zip(biases, tensors["drt_biases"].split([b.numel() for b in biases]), strict=True):

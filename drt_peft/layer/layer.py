@@ -71,6 +71,7 @@ class DRTLayer(nn.Module):
         elif mode != "prune":
             raise ValueError(f"mode={mode!r} is not supported; use 'freeze' or 'prune'")
         self.drt_values = nn.Parameter(initial)
+        self.frozen_scale = 1.0
         self._cache: dict[tuple, object] = {}
 
     @property
@@ -92,23 +93,30 @@ class DRTLayer(nn.Module):
         return super()._apply(fn, recurse)
 
     def _materialised(self) -> Tensor:
-        """The dense tensor that holds Θ (freeze: the base weight; dense prune: a zero buffer)."""
+        """The dense M with Θ = s·M (freeze: the base weight with ϑ/s at ψ; dense prune: a zero buffer)."""
         weight = self.base_layer.weight if self.mode == "freeze" else self.drt_effective
+        values = self.drt_values.detach()
+        if self.frozen_scale != 1.0:
+            values = values / self.frozen_scale
         with torch.no_grad():
-            weight.view(-1).index_copy_(0, self.drt_indices, self.drt_values.detach().to(weight.dtype))
+            weight.view(-1).index_copy_(0, self.drt_indices, values.to(weight.dtype))
         return weight
 
     def effective_weight(self) -> Tensor:
         """Θ with the current ϑ, as a dense tensor shaped like the weight."""
-        if not self.sparse_kernels:
+        if self.frozen_scale == 1.0 and not self.sparse_kernels:
             return self._materialised()
-        weight = torch.zeros_like(self.base_layer.weight)
-        weight.view(-1)[self.drt_indices] = self.drt_values.detach()
+        weight = (
+            torch.zeros_like(self.base_layer.weight)
+            if self.sparse_kernels
+            else self._materialised() * self.frozen_scale
+        )
+        weight.view(-1)[self.drt_indices] = self.drt_values.detach().to(weight.dtype)
         return weight
 
     def _product(self):
         if not self.sparse_kernels:
-            return DenseProduct(self.op, self._materialised())
+            return DenseProduct(self.op, self._materialised(), self.frozen_scale)
         layout = self._cached(("csr", self.drt_indices.device), lambda: CSRLayout(self.op, self.drt_indices))
         return layout.bind(self.drt_values.detach())
 
@@ -116,6 +124,22 @@ class DRTLayer(nn.Module):
         """CSR pattern of ψ for the SDDMM, built once per device and compute dtype."""
         key = ("pattern", self.drt_indices.device, sddmm_dtype(dtype))
         return self._cached(key, lambda: csr_pattern(self.drt_indices, self.op.pattern_shape, key[2]))
+
+    def decay_frozen(self, factor: float) -> None:
+        """Scale the frozen (untrained) entries by ``factor`` (FreezeNet's decay); ϑ is unaffected.
+
+        The factor accumulates in :attr:`frozen_scale` (cost O(1)): Θ = s·Θ(0) off ψ and ϑ on ψ is
+        computed as s·M with M holding Θ(0) and ϑ/s, so Θ(0) stays intact for :meth:`unload`.
+        """
+        if self.mode != "freeze":
+            raise ValueError(f"decay_frozen needs mode='freeze', this layer has mode={self.mode!r}")
+        self.frozen_scale *= factor
+
+    def get_extra_state(self) -> dict[str, float]:
+        return {"frozen_scale": self.frozen_scale}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.frozen_scale = float(state["frozen_scale"])
 
     def get_mask(self) -> Tensor:
         """Boolean tensor shaped like the weight, True at the trained entries."""
@@ -136,7 +160,7 @@ class DRTLayer(nn.Module):
     def merge(self) -> nn.Module:
         """The base module with Θ as its weight (prune mode: the sparse weight, zeros included)."""
         weight = self.effective_weight()
-        if self.mode == "prune":
+        if weight is not self.base_layer.weight:
             with torch.no_grad():
                 self.base_layer.weight.copy_(weight)
         return self.base_layer

@@ -126,6 +126,9 @@ class WeightOp:
     def grad_bias(self, grad_out: Tensor) -> Tensor:
         return grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
 
+    def add_bias(self, out: Tensor, bias: Tensor) -> Tensor:
+        return out + bias
+
 
 class LinearOp(WeightOp):
     """``nn.Linear``: y = x Wᵀ + b, W is ``[out, in]``; dW = gyᵀ x."""
@@ -205,6 +208,9 @@ class Conv2dOp(WeightOp):
     def grad_bias(self, grad_out: Tensor) -> Tensor:
         return grad_out.sum((0, 2, 3))
 
+    def add_bias(self, out: Tensor, bias: Tensor) -> Tensor:
+        return out + bias.view(-1, 1, 1)
+
 
 def _pattern_flat_indices(pattern: Tensor) -> Tensor:
     crow = pattern.crow_indices()
@@ -225,16 +231,20 @@ def weight_op(module: nn.Module) -> WeightOp:
 
 
 class DenseProduct:
-    """The forward and input-gradient products with a dense, materialised Θ."""
+    """The forward and input-gradient products with a dense, materialised Θ = scale · weight."""
 
-    def __init__(self, op: WeightOp, weight: Tensor) -> None:
-        self.op, self.weight = op, weight
+    def __init__(self, op: WeightOp, weight: Tensor, scale: float = 1.0) -> None:
+        self.op, self.weight, self.scale = op, weight, scale
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        return self.op.forward(x, self.weight, bias)
+        if self.scale == 1.0:
+            return self.op.forward(x, self.weight, bias)
+        out = self.op.forward(x, self.weight, None) * self.scale
+        return out if bias is None else self.op.add_bias(out, bias)
 
     def grad_input(self, grad_out: Tensor, x: Tensor) -> Tensor:
-        return self.op.grad_input(grad_out, self.weight, x)
+        grad = self.op.grad_input(grad_out, self.weight, x)
+        return grad if self.scale == 1.0 else grad * self.scale
 
 
 class CSRProduct:

@@ -2,48 +2,64 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from . import criteria  # noqa: F401  (registers the criteria)
 from .budgets import layer_counts, total_budget
-from .criteria import Target, register_criterion, score
+from .scoring import LossFn, Scoring, Target, register_criterion, score
 from .selection import nm_candidates, select_rows, select_unstructured
 
 if TYPE_CHECKING:
     from ..config import DRTConfig
 
-__all__ = ["Target", "compute_indices", "register_criterion"]
+__all__ = ["LossFn", "Scoring", "Target", "compute_indices", "register_criterion", "select_masks"]
 
 
-def compute_indices(
-    targets: Sequence[Target], config: DRTConfig, calibration_data: Iterable[Any] | None = None
+def select_masks(
+    targets: list[Target], config: DRTConfig, scores: list[Tensor], density: float | None = None
 ) -> list[Tensor]:
-    """Sorted flat indices ψ_l (into each weight's own layout) of the trained entries of each target."""
-    with torch.no_grad():
-        scores = [
-            t.op.to_matrix(s)
-            for t, s in zip(targets, score(config.criterion, targets, config, calibration_data), strict=True)
-        ]
+    """Boolean masks (shaped like each weight) of the entries that ``config``'s budget and structure
+    keep, at ``density`` (default: the config's ``density`` or ``num_trainable``)."""
+    matrices = [t.op.to_matrix(s) for t, s in zip(targets, scores, strict=True)]
     shapes = [tuple(t.weight.shape) for t in targets]
+    if density is None:
+        density, num_trainable = config.density, config.num_trainable
+    else:
+        num_trainable = None
     nm = config.nm
     if nm is not None:
         n, m = nm
-        candidates = [nm_candidates(s, n, m, t.name) for s, t in zip(scores, targets, strict=True)]
-        if config.density is not None and config.density > n / m:
-            raise ValueError(f"density={config.density} exceeds what structure={config.structure!r} allows ({n / m:g})")
-        scores = [s.float().masked_fill(~c, float("-inf")) for s, c in zip(scores, candidates, strict=True)]
+        candidates = [nm_candidates(s, n, m, t.name) for s, t in zip(matrices, targets, strict=True)]
+        if density is not None and density > n / m:
+            raise ValueError(f"density={density} exceeds what structure={config.structure!r} allows ({n / m:g})")
+        matrices = [s.masked_fill(~c, float("-inf")) for s, c in zip(matrices, candidates, strict=True)]
         caps = [int(c.sum()) for c in candidates]
     else:
-        caps = [s.numel() for s in scores]
-    total = total_budget(config.density, config.num_trainable, sum(s.numel() for s in scores))
+        caps = [s.numel() for s in matrices]
+    total = total_budget(density, num_trainable, sum(s.numel() for s in matrices))
     if total > sum(caps):
         raise ValueError(
             f"num_trainable={total} exceeds the {sum(caps)} entries that structure={config.structure!r} allows"
         )
-    counts = layer_counts(config.budget, shapes, total, caps, config.density)
+    counts = layer_counts(config.budget, shapes, total, caps, density)
     select = select_rows if config.structure == "rows" else select_unstructured
-    masks = select(scores, counts, total)
-    return [torch.nonzero(t.op.from_matrix(mask).reshape(-1)).flatten() for t, mask in zip(targets, masks, strict=True)]
+    return [t.op.from_matrix(m) for t, m in zip(targets, select(matrices, counts, total), strict=True)]
+
+
+def compute_indices(
+    model: nn.Module,
+    targets: list[Target],
+    config: DRTConfig,
+    calibration_data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+) -> list[Tensor]:
+    """Sorted flat indices ψ_l (into each weight's own layout) of the trained entries of each target."""
+    select = functools.partial(select_masks, targets, config)
+    scoring = Scoring(model, targets, config, calibration_data, loss_fn, select)
+    masks = select(score(config.criterion, scoring))
+    return [torch.nonzero(mask.reshape(-1)).flatten() for mask in masks]

@@ -44,7 +44,7 @@ def select_unstructured(scores: Sequence[Tensor], counts: Sequence[int] | None, 
     """Per-layer top-``counts[l]``, or one global top-``total`` when ``counts`` is None."""
     if counts is not None:
         return [top_k_mask(s.flatten(), k).reshape(s.shape) for s, k in zip(scores, counts, strict=True)]
-    joint = top_k_mask(torch.cat([s.flatten().float() for s in scores]), total)
+    joint = top_k_mask(torch.cat([s.flatten() for s in scores]), total)
     return [part.reshape(s.shape) for part, s in zip(joint.split([s.numel() for s in scores]), scores, strict=True)]
 
 
@@ -54,7 +54,7 @@ def select_rows(scores: Sequence[Tensor], counts: Sequence[int] | None, total: i
     With ``counts`` None, rows of all layers are ranked jointly and taken until ``total`` entries
     are covered.
     """
-    row_scores = [s.float().mean(dim=1) for s in scores]
+    row_scores = [s.mean(dim=1) for s in scores]
     if counts is not None:
         keep = [
             top_k_mask(r, 0 if k == 0 else max(1, round(k / s.shape[1])))

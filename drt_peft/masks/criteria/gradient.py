@@ -1,0 +1,161 @@
+"""Gradient-based criteria on calibration data (survey §5, METHODS.md §3).
+
+g is the mean gradient of the loss over the calibration batches, taken for the targeted weights
+only (the other weights are held fixed), in eval mode.
+
+- SNIP (Lee et al. 2019, eq. 16): s = |g ⊙ θ|.
+- GraSP (Wang et al. 2020): the paper removes the weights with the largest −θ ⊙ (H g); here the
+  kept score is s = θ ⊙ (H g), so keeping the largest s keeps the lowest −θ ⊙ (H g) exactly as the
+  paper does. H g is a Hessian-vector product by double backprop.
+- GraSP-abs (Lubana & Dick 2021): s = |θ ⊙ (H g)|.
+- Lubana & Dick (2021): s = |g| · θ².
+- FORCE (de Jorge et al. 2021): k rounds at densities density^(r/k) (or linearly spaced; N:M
+  structures start from N/M instead of 1); round r
+  scores s = |θ ⊙ g(θ ⊙ m)| with g taken on the network masked by the previous round's mask m,
+  so pruned weights may return. The last round's scores select ψ.
+- FISH (Sung et al. 2021): the empirical Fisher s = mean over N samples of (∂ log p(y|x)/∂θ)²,
+  one backward per sample, squares accumulated in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..calibration import (
+    batch_loss,
+    calibration_batches,
+    eager_attention,
+    mean_gradients,
+    scoring_mode,
+    split_samples,
+    target_density,
+)
+from ..scoring import Scoring, register_criterion
+
+
+def _weights(scoring: Scoring) -> list[Tensor]:
+    return [t.weight for t in scoring.targets]
+
+
+def _gradients(scoring: Scoring) -> list[Tensor]:
+    weights = _weights(scoring)
+    with scoring_mode(scoring.model, weights):
+        return mean_gradients(scoring, weights, scoring.config.num_batches)
+
+
+@register_criterion("snip")
+def snip_scores(scoring: Scoring) -> list[Tensor]:
+    """s = |g ⊙ θ| (Lee et al. 2019)."""
+    return [(g * w.detach()).abs() for g, w in zip(_gradients(scoring), _weights(scoring), strict=True)]
+
+
+@register_criterion("lubana_dick")
+def lubana_dick_scores(scoring: Scoring) -> list[Tensor]:
+    """s = |g| · θ² (Lubana & Dick 2021)."""
+    return [g.abs() * w.detach().float() ** 2 for g, w in zip(_gradients(scoring), _weights(scoring), strict=True)]
+
+
+def hessian_gradient_products(scoring: Scoring) -> list[Tensor]:
+    """H g over the targeted weights: g from a first pass, then ∇(∇L · g) per batch, averaged."""
+    weights = _weights(scoring)
+    limit = scoring.config.num_batches
+    with scoring_mode(scoring.model, weights), eager_attention(scoring.model):
+        g = mean_gradients(scoring, weights, limit)
+        sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+        count = 0
+        for batch in calibration_batches(scoring, limit):
+            loss = batch_loss(scoring.model, batch, scoring.loss_fn)
+            grads = torch.autograd.grad(loss, weights, create_graph=True)
+            dot = sum((gi * g0.to(gi.dtype)).sum() for gi, g0 in zip(grads, g, strict=True))
+            for total, hg in zip(sums, torch.autograd.grad(dot, weights), strict=True):
+                total.add_(hg)
+            count += 1
+    return [s / count for s in sums]
+
+
+@register_criterion("grasp")
+def grasp_scores(scoring: Scoring) -> list[Tensor]:
+    """s = θ ⊙ (H g): keeping the largest keeps the lowest GraSP score −θ ⊙ (H g) (Wang et al. 2020)."""
+    return [
+        w.detach().float() * hg for w, hg in zip(_weights(scoring), hessian_gradient_products(scoring), strict=True)
+    ]
+
+
+@register_criterion("grasp_abs")
+def grasp_abs_scores(scoring: Scoring) -> list[Tensor]:
+    """s = |θ ⊙ (H g)| (Lubana & Dick 2021)."""
+    return [
+        (w.detach().float() * hg).abs()
+        for w, hg in zip(_weights(scoring), hessian_gradient_products(scoring), strict=True)
+    ]
+
+
+def schedule_densities(scoring: Scoring) -> list[float]:
+    """Densities of rounds r = 1..k, from the structure's maximum m (1, or N/M for N:M) to the target d:
+    exponential m·(d/m)^(r/k) or linear m − r(m − d)/k."""
+    config = scoring.config
+    final, rounds = target_density(scoring), config.rounds
+    start = config.nm[0] / config.nm[1] if config.nm else 1.0
+    if config.schedule == "exponential":
+        return [start * math.exp(math.log(final / start) * r / rounds) for r in range(1, rounds + 1)]
+    return [start - r * (start - final) / rounds for r in range(1, rounds + 1)]
+
+
+@register_criterion("force")
+def force_scores(scoring: Scoring) -> list[Tensor]:
+    """Iterative SNIP / FORCE: re-scored on the masked network over ``rounds`` rounds."""
+    config = scoring.config
+    weights = _weights(scoring)
+    originals = [w.detach().clone() for w in weights]
+    masks = [torch.ones_like(w, dtype=torch.bool) for w in weights]
+    scores: list[Tensor] = []
+    try:
+        for density in schedule_densities(scoring):
+            with torch.no_grad():
+                for w, original, mask in zip(weights, originals, masks, strict=True):
+                    w.copy_(original * mask)
+            with scoring_mode(scoring.model, weights):
+                grads = mean_gradients(scoring, weights, config.num_batches)
+            scores = [(g * o).abs() for g, o in zip(grads, originals, strict=True)]
+            masks = scoring.select(scores, density)
+    finally:
+        with torch.no_grad():
+            for w, original in zip(weights, originals, strict=True):
+                w.copy_(original)
+    return scores
+
+
+def _negative_log_likelihood(scoring: Scoring, sample: object) -> Tensor:
+    """-log p(y|x) of one sample, y the true label or (``fisher_labels="predicted"``) the model's arg-max."""
+    if scoring.config.fisher_labels == "true":
+        return batch_loss(scoring.model, sample, scoring.loss_fn)
+    if not isinstance(sample, dict):
+        raise ValueError("fisher_labels='predicted' needs dict batches passed as model(**batch)")
+    inputs = {k: v for k, v in sample.items() if k != "labels"}
+    logits = getattr(scoring.model(**inputs), "logits", None)
+    if logits is None:
+        raise ValueError("fisher_labels='predicted' needs a model output with .logits")
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -log_probs.max(dim=-1).values.sum()
+
+
+@register_criterion("fisher")
+def fisher_scores(scoring: Scoring) -> list[Tensor]:
+    """Empirical Fisher: mean over ``num_samples`` samples of the squared per-sample gradient."""
+    weights = _weights(scoring)
+    sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    count = 0
+    with scoring_mode(scoring.model, weights):
+        for batch in calibration_batches(scoring, scoring.config.num_batches):
+            for sample in split_samples(batch):
+                grads = torch.autograd.grad(_negative_log_likelihood(scoring, sample), weights, allow_unused=True)
+                for total, grad in zip(sums, grads, strict=True):
+                    if grad is not None:
+                        total.addcmul_(grad, grad)
+                count += 1
+                if count == scoring.config.num_samples:
+                    return [s / count for s in sums]
+    return [s / count for s in sums]

@@ -1,0 +1,52 @@
+"""FreezeNet (Wimmer et al. 2021): SNIP-selected entries train, the rest stay frozen (not pruned)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..config import register_method
+from .snip import SNIPConfig
+
+if TYPE_CHECKING:
+    from ..model import DRTModel
+
+
+@register_method("freezenet")
+@dataclass
+class FreezeNetConfig(SNIPConfig):
+    """SNIP's ψ in freeze mode, with optional weight decay on the frozen part so the network ends sparse.
+
+    The frozen entries of every layer share one scalar: after each optimizer step they are
+    multiplied by (1 − lr · frozen_weight_decay), the decay AdamW would apply to them, with no
+    D-sized optimizer state. Call ``model.update_masks(step, optimizer)`` once per step, or train
+    with the Trainer and :class:`drt_peft.DRTCallback`.
+
+    Example::
+
+        config = FreezeNetConfig(density=0.01, frozen_weight_decay=0.01, num_batches=8)
+        model = get_drt_model(base_model, config, calibration_data=train_batches)
+    """
+
+    frozen_weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "Weight decay λ on the frozen entries: each step they shrink by (1 − lr·λ); 0 keeps them."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.frozen_weight_decay, (int, float)) or self.frozen_weight_decay < 0:
+            raise ValueError(f"frozen_weight_decay={self.frozen_weight_decay!r} must be a number >= 0")
+        if self.frozen_weight_decay > 0 and self.mode != "freeze":
+            raise ValueError(
+                f"frozen_weight_decay={self.frozen_weight_decay} needs mode='freeze' (got mode={self.mode!r}): "
+                "pruned entries are already zero"
+            )
+
+    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
+        if not self.frozen_weight_decay:
+            return {}
+        factor = 1.0 - optimizer.param_groups[0]["lr"] * self.frozen_weight_decay
+        for _, layer in model.drt_layers():
+            layer.decay_frozen(factor)
+        return {"frozen_scale": next(layer for _, layer in model.drt_layers()).frozen_scale}

@@ -1,0 +1,39 @@
+"""GraSP (Wang et al. 2020) and its absolute variant (Lubana & Dick 2021): Hessian-gradient products."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import register_method
+from .base import DataDrivenConfig
+
+
+@register_method("grasp")
+@dataclass
+class GraSPConfig(DataDrivenConfig):
+    """Gradient signal preservation: the paper removes the largest −θ ⊙ (H g), i.e. keeps the lowest.
+
+    H g is a Hessian-vector product by double backprop over the targeted weights (transformers
+    models switch to eager attention while scoring, as fused CPU attention has no double backward).
+
+    Example::
+
+        config = GraSPConfig(density=0.05, mode="prune", budget="global", num_batches=4)
+        model = get_drt_model(base_model, config, calibration_data=train_batches)
+    """
+
+    criterion = "grasp"
+
+
+@register_method("grasp_abs")
+@dataclass
+class GraSPAbsConfig(DataDrivenConfig):
+    """|θ ⊙ (H g)|: keeps the weights whose removal changes the gradient flow most, in either direction.
+
+    Example::
+
+        config = GraSPAbsConfig(density=0.05, num_batches=4)
+        model = get_drt_model(base_model, config, calibration_data=train_batches)
+    """
+
+    criterion = "grasp_abs"

@@ -1,0 +1,26 @@
+"""SynFlow (Tanaka et al. 2020): data-free iterative synaptic flow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import register_method
+from .base import IterativeConfig
+
+
+@register_method("synflow")
+@dataclass
+class SynFlowConfig(IterativeConfig):
+    """Prune by (∂R/∂θ) ⊙ θ on the positive-linear network, R = 1ᵀ f_|θ|(1), over 100 rounds by default.
+
+    How norms, softmax and attention are treated is in :mod:`drt_peft.masks.criteria.synflow`.
+    ``calibration_data``, if given, only sets the input shape.
+
+    Example::
+
+        config = SynFlowConfig(density=0.05, mode="prune", budget="global")
+        model = get_drt_model(vision_model, config)
+    """
+
+    criterion = "synflow"
+    default_rounds = 100

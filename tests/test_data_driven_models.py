@@ -1,0 +1,155 @@
+"""Every data-driven config through get_drt_model on a text transformer and a vision transformer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_vit
+
+from drt_peft import (
+    DRTCallback,
+    DRTModel,
+    FISHConfig,
+    FORCEConfig,
+    FreezeNetConfig,
+    GraSPAbsConfig,
+    GraSPConfig,
+    LubanaDickConfig,
+    SNIPConfig,
+    SynFlowConfig,
+    get_drt_model,
+)
+
+CONFIGS = {
+    "snip": lambda **kw: SNIPConfig(**kw),
+    "grasp": lambda **kw: GraSPConfig(**kw),
+    "grasp_abs": lambda **kw: GraSPAbsConfig(**kw),
+    "lubana_dick": lambda **kw: LubanaDickConfig(**kw),
+    "force": lambda **kw: FORCEConfig(rounds=3, **kw),
+    "synflow": lambda **kw: SynFlowConfig(rounds=5, **kw),
+    "fish": lambda **kw: FISHConfig(num_samples=6, **kw),
+    "freezenet": lambda **kw: FreezeNetConfig(**kw),
+}
+
+
+def _text_batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    return [
+        {"input_ids": torch.randint(0, 64, (4, 10), generator=g), "labels": torch.randint(0, 2, (4,), generator=g)}
+        for _ in range(2)
+    ]
+
+
+def _image_batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [
+        {"pixel_values": torch.randn(3, 1, 16, 16, generator=g), "labels": torch.randint(0, 3, (3,), generator=g)}
+        for _ in range(2)
+    ]
+
+
+SETTINGS = [
+    ("freeze", "uniform", "unstructured"),
+    ("prune", "global", "unstructured"),
+    ("prune", "erk", "2:4"),
+    ("freeze", "uniform", "rows"),
+]
+# FreezeNet is defined by freezing; in prune mode it is SNIP, which the snip rows cover.
+CASES = [(m, *s) for m in sorted(CONFIGS) for s in SETTINGS if not (m == "freezenet" and s[0] == "prune")]
+
+
+@pytest.mark.parametrize(("method", "mode", "budget", "structure"), CASES)
+def test_text_model_all_modes_budgets_structures(method, mode, budget, structure, tmp_path) -> None:
+    density = 0.5 if structure == "2:4" else 0.1
+    config = CONFIGS[method](
+        density=density, mode=mode, budget=budget, structure=structure, modules_to_save=["classifier"]
+    )
+    data = _text_batches()
+    model = get_drt_model(tiny_bert(), config, calibration_data=data)
+    total = sum(layer.base_layer.weight.numel() for _, layer in model.drt_layers())
+    d = sum(layer.num_trainable for _, layer in model.drt_layers())
+    if structure == "unstructured":
+        assert d == round(density * total) or budget == "uniform"
+    for name, mask in model.get_masks().items():
+        if structure == "2:4":
+            assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) <= 2).all(), name
+        if structure == "rows":
+            assert ((mask.sum(1) == 0) | (mask.sum(1) == mask.shape[1])).all(), name
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(**data[0]).loss.backward()
+    optimizer.step()
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
+    inputs = {"input_ids": data[1]["input_ids"]}
+    assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_vision_transformer(method: str) -> None:
+    data = _image_batches()
+    model = get_drt_model(
+        tiny_vit(), CONFIGS[method](density=0.1, modules_to_save=["classifier"]), calibration_data=data
+    )
+    loss = model(**data[0]).loss
+    loss.backward()
+    assert all(layer.drt_values.grad is not None for _, layer in model.drt_layers())
+
+
+def test_same_seed_and_data_give_the_same_mask() -> None:
+    for method in ("snip", "grasp", "fish"):
+        a = get_drt_model(tiny_bert(), CONFIGS[method](density=0.1), calibration_data=_text_batches()).get_masks()
+        b = get_drt_model(tiny_bert(), CONFIGS[method](density=0.1), calibration_data=_text_batches()).get_masks()
+        assert all(torch.equal(a[k], b[k]) for k in a), method
+
+
+def test_freezenet_decays_frozen_entries_and_trains_the_rest(tmp_path) -> None:
+    base = tiny_bert()
+    original = base.bert.encoder.layer[0].intermediate.dense.weight.detach().clone()
+    config = FreezeNetConfig(density=0.1, frozen_weight_decay=0.5, modules_to_save=["classifier"])
+    data = _text_batches()
+    model = get_drt_model(base, config, calibration_data=data)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.0)
+    model.train()
+    for step in range(3):
+        model(**data[step % 2]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.update_masks(step, optimizer)
+    layer = model.base_model.bert.encoder.layer[0].intermediate.dense
+    weight, mask = layer.effective_weight(), layer.get_mask()
+    assert layer.frozen_scale == pytest.approx(0.95**3)
+    assert torch.allclose(weight[~mask], original[~mask] * 0.95**3)
+    assert not torch.allclose(weight[mask], original[mask] * 0.95**3)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
+    inputs = {"input_ids": data[0]["input_ids"]}
+    assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    merged = loaded.merge_and_unload().bert.encoder.layer[0].intermediate.dense.weight
+    assert torch.allclose(merged[~mask], original[~mask] * 0.95**3) and torch.equal(merged[mask], weight[mask])
+    assert torch.equal(model.unload().bert.encoder.layer[0].intermediate.dense.weight, original)
+    with pytest.raises(ValueError, match=r"frozen_weight_decay=0\.1 needs mode='freeze'"):
+        FreezeNetConfig(density=0.1, mode="prune", frozen_weight_decay=0.1)
+
+
+def test_freezenet_decay_through_the_trainer_callback(tmp_path) -> None:
+    from test_integrations import _Parity
+    from transformers import Trainer, TrainingArguments
+
+    data = _text_batches()
+    model = get_drt_model(tiny_bert(), FreezeNetConfig(density=0.2, frozen_weight_decay=0.1), calibration_data=data)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        max_steps=4,
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=_Parity(64), callbacks=[DRTCallback()]).train()
+    assert all(layer.frozen_scale == pytest.approx(0.99**4) for _, layer in model.drt_layers())
