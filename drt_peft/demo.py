@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     d = sum(layer.num_trainable for _, layer in model.drt_layers())
     total = sum(layer.base_layer.weight.numel() for _, layer in model.drt_layers())
     print(
-        f"MiniLM-L6 ({path})\n{args.method} DRT, mode={args.mode}: d = {d:,} of D = {total:,} encoder linear weights "
-        f"({d / total:.3%}) + classifier head"
+        f"MiniLM-L6 ({path})\n{args.method} DRT, mode={args.mode}: d = {d:,} of D = {total:,} "
+        f"linear weights of the encoder and pooler ({d / total:.3%}) + classifier head"
     )
     model.print_trainable_parameters()
 

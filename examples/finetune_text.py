@@ -16,6 +16,7 @@ import os
 import torch
 from torch.utils.data import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+from transformers.utils import logging
 
 from drt_peft import DRTModel, MagnitudeConfig, RandomConfig, get_drt_model
 from drt_peft.offline import minilm_path, rotten_tomatoes, stratified_split
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--output-dir", default="outputs/example-text")
     args = parser.parse_args()
+    logging.set_verbosity_error()
 
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
