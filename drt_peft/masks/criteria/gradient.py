@@ -19,8 +19,6 @@ only (the other weights are held fixed), in eval mode.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -31,8 +29,8 @@ from ..calibration import (
     mean_gradients,
     scoring_mode,
     split_samples,
-    target_density,
 )
+from ..rounds import prune_in_rounds
 from ..scoring import Scoring, register_criterion
 
 
@@ -93,39 +91,17 @@ def grasp_abs_scores(scoring: Scoring) -> list[Tensor]:
     ]
 
 
-def schedule_densities(scoring: Scoring) -> list[float]:
-    """Densities of rounds r = 1..k, from the structure's maximum m (1, or N/M for N:M) to the target d:
-    exponential m·(d/m)^(r/k) or linear m − r(m − d)/k."""
-    config = scoring.config
-    final, rounds = target_density(scoring), config.rounds
-    start = config.nm[0] / config.nm[1] if config.nm else 1.0
-    if config.schedule == "exponential":
-        return [start * math.exp(math.log(final / start) * r / rounds) for r in range(1, rounds + 1)]
-    return [start - r * (start - final) / rounds for r in range(1, rounds + 1)]
-
-
 @register_criterion("force")
 def force_scores(scoring: Scoring) -> list[Tensor]:
-    """Iterative SNIP / FORCE: re-scored on the masked network over ``rounds`` rounds."""
-    config = scoring.config
+    """Iterative SNIP / FORCE: |θ ⊙ g(θ ⊙ m)| re-scored on the masked network over ``rounds`` rounds."""
     weights = _weights(scoring)
-    originals = [w.detach().clone() for w in weights]
-    masks = [torch.ones_like(w, dtype=torch.bool) for w in weights]
-    scores: list[Tensor] = []
-    try:
-        for density in schedule_densities(scoring):
-            with torch.no_grad():
-                for w, original, mask in zip(weights, originals, masks, strict=True):
-                    w.copy_(original * mask)
-            with scoring_mode(scoring.model, weights):
-                grads = mean_gradients(scoring, weights, config.num_batches)
-            scores = [(g * o).abs() for g, o in zip(grads, originals, strict=True)]
-            masks = scoring.select(scores, density)
-    finally:
-        with torch.no_grad():
-            for w, original in zip(weights, originals, strict=True):
-                w.copy_(original)
-    return scores
+
+    def score_round(originals: list[Tensor]) -> list[Tensor]:
+        with scoring_mode(scoring.model, weights):
+            grads = mean_gradients(scoring, weights, scoring.config.num_batches)
+        return [(g * o).abs() for g, o in zip(grads, originals, strict=True)]
+
+    return prune_in_rounds(scoring, score_round)
 
 
 def _negative_log_likelihood(scoring: Scoring, sample: object) -> Tensor:

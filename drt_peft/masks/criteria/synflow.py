@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration import scoring_mode
+from ..rounds import prune_in_rounds
 from ..scoring import Scoring, register_criterion
-from .gradient import schedule_densities
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -111,21 +111,11 @@ def synflow_scores(scoring: Scoring) -> list[Tensor]:
     """Iterative SynFlow scores (∂R/∂θ) ⊙ θ on the positive-linear network."""
     weights = [t.weight for t in scoring.targets]
     args, kwargs = _ones_input(scoring)
-    scores: list[Tensor] = []
+
+    def score_round(originals: list[Tensor]) -> list[Tensor]:
+        with scoring_mode(scoring.model, weights):
+            grads = torch.autograd.grad(_flow(scoring.model(*args, **kwargs)), weights)
+        return [g * w.detach() for g, w in zip(grads, weights, strict=True)]
+
     with positive_linear(scoring.model):
-        originals = [w.detach().clone() for w in weights]
-        masks = [torch.ones_like(w, dtype=torch.bool) for w in weights]
-        try:
-            for density in schedule_densities(scoring):
-                with torch.no_grad():
-                    for w, original, mask in zip(weights, originals, masks, strict=True):
-                        w.copy_(original * mask)
-                with scoring_mode(scoring.model, weights):
-                    grads = torch.autograd.grad(_flow(scoring.model(*args, **kwargs)), weights)
-                scores = [g * w.detach() for g, w in zip(grads, weights, strict=True)]
-                masks = scoring.select(scores, density)
-        finally:
-            with torch.no_grad():
-                for w, original in zip(weights, originals, strict=True):
-                    w.copy_(original)
-    return scores
+        return prune_in_rounds(scoring, score_round)
