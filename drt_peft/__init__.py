@@ -15,6 +15,7 @@ from .methods import (
     LubanaDickConfig,
     MagnitudeConfig,
     RandomConfig,
+    SETConfig,
     SNIPConfig,
     SynFlowConfig,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "LubanaDickConfig",
     "MagnitudeConfig",
     "RandomConfig",
+    "SETConfig",
     "SNIPConfig",
     "SynFlowConfig",
     "available_methods",

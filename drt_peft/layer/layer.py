@@ -20,6 +20,15 @@ from .ops import (
 CSR_MAX_DENSITY = 0.05
 
 
+def _checked_indices(indices: Tensor, weight: Tensor) -> Tensor:
+    indices = indices.to(device=weight.device, dtype=torch.int64)
+    if indices.numel() > 1 and not bool((indices.diff() > 0).all()):
+        raise ValueError("DRT indices must be sorted and unique")
+    if indices.numel() and not 0 <= int(indices[0]) <= int(indices[-1]) < weight.numel():
+        raise ValueError(f"DRT indices out of range for a weight of {weight.numel()} entries")
+    return indices
+
+
 class DRTLayer(nn.Module):
     """Wraps a module and trains only d entries of its weight.
 
@@ -51,11 +60,7 @@ class DRTLayer(nn.Module):
         weight.requires_grad_(False)
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(train_bias)
-        indices = indices.to(device=weight.device, dtype=torch.int64)
-        if indices.numel() > 1 and not bool((indices.diff() > 0).all()):
-            raise ValueError("DRT indices must be sorted and unique")
-        if indices.numel() and not 0 <= int(indices[0]) <= int(indices[-1]) < weight.numel():
-            raise ValueError(f"DRT indices out of range for a weight of {weight.numel()} entries")
+        indices = _checked_indices(indices, weight)
         self.register_buffer("drt_indices", indices)
         initial = weight.detach().reshape(-1)[indices].clone()
         self.sparse_kernels = (
@@ -142,6 +147,47 @@ class DRTLayer(nn.Module):
 
     def set_extra_state(self, state: dict[str, float]) -> None:
         self.frozen_scale = float(state["frozen_scale"])
+
+    def update_indices(self, indices: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Move ψ to ``indices`` (sorted, unique; any size) in place, keeping the same ``drt_values`` Parameter.
+
+        Kept entries keep their value and optimizer state. Grown entries start at their current
+        frozen value s·Θ(0) in freeze mode and at 0 in prune mode, with zero optimizer state
+        (every state tensor shaped like ϑ, e.g. Adam's moments or SGD's momentum, is rebuilt);
+        dropped entries return to Θ(0) (freeze) or 0 (prune) and their state is discarded. The
+        optimizer is not rebuilt (survey §6; Evci et al. 2020).
+        """
+        weight = self.base_layer.weight
+        indices = _checked_indices(indices, weight)
+        old = self.drt_indices
+        where = torch.searchsorted(old, indices).clamp(max=max(old.numel() - 1, 0))
+        kept = old[where] == indices if old.numel() else torch.zeros_like(indices, dtype=torch.bool)
+        kept_old = torch.zeros_like(old, dtype=torch.bool)
+        kept_old[where[kept]] = True
+        flat = weight.detach().view(-1)
+        with torch.no_grad():
+            values = self.drt_values.new_zeros(indices.numel())
+            values[kept] = self.drt_values[where[kept]]
+            if self.mode == "freeze":
+                flat[old[~kept_old]] = self.drt_base_values[~kept_old]
+                base = self.drt_base_values.new_empty(indices.numel())
+                base[kept] = self.drt_base_values[where[kept]]
+                base[~kept] = flat[indices[~kept]]
+                values[~kept] = (base[~kept] * self.frozen_scale).to(values.dtype)
+                self.drt_base_values = base
+            elif not self.sparse_kernels:
+                self.drt_effective.view(-1)[old[~kept_old]] = 0
+        if optimizer is not None:
+            state = optimizer.state.get(self.drt_values, {})
+            for key, tensor in list(state.items()):
+                if isinstance(tensor, Tensor) and tensor.shape == self.drt_values.shape:
+                    moved = tensor.new_zeros(indices.numel())
+                    moved[kept] = tensor[where[kept]]
+                    state[key] = moved
+        self.drt_values.data = values
+        self.drt_values.grad = None
+        self.drt_indices = indices
+        self._cache.clear()
 
     def get_mask(self) -> Tensor:
         """Boolean tensor shaped like the weight, True at the trained entries."""

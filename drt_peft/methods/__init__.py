@@ -8,6 +8,7 @@ from .grasp import GraSPAbsConfig, GraSPConfig
 from .lubana_dick import LubanaDickConfig
 from .magnitude import MagnitudeConfig
 from .random import RandomConfig
+from .set import SETConfig
 from .snip import SNIPConfig
 from .synflow import SynFlowConfig
 
@@ -20,6 +21,7 @@ __all__ = [
     "LubanaDickConfig",
     "MagnitudeConfig",
     "RandomConfig",
+    "SETConfig",
     "SNIPConfig",
     "SynFlowConfig",
 ]

@@ -49,3 +49,40 @@ class IterativeConfig(DRTConfig):
             raise ValueError(f"rounds={self.rounds!r} must be a positive integer")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not supported; use one of {list(SCHEDULES)}")
+
+
+@dataclass
+class DynamicConfig(DRTConfig):
+    """Dynamic sparse training (survey §6): ψ changes every ``update_frequency`` steps, d stays exact."""
+
+    update_frequency: int = field(
+        default=100, metadata={"help": "Fp: steps between mask updates (updates run at step = Fp, 2·Fp, ...)."}
+    )
+    drop_fraction: float = field(
+        default=0.3, metadata={"help": "q: fraction of each layer's trained entries dropped and regrown per update."}
+    )
+    t_end: int | None = field(
+        default=None, metadata={"help": "Last step at which the mask may change (None: never stops)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (
+            not isinstance(self.update_frequency, int)
+            or isinstance(self.update_frequency, bool)
+            or self.update_frequency < 1
+        ):
+            raise ValueError(f"update_frequency={self.update_frequency!r} must be an integer >= 1")
+        if not isinstance(self.drop_fraction, (int, float)) or not 0 < self.drop_fraction < 1:
+            raise ValueError(f"drop_fraction={self.drop_fraction!r} must satisfy 0 < drop_fraction < 1")
+        if self.t_end is not None and (not isinstance(self.t_end, int) or self.t_end < 1):
+            raise ValueError(f"t_end={self.t_end!r} must be a positive integer or None")
+        if self.structure != "unstructured":
+            raise ValueError(
+                f"structure={self.structure!r} is not supported by {self.method_name!r}; "
+                "dynamic methods use 'unstructured'"
+            )
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether the mask changes after optimizer step ``step``."""
+        return step > 0 and step % self.update_frequency == 0 and (self.t_end is None or step <= self.t_end)

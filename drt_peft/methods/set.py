@@ -1,0 +1,45 @@
+"""SET (Mocanu et al. 2018): drop the smallest weights, regrow as many at random."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..config import register_method
+from ..masks.dynamic import drop_and_grow
+from ..seeding import generator
+from .base import DynamicConfig
+
+if TYPE_CHECKING:
+    from ..model import DRTModel
+
+
+@register_method("set")
+@dataclass
+class SETConfig(DynamicConfig):
+    """Sparse Evolutionary Training: a random ERK mask to start; every ``update_frequency`` steps each
+    layer drops the ``drop_fraction`` of its trained entries with the smallest |ϑ| and regrows as
+    many at untrained positions drawn at random from ``(seed, step, layer)``, the same on every
+    process. Call ``model.update_masks(step, optimizer)`` after each optimizer step, or train with
+    the Trainer and :class:`drt_peft.DRTCallback`.
+
+    Example::
+
+        config = SETConfig(density=0.05, update_frequency=100, drop_fraction=0.3, mode="prune")
+        model = get_drt_model(base_model, config)
+    """
+
+    criterion = "random"
+
+    budget: str = field(default="erk", metadata={"help": "As in DRTConfig; SET keeps an ERK budget by default."})
+
+    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
+        if not self.is_update_step(step):
+            return {}
+        moved = 0
+        for name, layer in model.drt_layers():
+            scores = torch.rand(layer.weight_shape, generator=generator(self.seed, f"grow:{step}", name))
+            moved += drop_and_grow(layer, self.drop_fraction, scores, optimizer)
+        return {"drt/moved": float(moved)}

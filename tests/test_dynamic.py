@@ -1,0 +1,117 @@
+"""Changing ψ on a live layer (the step every dynamic method shares) and SET on top of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_bert
+from torch import nn
+
+from drt_peft import DRTLayer, DRTModel, SETConfig, get_drt_model
+from drt_peft.masks.dynamic import drop_and_grow
+
+
+def _layer(mode: str, d: int = 6) -> tuple[DRTLayer, torch.Tensor]:
+    torch.manual_seed(0)
+    linear = nn.Linear(5, 4)
+    original = linear.weight.detach().clone()
+    indices = torch.randperm(20, generator=torch.Generator().manual_seed(0))[:d].sort().values
+    return DRTLayer(linear, indices, mode), original
+
+
+@pytest.mark.parametrize("mode", ["freeze", "prune"])
+@pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, torch.optim.SGD])
+def test_update_indices_keeps_values_and_state_and_resets_grown(mode: str, optimizer_class) -> None:
+    layer, original = _layer(mode)
+    kwargs = {"momentum": 0.9} if optimizer_class is torch.optim.SGD else {}
+    optimizer = optimizer_class([layer.drt_values], lr=0.1, **kwargs)
+    x = torch.randn(3, 5)
+    for _ in range(2):
+        layer(x).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    if mode == "freeze":
+        layer.decay_frozen(0.5)
+    old_indices, old_values = layer.drt_indices.clone(), layer.drt_values.detach().clone()
+    old_state = {k: v.clone() for k, v in optimizer.state[layer.drt_values].items() if v.shape == old_values.shape}
+    new_indices = (
+        torch.cat([old_indices[:3], torch.tensor([i for i in range(20) if i not in old_indices][:4])]).sort().values
+    )
+    parameter = layer.drt_values
+    layer.update_indices(new_indices, optimizer)
+
+    assert layer.drt_values is parameter and layer.num_trainable == 7
+    kept = torch.isin(new_indices, old_indices)
+    assert torch.equal(layer.drt_values[kept], old_values[:3])
+    grown_start = original.reshape(-1)[new_indices[~kept]] * 0.5 if mode == "freeze" else torch.zeros(4)
+    assert torch.allclose(layer.drt_values[~kept].detach(), grown_start)
+    state = optimizer.state[layer.drt_values]
+    assert old_state and all(
+        torch.equal(state[k][kept], v[:3]) and (state[k][~kept] == 0).all() for k, v in old_state.items()
+    )
+    expected = (original * (0.5 if mode == "freeze" else 0.0)).reshape(-1)
+    expected[new_indices] = layer.drt_values.detach()
+    assert torch.allclose(layer.effective_weight().reshape(-1), expected)
+    assert torch.allclose(layer(x), x @ expected.reshape(4, 5).t() + layer.base_layer.bias)
+    layer(x).sum().backward()
+    optimizer.step()  # the optimizer keeps working on the resized parameter
+    if mode == "freeze":
+        assert torch.equal(layer.unload().weight, original)
+
+
+def test_drop_and_grow_drops_smallest_and_grows_largest_scores() -> None:
+    layer, _ = _layer("prune", d=8)
+    with torch.no_grad():
+        layer.drt_values.copy_(torch.tensor([5.0, -0.1, 3.0, 0.2, -4.0, 0.05, 2.0, 1.0]))
+    before = layer.drt_indices.clone()
+    scores = torch.arange(20, dtype=torch.float32).reshape(4, 5)
+    moved = drop_and_grow(layer, 0.25, scores, None)
+    assert moved == 2 and layer.num_trainable == 8
+    dropped = set(before[[5, 1]].tolist())
+    assert not dropped & set(layer.drt_indices.tolist())
+    untrained_after_drop = [i for i in range(20) if i not in set(before.tolist()) - dropped]
+    assert set(layer.drt_indices.tolist()) - set(before.tolist()) == set(sorted(untrained_after_drop)[-2:])
+
+
+def _train_set(steps: int, seed: int = 0) -> tuple[DRTModel, list[dict]]:
+    model = get_drt_model(tiny_bert(), SETConfig(density=0.2, update_frequency=2, drop_fraction=0.25, seed=seed))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(4)
+    logs = []
+    model.train()
+    for step in range(1, steps + 1):
+        batch = {
+            "input_ids": torch.randint(0, 64, (4, 8), generator=g),
+            "labels": torch.randint(0, 2, (4,), generator=g),
+        }
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        logs.append(model.update_masks(step, optimizer))
+    return model.eval(), logs
+
+
+def test_set_keeps_d_exact_is_deterministic_and_round_trips(tmp_path) -> None:
+    start = {
+        n: layer.drt_indices.clone() for n, layer in get_drt_model(tiny_bert(), SETConfig(density=0.2)).drt_layers()
+    }
+    model, logs = _train_set(6)
+    again, _ = _train_set(6)
+    assert [bool(entry) for entry in logs] == [False, True, False, True, False, True]
+    for (name, layer), (_, other) in zip(model.drt_layers(), again.drt_layers(), strict=True):
+        assert layer.num_trainable == start[name].numel()
+        assert torch.equal(layer.drt_indices, other.drt_indices)
+    assert any(not torch.equal(layer.drt_indices, start[name]) for name, layer in model.drt_layers())
+    model.save_pretrained(tmp_path)
+    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
+    ids = {"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(9))}
+    assert torch.equal(loaded(**ids).logits, model(**ids).logits)
+
+
+def test_dynamic_config_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="update_frequency=0 must be an integer >= 1"):
+        SETConfig(density=0.1, update_frequency=0)
+    with pytest.raises(ValueError, match=r"drop_fraction=1\.0 must satisfy 0 < drop_fraction < 1"):
+        SETConfig(density=0.1, drop_fraction=1.0)
+    with pytest.raises(ValueError, match="structure='2:4' is not supported by 'set'"):
+        SETConfig(density=0.1, structure="2:4")
