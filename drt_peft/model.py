@@ -114,6 +114,7 @@ class DRTModel(nn.Module):
             self._originals_to_save[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
             module.requires_grad_(True)
         self.base_model = model
+        self.drt_config.on_attach(self)
         # ``forward`` advertises the wrapped model's signature, so the Trainer keeps the right columns.
         self.forward = functools.update_wrapper(functools.partial(DRTModel.forward, self), model.forward)
 

@@ -71,6 +71,14 @@ def tiny_convnet(seed: int = 0) -> TinyConvNet:
     return TinyConvNet().eval()
 
 
+def random_bert_batch(generator: torch.Generator, size: int = 4, length: int = 8) -> dict[str, torch.Tensor]:
+    """Random token ids and labels for :func:`tiny_bert`."""
+    return {
+        "input_ids": torch.randint(0, 64, (size, length), generator=generator),
+        "labels": torch.randint(0, 2, (size,), generator=generator),
+    }
+
+
 @pytest.fixture
 def bert_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)

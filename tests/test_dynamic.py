@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import random_bert_batch, tiny_bert
 from torch import nn
 
-from drt_peft import DRTLayer, DRTModel, SETConfig, get_drt_model
+from drt_peft import DRTLayer, DRTModel, RigLConfig, SETConfig, get_drt_model
 from drt_peft.masks.dynamic import drop_and_grow
 
 
@@ -80,10 +82,7 @@ def _train_set(steps: int, seed: int = 0) -> tuple[DRTModel, list[dict]]:
     logs = []
     model.train()
     for step in range(1, steps + 1):
-        batch = {
-            "input_ids": torch.randint(0, 64, (4, 8), generator=g),
-            "labels": torch.randint(0, 2, (4,), generator=g),
-        }
+        batch = random_bert_batch(g)
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -115,3 +114,67 @@ def test_dynamic_config_bad_inputs() -> None:
         SETConfig(density=0.1, drop_fraction=1.0)
     with pytest.raises(ValueError, match="structure='2:4' is not supported by 'set'"):
         SETConfig(density=0.1, structure="2:4")
+
+
+def test_dense_gradient_capture_matches_dense_autograd() -> None:
+    layer, original = _layer("freeze", d=6)
+    layer.capture_dense_grad = True
+    xs = [torch.randn(3, 5), torch.randn(2, 5)]
+    for x in xs:
+        layer(x).pow(2).sum().backward()
+    weight = original.clone().requires_grad_(True)
+    for x in xs:
+        (x @ weight.t() + layer.base_layer.bias).pow(2).sum().backward()
+    assert torch.allclose(layer.dense_grad, weight.grad)
+    assert torch.allclose(layer.drt_values.grad, weight.grad.reshape(-1)[layer.drt_indices])
+
+
+def test_rigl_cosine_schedule_and_bad_inputs() -> None:
+    config = RigLConfig(density=0.1, drop_fraction=0.4, t_end=100)
+    assert config.drop_fraction_at(0) == pytest.approx(0.4)
+    assert config.drop_fraction_at(50) == pytest.approx(0.2)
+    assert config.drop_fraction_at(25) == pytest.approx(0.2 * (1 + math.cos(math.pi / 4)))
+    assert config.drop_fraction_at(100) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="t_end=None: RigL's cosine decay"):
+        RigLConfig(density=0.1)
+
+
+def test_rigl_grows_where_the_dense_gradient_is_largest() -> None:
+    model = get_drt_model(tiny_bert(), RigLConfig(density=0.2, update_frequency=2, drop_fraction=0.5, t_end=6))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    layers = dict(model.drt_layers())
+    g = torch.Generator().manual_seed(5)
+    model.train()
+    for step in (1, 2):
+        batch = random_bert_batch(g)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        armed = all(layer.capture_dense_grad for layer in layers.values())
+        assert armed == (step == 2), "the capture is armed only for the backward of an update step"
+        if step == 2:
+            before = {
+                n: (layer.drt_indices.clone(), layer.drt_values.detach().abs(), layer.dense_grad.abs())
+                for n, layer in layers.items()
+            }
+        logs = model.update_masks(step, optimizer)
+    assert logs["drt/drop_fraction"] == pytest.approx(0.25 * (1 + math.cos(math.pi * 2 / 6)))
+    for name, layer in layers.items():
+        indices, magnitudes, grad = before[name]
+        k = round(logs["drt/drop_fraction"] * indices.numel())
+        assert layer.num_trainable == indices.numel() and layer.dense_grad is None and not layer.capture_dense_grad
+        kept = indices[magnitudes.argsort(stable=True)[k:]]
+        scores = grad.reshape(-1).clone()
+        scores[kept] = -1
+        grown = set(layer.drt_indices.tolist()) - set(kept.tolist())
+        assert len(grown) == k
+        assert min(scores[list(grown)].tolist(), default=0) >= scores.sort(descending=True).values[k - 1] - 1e-12
+        state = optimizer.state[layer.drt_values]
+        fresh = ~torch.isin(layer.drt_indices, kept)
+        assert (state["exp_avg"][fresh] == 0).all() and (state["exp_avg_sq"][fresh] == 0).all()
+
+
+def test_rigl_without_the_update_hook_fails_clearly() -> None:
+    model = get_drt_model(tiny_bert(), RigLConfig(density=0.2, update_frequency=1, t_end=5))
+    with pytest.raises(RuntimeError, match="captured no dense gradient"):
+        model.update_masks(1, None)

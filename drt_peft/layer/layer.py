@@ -77,6 +77,9 @@ class DRTLayer(nn.Module):
             raise ValueError(f"mode={mode!r} is not supported; use 'freeze' or 'prune'")
         self.drt_values = nn.Parameter(initial)
         self.frozen_scale = 1.0
+        #: When True, the next backwards also form the dense weight gradient into :attr:`dense_grad`.
+        self.capture_dense_grad = False
+        self.dense_grad: Tensor | None = None
         self._cache: dict[tuple, object] = {}
 
     @property
@@ -203,7 +206,12 @@ class DRTLayer(nn.Module):
         dtype = self.base_layer.weight.dtype
         if x.dtype != dtype:
             x = x.to(dtype)
-        return SampledWeightFunction.apply(x, self.drt_values, bias, product, self.op, self._pattern(dtype))
+        sink = self if self.capture_dense_grad else None
+        return SampledWeightFunction.apply(x, self.drt_values, bias, product, self.op, self._pattern(dtype), sink)
+
+    def accumulate_dense_grad(self, grad: Tensor) -> None:
+        """Add a dense weight gradient to :attr:`dense_grad` (called from the backward when capturing)."""
+        self.dense_grad = grad.detach().clone() if self.dense_grad is None else self.dense_grad.add_(grad)
 
     def merge(self) -> nn.Module:
         """The base module with Θ as its weight (prune mode: the sparse weight, zeros included)."""

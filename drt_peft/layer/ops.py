@@ -123,6 +123,11 @@ class WeightOp:
         a, b = self.grad_weight_factors(grad_out, x)
         return sddmm(pattern, a, b)
 
+    def grad_weight(self, grad_out: Tensor, x: Tensor) -> Tensor:
+        """The dense weight gradient, shaped like the weight (only for methods that need it)."""
+        a, b = self.grad_weight_factors(grad_out, x)
+        return (a @ b).reshape(self.module.weight.shape)
+
     def grad_bias(self, grad_out: Tensor) -> Tensor:
         return grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
 
@@ -202,8 +207,10 @@ class Conv2dOp(WeightOp):
     def grad_values(self, grad_out: Tensor, x: Tensor, pattern: Tensor) -> Tensor:
         if self.module.groups == 1:
             return super().grad_values(grad_out, x, pattern)
-        dense = torch.nn.grad.conv2d_weight(x, self.module.weight.shape, grad_out, **self._conv_args())
-        return dense.reshape(-1)[_pattern_flat_indices(pattern)]
+        return self.grad_weight(grad_out, x).reshape(-1)[_pattern_flat_indices(pattern)]
+
+    def grad_weight(self, grad_out: Tensor, x: Tensor) -> Tensor:
+        return torch.nn.grad.conv2d_weight(x, self.module.weight.shape, grad_out, **self._conv_args())
 
     def grad_bias(self, grad_out: Tensor) -> Tensor:
         return grad_out.sum((0, 2, 3))
@@ -295,7 +302,9 @@ class SampledWeightFunction(torch.autograd.Function):
 
     ``product`` (a :class:`DenseProduct` or :class:`CSRProduct`) holds Θ; it is not saved for
     backward because Θ cannot change between a forward and its backward (only an optimizer step
-    changes ϑ, after the backward).
+    changes ϑ, after the backward). When ``dense_sink`` is given (a layer capturing the dense
+    gradient for a method that needs it, e.g. RigL at its update steps) the dense weight
+    gradient is formed once, handed to ``dense_sink.accumulate_dense_grad`` and gathered at ψ.
     """
 
     @staticmethod
@@ -307,8 +316,9 @@ class SampledWeightFunction(torch.autograd.Function):
         product: DenseProduct | CSRProduct,
         op: WeightOp,
         pattern: Tensor,
+        dense_sink: object | None = None,
     ):
-        ctx.product, ctx.op, ctx.pattern = product, op, pattern
+        ctx.product, ctx.op, ctx.pattern, ctx.dense_sink = product, op, pattern, dense_sink
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x)
         return product.forward(x, bias)
@@ -318,6 +328,12 @@ class SampledWeightFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_x = ctx.product.grad_input(grad_out, x) if ctx.needs_input_grad[0] else None
-        grad_values = ctx.op.grad_values(grad_out, x, ctx.pattern) if ctx.needs_input_grad[1] else None
+        grad_values = None
+        if ctx.dense_sink is not None:
+            dense = ctx.op.grad_weight(grad_out, x)
+            ctx.dense_sink.accumulate_dense_grad(dense)
+            grad_values = dense.reshape(-1)[ctx.dense_sink.drt_indices] if ctx.needs_input_grad[1] else None
+        elif ctx.needs_input_grad[1]:
+            grad_values = ctx.op.grad_values(grad_out, x, ctx.pattern)
         grad_bias = ctx.op.grad_bias(grad_out) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_values, grad_bias, None, None, None
+        return grad_x, grad_values, grad_bias, None, None, None, None

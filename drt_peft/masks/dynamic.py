@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..layer import DRTLayer
@@ -15,8 +18,9 @@ def drop_and_grow(
     """Drop the round(fraction·d) trained entries of smallest |ϑ| and grow as many untrained entries
     with the largest ``grow_scores`` (weight-shaped); d stays exact. Returns how many moved.
 
-    Ties resolve to lower positions (deterministic on every process); a just-dropped entry may be
-    grown again. Values and optimizer state of grown entries follow :meth:`DRTLayer.update_indices`.
+    Ties resolve to lower positions (deterministic on every process). A just-dropped entry may be
+    grown again and then starts afresh like any grown entry (value s·Θ(0) or 0, zero optimizer
+    state), as in RigL.
     """
     d = layer.num_trainable
     k = round(fraction * d)
@@ -27,5 +31,21 @@ def drop_and_grow(
     scores = grow_scores.detach().reshape(-1).to(device=kept.device, dtype=torch.float64, copy=True)
     scores[kept] = float("-inf")
     grown = torch.nonzero(top_k_mask(scores, k)).flatten()
+    layer.update_indices(kept, optimizer)
     layer.update_indices(torch.sort(torch.cat([kept, grown])).values, optimizer)
     return k
+
+
+def capture_dense_gradients(layers: Iterable[DRTLayer], enabled: bool) -> None:
+    """Arm (or disarm and clear) the dense weight-gradient capture of ``layers`` for the next backwards."""
+    for layer in layers:
+        layer.capture_dense_grad = enabled
+        if not enabled:
+            layer.dense_grad = None
+
+
+def all_reduce_(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all processes when running distributed, so every rank ranks the same scores."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor

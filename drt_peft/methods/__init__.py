@@ -8,6 +8,7 @@ from .grasp import GraSPAbsConfig, GraSPConfig
 from .lubana_dick import LubanaDickConfig
 from .magnitude import MagnitudeConfig
 from .random import RandomConfig
+from .rigl import RigLConfig
 from .set import SETConfig
 from .snip import SNIPConfig
 from .synflow import SynFlowConfig
@@ -21,6 +22,7 @@ __all__ = [
     "LubanaDickConfig",
     "MagnitudeConfig",
     "RandomConfig",
+    "RigLConfig",
     "SETConfig",
     "SNIPConfig",
     "SynFlowConfig",

@@ -1,0 +1,68 @@
+"""RigL (Evci et al. 2020): drop the smallest weights, grow where the dense gradient is largest."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..config import register_method
+from ..masks.dynamic import all_reduce_, capture_dense_gradients, drop_and_grow
+from .base import DynamicConfig
+
+if TYPE_CHECKING:
+    from ..model import DRTModel
+
+
+@register_method("rigl")
+@dataclass
+class RigLConfig(DynamicConfig):
+    """Rigged Lottery: a random ERK mask to start; at every ``update_frequency``-th step t ≤ ``t_end``
+    each layer drops the α_t fraction of its trained entries with the smallest |ϑ| and grows as many
+    untrained entries with the largest |∂L/∂Θ|, α_t = α/2·(1 + cos(πt / t_end)), α = ``drop_fraction``.
+
+    The dense gradient is formed only in the backward of update steps (the step before arms the
+    capture), summed over processes so every rank grows the same entries, then freed; between
+    updates the backward is the sparse one. Call ``model.update_masks(step, optimizer)`` after every
+    optimizer step (or use :class:`drt_peft.DRTCallback`).
+
+    Example::
+
+        config = RigLConfig(density=0.1, update_frequency=100, drop_fraction=0.3, t_end=7500)
+        model = get_drt_model(base_model, config)
+    """
+
+    criterion = "random"
+
+    budget: str = field(default="erk", metadata={"help": "As in DRTConfig; RigL keeps an ERK budget by default."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.t_end is None:
+            raise ValueError(
+                "t_end=None: RigL's cosine decay α_t = α/2·(1 + cos(πt/t_end)) needs the last update step "
+                "(Evci et al. use 75% of the training steps)"
+            )
+
+    def drop_fraction_at(self, step: int) -> float:
+        """α_t = α/2 · (1 + cos(π t / t_end))."""
+        return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / self.t_end))
+
+    def on_attach(self, model: DRTModel) -> None:
+        capture_dense_gradients((layer for _, layer in model.drt_layers()), self.is_update_step(1))
+
+    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        if self.is_update_step(step):
+            fraction = self.drop_fraction_at(step)
+            moved = 0
+            for name, layer in model.drt_layers():
+                if layer.dense_grad is None:
+                    raise RuntimeError(
+                        f"RigL update at step {step}: layer {name} captured no dense gradient; call "
+                        "model.update_masks(step, optimizer) after every optimizer step (or use DRTCallback)"
+                    )
+                moved += drop_and_grow(layer, fraction, all_reduce_(layer.dense_grad).abs(), optimizer)
+            logs = {"drt/moved": float(moved), "drt/drop_fraction": fraction}
+        capture_dense_gradients((layer for _, layer in model.drt_layers()), self.is_update_step(step + 1))
+        return logs
