@@ -21,7 +21,7 @@ from .methods import (
     SynFlowConfig,
 )
 from .model import DRTModel, get_drt_model
-from .trainer import DRTCallback
+from .trainer import DRTCallback, DRTTrainer
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "DRTConfig",
     "DRTLayer",
     "DRTModel",
+    "DRTTrainer",
     "FISHConfig",
     "FORCEConfig",
     "FreezeNetConfig",

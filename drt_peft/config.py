@@ -203,8 +203,8 @@ class DRTConfig:
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
 
-    def on_attach(self, model: Any) -> None:
-        """Called once the ``DRTModel`` is built (or loaded), before the first training step."""
+    def on_attach(self, model: Any, step: int = 0) -> None:
+        """Called when the ``DRTModel`` is built or loaded (``step`` 0) and when training resumes at ``step``."""
 
     def on_step(self, model: Any, step: int, optimizer: Any) -> dict[str, float]:
         """The method's per-step policy, run by ``DRTModel.update_masks`` after each optimizer step.

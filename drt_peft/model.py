@@ -152,6 +152,19 @@ class DRTModel(nn.Module):
         total = sum(p.numel() for p in self.parameters() if id(p) not in values)
         return trainable, total
 
+    def drt_statistics(self) -> dict[str, float]:
+        """Trained entries, overall density, ITOP exploration rate (dynamic methods) and per-layer densities."""
+        layers = list(self.drt_layers())
+        d = sum(layer.num_trainable for _, layer in layers)
+        total = sum(layer.base_layer.weight.numel() for _, layer in layers)
+        stats = {"drt/trainable": float(d), "drt/density": d / total}
+        rates = [(layer.exploration, layer.base_layer.weight.numel()) for _, layer in layers]
+        if all(rate is not None for rate, _ in rates):
+            stats["drt/itop_exploration"] = sum(rate * size for rate, size in rates) / total
+        for name, layer in layers:
+            stats[f"drt/density/{name}"] = layer.num_trainable / layer.base_layer.weight.numel()
+        return stats
+
     def print_trainable_parameters(self) -> None:
         """Print the trainable parameter count (d entries, not D) against the model size."""
         trainable, total = self.get_nb_trainable_parameters()

@@ -178,3 +178,44 @@ def test_rigl_without_the_update_hook_fails_clearly() -> None:
     model = get_drt_model(tiny_bert(), RigLConfig(density=0.2, update_frequency=1, t_end=5))
     with pytest.raises(RuntimeError, match="captured no dense gradient"):
         model.update_masks(1, None)
+
+
+def test_exploration_rate_counts_every_position_ever_trained() -> None:
+    layer, _ = _layer("prune", d=6)
+    layer.track_exploration()
+    seen = set(layer.drt_indices.tolist())
+    assert layer.exploration == pytest.approx(len(seen) / 20)
+    for new in ([0, 1, 2, 3, 4, 5], [1, 8, 9, 10, 16, 19], [0, 8, 9, 10, 16, 19]):
+        layer.update_indices(torch.tensor(new))
+        seen |= set(new)
+        assert layer.exploration == pytest.approx(len(seen) / 20)
+    explored = torch.tensor([(int(layer.drt_explored[i // 8]) >> (i % 8)) & 1 for i in range(20)], dtype=torch.bool)
+    assert set(explored.nonzero().flatten().tolist()) == seen
+
+
+def test_drt_trainer_logs_densities_and_exploration(tmp_path) -> None:
+    from test_integrations import _Parity
+    from transformers import TrainingArguments
+
+    from drt_peft import DRTTrainer
+
+    model = get_drt_model(tiny_bert(), SETConfig(density=0.2, update_frequency=2, drop_fraction=0.3))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=8,
+        logging_steps=2,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = DRTTrainer(model=model, args=args, train_dataset=_Parity(64))
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    rates = [entry["drt/itop_exploration"] for entry in logged]
+    assert len(logged) == 4 and rates == sorted(rates) and rates[-1] > rates[0] > 0.19
+    density = 0.2
+    assert all(abs(entry["drt/density"] - density) < 0.01 for entry in logged)
+    assert any(key.startswith("drt/density/bert.encoder.layer.0") for key in logged[0])

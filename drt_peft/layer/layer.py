@@ -145,11 +145,12 @@ class DRTLayer(nn.Module):
             raise ValueError(f"decay factor={factor!r} must be > 0 (lr · frozen_weight_decay must stay below 1)")
         self.frozen_scale *= factor
 
-    def get_extra_state(self) -> dict[str, float]:
-        return {"frozen_scale": self.frozen_scale}
+    def get_extra_state(self) -> Tensor:
+        """:attr:`frozen_scale` as a tensor, so state dicts stay tensor-only (safetensors, Trainer checkpoints)."""
+        return torch.tensor(self.frozen_scale, dtype=torch.float64)
 
-    def set_extra_state(self, state: dict[str, float]) -> None:
-        self.frozen_scale = float(state["frozen_scale"])
+    def set_extra_state(self, state: Tensor) -> None:
+        self.frozen_scale = float(state)
 
     def update_indices(self, indices: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Move ψ to ``indices`` (sorted, unique; any size) in place, keeping the same ``drt_values`` Parameter.
@@ -191,6 +192,30 @@ class DRTLayer(nn.Module):
         self.drt_values.grad = None
         self.drt_indices = indices
         self._cache.clear()
+        if hasattr(self, "drt_explored"):
+            self._mark_explored(indices)
+
+    def track_exploration(self) -> None:
+        """Start recording every position ever trained (a bitmap of D bits, ``drt_explored``)."""
+        if not hasattr(self, "drt_explored"):
+            numel = self.base_layer.weight.numel()
+            device = self.drt_indices.device
+            self.register_buffer("drt_explored", torch.zeros((numel + 7) // 8, dtype=torch.uint8, device=device))
+            self._mark_explored(self.drt_indices)
+
+    def _mark_explored(self, indices: Tensor) -> None:
+        byte, bit = torch.div(indices, 8, rounding_mode="floor"), indices % 8
+        for b in range(8):
+            chosen = byte[bit == b]  # distinct indices with the same bit lie in distinct bytes
+            self.drt_explored[chosen] |= 1 << b
+
+    @property
+    def exploration(self) -> float | None:
+        """ITOP exploration rate (Liu et al. 2021): the fraction of the D positions ever trained."""
+        if not hasattr(self, "drt_explored"):
+            return None
+        ones = sum(int(((self.drt_explored >> bit) & 1).sum()) for bit in range(8))
+        return ones / self.base_layer.weight.numel()
 
     def get_mask(self) -> Tensor:
         """Boolean tensor shaped like the weight, True at the trained entries."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..config import DRTConfig
 
@@ -82,6 +82,10 @@ class DynamicConfig(DRTConfig):
                 f"structure={self.structure!r} is not supported by {self.method_name!r}; "
                 "dynamic methods use 'unstructured'"
             )
+
+    def on_attach(self, model: Any, step: int = 0) -> None:
+        for _, layer in model.drt_layers():
+            layer.track_exploration()
 
     def is_update_step(self, step: int) -> bool:
         """Whether the mask changes after optimizer step ``step``."""

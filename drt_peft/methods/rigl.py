@@ -48,8 +48,9 @@ class RigLConfig(DynamicConfig):
         """α_t = α/2 · (1 + cos(π t / t_end))."""
         return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / self.t_end))
 
-    def on_attach(self, model: DRTModel) -> None:
-        capture_dense_gradients((layer for _, layer in model.drt_layers()), self.is_update_step(1))
+    def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        super().on_attach(model, step)
+        capture_dense_gradients((layer for _, layer in model.drt_layers()), self.is_update_step(step + 1))
 
     def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
         logs: dict[str, float] = {}
