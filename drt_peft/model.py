@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -114,6 +115,8 @@ class DRTModel(nn.Module):
             self._originals_to_save[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
             module.requires_grad_(True)
         self.base_model = model
+        self._backwards_since_update = 0
+        self._update_watch = None
         self.drt_config.on_attach(self)
         # ``forward`` advertises the wrapped model's signature, so the Trainer keeps the right columns.
         self.forward = functools.update_wrapper(functools.partial(DRTModel.forward, self), model.forward)
@@ -179,7 +182,29 @@ class DRTModel(nn.Module):
         Static methods do nothing. Returns values worth logging. With the Trainer, add
         :class:`drt_peft.DRTCallback` instead.
         """
+        self._backwards_since_update = 0
         return self.drt_config.on_step(self, step, optimizer)
+
+    def expect_update_masks(self, every: int) -> None:
+        """Warn once if more than ``2 · every`` backward passes run without :meth:`update_masks`.
+
+        Dynamic methods call this: without the hook their mask would silently never move.
+        """
+        layers = [layer for _, layer in self.drt_layers()]
+        if self._update_watch is not None or not layers:
+            return
+
+        def count(_: Tensor) -> None:
+            self._backwards_since_update += 1
+            if self._backwards_since_update == 2 * every + 1:
+                warnings.warn(
+                    f"{type(self.drt_config).__name__} changes the mask every {every} steps, but "
+                    f"model.update_masks(step, optimizer) has not been called for {2 * every + 1} backward passes; "
+                    "call it after each optimizer step, or train with DRTTrainer / DRTCallback",
+                    stacklevel=2,
+                )
+
+        self._update_watch = layers[0].drt_values.register_post_accumulate_grad_hook(count)
 
     # -- leaving ---------------------------------------------------------------------------
     def _replace_layers(self, how: str) -> nn.Module:

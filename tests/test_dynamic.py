@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -219,3 +220,29 @@ def test_drt_trainer_logs_densities_and_exploration(tmp_path) -> None:
     density = 0.2
     assert all(abs(entry["drt/density"] - density) < 0.01 for entry in logged)
     assert any(key.startswith("drt/density/bert.encoder.layer.0") for key in logged[0])
+
+
+def test_missing_update_hook_warns_once() -> None:
+    model = get_drt_model(tiny_bert(), SETConfig(density=0.2, update_frequency=2))
+    g = torch.Generator().manual_seed(6)
+    model.train()
+    with pytest.warns(UserWarning, match=r"model\.update_masks\(step, optimizer\) has not been called for 5 backward"):
+        for _ in range(5):
+            model(**random_bert_batch(g)).loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(1, 8):  # with the hook, and past the warning point: silent
+            model(**random_bert_batch(g)).loss.backward()
+            model.update_masks(step, None)
+
+
+def test_t_end_beyond_the_trainer_length_is_refused(tmp_path) -> None:
+    from test_integrations import _Parity
+    from transformers import TrainingArguments
+
+    from drt_peft import DRTTrainer
+
+    model = get_drt_model(tiny_bert(), RigLConfig(density=0.2, update_frequency=2, t_end=50))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, use_cpu=True, report_to=[], save_strategy="no")
+    with pytest.raises(ValueError, match=r"t_end=50 is beyond the training length \(max_steps=10\)"):
+        DRTTrainer(model=model, args=args, train_dataset=_Parity(16)).train()

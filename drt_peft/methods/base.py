@@ -86,6 +86,7 @@ class DynamicConfig(DRTConfig):
     def on_attach(self, model: Any, step: int = 0) -> None:
         for _, layer in model.drt_layers():
             layer.track_exploration()
+        model.expect_update_masks(self.update_frequency)
 
     def is_update_step(self, step: int) -> bool:
         """Whether the mask changes after optimizer step ``step``."""
