@@ -7,6 +7,7 @@ by Wimmer, Mehnert and Condurache behind one PEFT-style API.
 from .config import DRTConfig, available_methods
 from .layer import DRTLayer
 from .methods import (
+    DSRConfig,
     FISHConfig,
     FORCEConfig,
     FreezeNetConfig,
@@ -17,6 +18,7 @@ from .methods import (
     RandomConfig,
     RigLConfig,
     SETConfig,
+    SNFSConfig,
     SNIPConfig,
     SynFlowConfig,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "DRTLayer",
     "DRTModel",
     "DRTTrainer",
+    "DSRConfig",
     "FISHConfig",
     "FORCEConfig",
     "FreezeNetConfig",
@@ -41,6 +44,7 @@ __all__ = [
     "RandomConfig",
     "RigLConfig",
     "SETConfig",
+    "SNFSConfig",
     "SNIPConfig",
     "SynFlowConfig",
     "available_methods",

@@ -136,7 +136,7 @@ def test_rigl_cosine_schedule_and_bad_inputs() -> None:
     assert config.drop_fraction_at(50) == pytest.approx(0.2)
     assert config.drop_fraction_at(25) == pytest.approx(0.2 * (1 + math.cos(math.pi / 4)))
     assert config.drop_fraction_at(100) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="t_end=None: RigL's cosine decay"):
+    with pytest.raises(ValueError, match="t_end=None: RigLConfig's cosine decay"):
         RigLConfig(density=0.1)
 
 
@@ -246,3 +246,92 @@ def test_t_end_beyond_the_trainer_length_is_refused(tmp_path) -> None:
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, use_cpu=True, report_to=[], save_strategy="no")
     with pytest.raises(ValueError, match=r"t_end=50 is beyond the training length \(max_steps=10\)"):
         DRTTrainer(model=model, args=args, train_dataset=_Parity(16)).train()
+
+
+def _mlp_model(config) -> tuple[DRTModel, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4))
+    model = get_drt_model(net, config)
+    return model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+
+
+def _mlp_step(model: DRTModel, optimizer: torch.optim.Optimizer, g: torch.Generator) -> None:
+    x, y = torch.randn(5, 6, generator=g), torch.randint(0, 4, (5,), generator=g)
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_snfs_momentum_and_redistribution_match_a_hand_computation() -> None:
+    from drt_peft import SNFSConfig
+    from drt_peft.masks.budgets import apportion
+
+    config = SNFSConfig(
+        density=0.3, update_frequency=3, drop_fraction=0.5, t_end=9, momentum=0.8, target_modules=["0", "2"]
+    )
+    model, optimizer = _mlp_model(config)
+    layers = [layer for _, layer in model.drt_layers()]
+    g = torch.Generator().manual_seed(7)
+    d_total = sum(layer.num_trainable for layer in layers)
+    momenta = [torch.zeros_like(layer.base_layer.weight) for layer in layers]
+    for step in range(1, 4):
+        _mlp_step(model, optimizer, g)
+        momenta = [0.8 * m + 0.2 * layer.dense_grad for m, layer in zip(momenta, layers, strict=True)]
+        if step == 3:
+            before = [(layer.drt_indices.clone(), layer.drt_values.detach().abs()) for layer in layers]
+        model.update_masks(step, optimizer)
+    fraction = config.drop_fraction_at(3)
+    kept, shares, caps, drops = [], [], [], 0
+    for (indices, magnitudes), m in zip(before, momenta, strict=True):
+        k = round(fraction * indices.numel())
+        keep = indices[magnitudes.argsort(stable=True)[k:]]
+        kept.append(keep)
+        shares.append(float(m.reshape(-1)[keep].abs().mean()))
+        caps.append(m.numel() - keep.numel())
+        drops += k
+    counts = apportion(drops, shares, caps)
+    assert sum(layer.num_trainable for layer in layers) == d_total
+    for layer, keep, grow, m in zip(layers, kept, counts, momenta, strict=True):
+        assert torch.allclose(layer.drt_momentum, m)
+        assert layer.num_trainable == keep.numel() + grow
+        grown = sorted(set(layer.drt_indices.tolist()) - set(keep.tolist()))
+        scores = m.abs().reshape(-1).clone()
+        scores[keep] = -1
+        assert grown == sorted(scores.argsort(descending=True, stable=True)[:grow].tolist())
+    assert [layer.num_trainable for layer in layers] != [indices.numel() for indices, _ in before]
+
+
+def test_dsr_threshold_adapts_and_regrowth_follows_kept_counts() -> None:
+    from drt_peft import DSRConfig
+    from drt_peft.masks.budgets import apportion
+
+    config = DSRConfig(
+        density=0.3, update_frequency=1, drop_fraction=0.2, initial_threshold=1e-9, target_modules=["0", "2"]
+    )
+    model, optimizer = _mlp_model(config)
+    layers = [layer for _, layer in model.drt_layers()]
+    g = torch.Generator().manual_seed(8)
+    start = [layer.drt_indices.clone() for layer in layers]
+    _mlp_step(model, optimizer, g)
+    logs = model.update_masks(1, optimizer)
+    assert logs["drt/moved"] == 0 and float(model.drt_dsr_threshold) == pytest.approx(2e-9)
+    assert all(torch.equal(a, layer.drt_indices) for a, layer in zip(start, layers, strict=True))
+    with torch.no_grad():
+        model.drt_dsr_threshold.fill_(0.2)
+    _mlp_step(model, optimizer, g)
+    before = [(layer.drt_indices.clone(), layer.drt_values.detach().abs()) for layer in layers]
+    d_total = sum(indices.numel() for indices, _ in before)
+    logs = model.update_masks(2, optimizer)
+    kept = [indices[magnitudes >= 0.2] for indices, magnitudes in before]
+    dropped = d_total - sum(k.numel() for k in kept)
+    assert logs["drt/moved"] == dropped > 0
+    counts = apportion(
+        dropped,
+        [k.numel() for k in kept],
+        [layer.base_layer.weight.numel() - k.numel() for layer, k in zip(layers, kept, strict=True)],
+    )
+    for layer, keep, grow in zip(layers, kept, counts, strict=True):
+        assert set(keep.tolist()) <= set(layer.drt_indices.tolist())
+        assert layer.num_trainable == keep.numel() + grow
+    expected = 0.2 * (2 if dropped < 0.9 * 0.2 * d_total else 0.5 if dropped > 1.1 * 0.2 * d_total else 1)
+    assert float(model.drt_dsr_threshold) == pytest.approx(expected)

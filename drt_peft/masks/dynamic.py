@@ -12,27 +12,37 @@ from ..layer import DRTLayer
 from .selection import top_k_mask
 
 
-def drop_and_grow(
-    layer: DRTLayer, fraction: float, grow_scores: Tensor, optimizer: torch.optim.Optimizer | None
-) -> int:
-    """Drop the round(fraction·d) trained entries of smallest |ϑ| and grow as many untrained entries
-    with the largest ``grow_scores`` (weight-shaped); d stays exact. Returns how many moved.
+def smallest_magnitudes(layer: DRTLayer, k: int) -> Tensor:
+    """Boolean mask over ψ of the ``k`` trained entries with the smallest |ϑ| (ties: lower position)."""
+    return top_k_mask(-layer.drt_values.detach().abs(), k)
+
+
+def regrow(
+    layer: DRTLayer, dropped: Tensor, grow: int, grow_scores: Tensor, optimizer: torch.optim.Optimizer | None
+) -> None:
+    """Drop the entries of ψ marked in ``dropped`` and grow ``grow`` untrained entries with the largest
+    ``grow_scores`` (weight-shaped).
 
     Ties resolve to lower positions (deterministic on every process). A just-dropped entry may be
     grown again and then starts afresh like any grown entry (value s·Θ(0) or 0, zero optimizer
     state), as in RigL.
     """
-    d = layer.num_trainable
-    k = round(fraction * d)
-    if k == 0:
-        return 0
-    dropped = top_k_mask(-layer.drt_values.detach().abs(), k)
     kept = layer.drt_indices[~dropped]
     scores = grow_scores.detach().reshape(-1).to(device=kept.device, dtype=torch.float64, copy=True)
     scores[kept] = float("-inf")
-    grown = torch.nonzero(top_k_mask(scores, k)).flatten()
+    grown = torch.nonzero(top_k_mask(scores, grow)).flatten()
     layer.update_indices(kept, optimizer)
     layer.update_indices(torch.sort(torch.cat([kept, grown])).values, optimizer)
+
+
+def drop_and_grow(
+    layer: DRTLayer, fraction: float, grow_scores: Tensor, optimizer: torch.optim.Optimizer | None
+) -> int:
+    """Drop the round(fraction·d) trained entries of smallest |ϑ| and grow as many untrained entries
+    with the largest ``grow_scores``; d stays exact. Returns how many moved."""
+    k = round(fraction * layer.num_trainable)
+    if k:
+        regrow(layer, smallest_magnitudes(layer, k), k, grow_scores, optimizer)
     return k
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,6 +56,9 @@ class IterativeConfig(DRTConfig):
 class DynamicConfig(DRTConfig):
     """Dynamic sparse training (survey §6): ψ changes every ``update_frequency`` steps, d stays exact."""
 
+    #: Whether the drop fraction decays as α/2·(1 + cos(πt/t_end)) (RigL, SNFS); then ``t_end`` is required.
+    cosine_decay: ClassVar[bool] = False
+
     update_frequency: int = field(
         default=100, metadata={"help": "Fp: steps between mask updates (updates run at step = Fp, 2·Fp, ...)."}
     )
@@ -77,6 +81,11 @@ class DynamicConfig(DRTConfig):
             raise ValueError(f"drop_fraction={self.drop_fraction!r} must satisfy 0 < drop_fraction < 1")
         if self.t_end is not None and (not isinstance(self.t_end, int) or self.t_end < 1):
             raise ValueError(f"t_end={self.t_end!r} must be a positive integer or None")
+        if self.cosine_decay and self.t_end is None:
+            raise ValueError(
+                f"t_end=None: {type(self).__name__}'s cosine decay α_t = α/2·(1 + cos(πt/t_end)) needs the last update "
+                "step (Evci et al. use 75% of the training steps)"
+            )
         if self.structure != "unstructured":
             raise ValueError(
                 f"structure={self.structure!r} is not supported by {self.method_name!r}; "
@@ -87,6 +96,12 @@ class DynamicConfig(DRTConfig):
         for _, layer in model.drt_layers():
             layer.track_exploration()
         model.expect_update_masks(self.update_frequency)
+
+    def drop_fraction_at(self, step: int) -> float:
+        """q_t: ``drop_fraction``, or with ``cosine_decay`` α/2 · (1 + cos(π t / t_end))."""
+        if not self.cosine_decay:
+            return self.drop_fraction
+        return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / self.t_end))
 
     def is_update_step(self, step: int) -> bool:
         """Whether the mask changes after optimizer step ``step``."""

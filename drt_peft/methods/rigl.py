@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,20 +32,9 @@ class RigLConfig(DynamicConfig):
     """
 
     criterion = "random"
+    cosine_decay = True
 
     budget: str = field(default="erk", metadata={"help": "As in DRTConfig; RigL keeps an ERK budget by default."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.t_end is None:
-            raise ValueError(
-                "t_end=None: RigL's cosine decay α_t = α/2·(1 + cos(πt/t_end)) needs the last update step "
-                "(Evci et al. use 75% of the training steps)"
-            )
-
-    def drop_fraction_at(self, step: int) -> float:
-        """α_t = α/2 · (1 + cos(π t / t_end))."""
-        return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / self.t_end))
 
     def on_attach(self, model: DRTModel, step: int = 0) -> None:
         super().on_attach(model, step)

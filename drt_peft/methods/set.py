@@ -41,5 +41,5 @@ class SETConfig(DynamicConfig):
         moved = 0
         for name, layer in model.drt_layers():
             scores = torch.rand(layer.weight_shape, generator=generator(self.seed, f"grow:{step}", name))
-            moved += drop_and_grow(layer, self.drop_fraction, scores, optimizer)
+            moved += drop_and_grow(layer, self.drop_fraction_at(step), scores, optimizer)
         return {"drt/moved": float(moved)}

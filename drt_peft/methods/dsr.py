@@ -1,0 +1,73 @@
+"""DSR (Mostafa & Wang 2019): a global adaptive magnitude threshold, random regrowth redistributed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..config import register_method
+from ..masks.budgets import apportion
+from ..masks.dynamic import regrow
+from ..seeding import generator
+from .base import DynamicConfig
+
+if TYPE_CHECKING:
+    from ..model import DRTModel
+
+
+@register_method("dsr")
+@dataclass
+class DSRConfig(DynamicConfig):
+    """Dynamic sparse reparameterization: every ``update_frequency`` steps, drop every trained entry with
+    |ϑ| < H, one threshold H for all layers, and regrow as many across layers in proportion to each
+    layer's kept entries, at random positions drawn from ``(seed, step, layer)``. H adapts toward
+    dropping ``drop_fraction`` of d per update: doubled when fewer than (1 − tolerance) of that
+    target were dropped, halved when more than (1 + tolerance). Total d stays exact; d per layer
+    moves (so, unlike SET and RigL, not under DDP). H is a buffer of the model (``drt_dsr_threshold``)
+    and travels in Trainer checkpoints.
+
+    Example::
+
+        config = DSRConfig(density=0.1, update_frequency=100, drop_fraction=0.2, initial_threshold=1e-3)
+        model = get_drt_model(base_model, config)
+    """
+
+    criterion = "random"
+
+    initial_threshold: float = field(default=1e-3, metadata={"help": "H at the first update, > 0."})
+    tolerance: float = field(
+        default=0.1, metadata={"help": "δ: H stays when the dropped count is within (1 ± δ)·target."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.initial_threshold, (int, float)) or self.initial_threshold <= 0:
+            raise ValueError(f"initial_threshold={self.initial_threshold!r} must be > 0")
+        if not isinstance(self.tolerance, (int, float)) or not 0 <= self.tolerance < 1:
+            raise ValueError(f"tolerance={self.tolerance!r} must satisfy 0 <= tolerance < 1")
+
+    def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        super().on_attach(model, step)
+        if not hasattr(model, "drt_dsr_threshold"):
+            model.register_buffer("drt_dsr_threshold", torch.tensor(self.initial_threshold, dtype=torch.float64))
+
+    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
+        if not self.is_update_step(step):
+            return {}
+        named = list(model.drt_layers())
+        threshold = float(model.drt_dsr_threshold)
+        dropped = [layer.drt_values.detach().abs() < threshold for _, layer in named]
+        total = sum(int(drop.sum()) for drop in dropped)
+        kept = [layer.num_trainable - int(drop.sum()) for (_, layer), drop in zip(named, dropped, strict=True)]
+        caps = [layer.base_layer.weight.numel() - k for (_, layer), k in zip(named, kept, strict=True)]
+        for (name, layer), drop, grow in zip(named, dropped, apportion(total, kept, caps), strict=True):
+            scores = torch.rand(layer.weight_shape, generator=generator(self.seed, f"grow:{step}", name))
+            regrow(layer, drop, grow, scores, optimizer)
+        target = self.drop_fraction * sum(layer.num_trainable for _, layer in named)
+        if total < (1 - self.tolerance) * target:
+            model.drt_dsr_threshold.mul_(2)
+        elif total > (1 + self.tolerance) * target:
+            model.drt_dsr_threshold.div_(2)
+        return {"drt/moved": float(total), "drt/dsr_threshold": float(model.drt_dsr_threshold)}
