@@ -124,7 +124,7 @@ class DRTLayer(nn.Module):
 
     def _product(self):
         if not self.sparse_kernels:
-            return DenseProduct(self.op, self._materialised(), self.frozen_scale)
+            return DenseProduct(self.op, self._materialised, self.frozen_scale)
         layout = self._cached(("csr", self.drt_indices.device), lambda: CSRLayout(self.op, self.drt_indices))
         return layout.bind(self.drt_values.detach())
 

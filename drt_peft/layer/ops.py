@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -238,19 +239,24 @@ def weight_op(module: nn.Module) -> WeightOp:
 
 
 class DenseProduct:
-    """The forward and input-gradient products with a dense, materialised Θ = scale · weight."""
+    """The forward and input-gradient products with a dense, materialised Θ = scale · M.
 
-    def __init__(self, op: WeightOp, weight: Tensor, scale: float = 1.0) -> None:
-        self.op, self.weight, self.scale = op, weight, scale
+    ``materialise()`` writes ϑ into M and returns it (cost ∝ d). It runs again for the input
+    gradient, so the backward never relies on a weight buffer kept from the forward: under FSDP
+    the gathered weight is freed after the forward and gathered afresh for the backward.
+    """
+
+    def __init__(self, op: WeightOp, materialise: Callable[[], Tensor], scale: float = 1.0) -> None:
+        self.op, self.materialise, self.scale = op, materialise, scale
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         if self.scale == 1.0:
-            return self.op.forward(x, self.weight, bias)
-        out = self.op.forward(x, self.weight, None) * self.scale
+            return self.op.forward(x, self.materialise(), bias)
+        out = self.op.forward(x, self.materialise(), None) * self.scale
         return out if bias is None else self.op.add_bias(out, bias)
 
     def grad_input(self, grad_out: Tensor, x: Tensor) -> Tensor:
-        grad = self.op.grad_input(grad_out, self.weight, x)
+        grad = self.op.grad_input(grad_out, self.materialise(), x)
         return grad if self.scale == 1.0 else grad * self.scale
 
 
@@ -300,8 +306,8 @@ class CSRLayout:
 class SampledWeightFunction(torch.autograd.Function):
     """y = Θ-product(x) + b with ∂L/∂ϑ = (∂L/∂Θ)[ψ] computed by SDDMM (see module docstring).
 
-    ``product`` (a :class:`DenseProduct` or :class:`CSRProduct`) holds Θ; it is not saved for
-    backward because Θ cannot change between a forward and its backward (only an optimizer step
+    ``product`` (a :class:`DenseProduct` or :class:`CSRProduct`) provides Θ; no weight tensor is
+    saved for backward (Θ cannot change between a forward and its backward: only an optimizer step
     changes ϑ, after the backward). When ``dense_sink`` is given (a layer capturing the dense
     gradient for a method that needs it, e.g. RigL at its update steps) the dense weight
     gradient is formed once, handed to ``dense_sink.accumulate_dense_grad`` and gathered at ψ.

@@ -1,0 +1,54 @@
+"""FSDP (fully_shard) over two gloo CPU processes trains the d values exactly like one process."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import random_bert_batch, tiny_bert
+from test_distributed import _free_port
+
+from drt_peft import RandomConfig, get_drt_model
+
+STEPS = 3
+
+
+def _batches(rank: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(10 + rank)
+    return [random_bert_batch(g) for _ in range(STEPS)]
+
+
+def _train(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in batches:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = get_drt_model(tiny_bert(), RandomConfig(density=0.2, modules_to_save=["classifier"]))
+    for block in model.base_model.bert.encoder.layer:
+        fully_shard(block)
+    fully_shard(model)
+    _train(model, _batches(rank))
+    values = {n: p.full_tensor().detach() for n, p in model.named_parameters() if p.requires_grad}
+    if rank == 0:
+        torch.save(values, f"{out}/fsdp.pt")
+    dist.destroy_process_group()
+
+
+def test_fsdp_sharded_training_matches_one_process(tmp_path) -> None:
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "fsdp.pt")
+    reference = get_drt_model(tiny_bert(), RandomConfig(density=0.2, modules_to_save=["classifier"]))
+    both = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(_batches(0), _batches(1), strict=True)]
+    _train(reference, both)
+    expected = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
+    assert sharded.keys() == expected.keys() and any(n.endswith("drt_values") for n in expected)
+    for name, value in expected.items():
+        assert torch.allclose(sharded[name], value, atol=1e-5), name
