@@ -1,43 +1,51 @@
-"""Two CPU processes on gloo with different data: masks stay identical on every rank after every update."""
+"""Two CPU processes on gloo under accelerate, different data per rank: masks stay identical on every
+rank after every update, and only the d values are all-reduced."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from conftest import random_bert_batch, tiny_bert
 from torch.nn.parallel import DistributedDataParallel
 
 from drt_peft import RigLConfig, SETConfig, get_drt_model
+from drt_peft.trainer import unwrap_drt_model
 
 UPDATES = 20
 
 
 def _worker(rank: int, port: int, method: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
+    # buffers (ψ) are not broadcast, so equal masks come from the methods' own determinism
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     config = (RigLConfig if method == "rigl" else SETConfig)(
         density=0.2, update_frequency=1, drop_fraction=0.3, t_end=10 * UPDATES
     )
     model = get_drt_model(tiny_bert(), config)
-    # buffers (ψ) are not broadcast, so equal masks come from the methods' own determinism
-    ddp = DistributedDataParallel(model, broadcast_buffers=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    assert isinstance(wrapped, DistributedDataParallel)
+    synced = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert synced == sum(layer.num_trainable for _, layer in model.drt_layers())  # communication ∝ d
     g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
     history = []
     for step in range(1, UPDATES + 1):
-        batch = random_bert_batch(g)
-        ddp(**batch).loss.backward()
+        accelerator.backward(wrapped(**random_bert_batch(g)).loss)
         optimizer.step()
         optimizer.zero_grad()
-        model.update_masks(step, optimizer)
+        unwrap_drt_model(wrapped).update_masks(step, optimizer)
         history.append({name: layer.drt_indices.clone() for name, layer in model.drt_layers()})
     values = {name: layer.drt_values.detach().clone() for name, layer in model.drt_layers()}
     torch.save({"history": history, "values": values}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    accelerator.end_training()
 
 
 def _free_port() -> int:
