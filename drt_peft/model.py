@@ -115,6 +115,9 @@ class DRTModel(nn.Module):
             self._originals_to_save[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
             module.requires_grad_(True)
         self.base_model = model
+        #: Kept for methods that re-score during training (FISH with ``update_frequency``).
+        self.calibration_data = calibration_data
+        self.loss_fn = loss_fn
         self._backwards_since_update = 0
         self._update_watch = None
         self.drt_config.on_attach(self)

@@ -153,3 +153,36 @@ def test_freezenet_decay_through_the_trainer_callback(tmp_path) -> None:
     )
     Trainer(model=model, args=args, train_dataset=_Parity(64), callbacks=[DRTCallback()]).train()
     assert all(layer.frozen_scale == pytest.approx(0.99**4) for _, layer in model.drt_layers())
+
+
+def test_fish_rescoring_during_training_uses_the_fisher_of_the_current_weights() -> None:
+    import copy
+
+    from drt_peft.masks import Scoring, Target, select_masks
+    from drt_peft.masks.criteria.fisher import fisher_scores, live_fisher_scores
+
+    data = _text_batches()
+    config = FISHConfig(density=0.1, num_samples=6, update_frequency=2, modules_to_save=["classifier"])
+    model = get_drt_model(tiny_bert(), config, calibration_data=data)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    named = list(model.drt_layers())
+    targets = [Target(n, layer.base_layer, layer.op) for n, layer in named]
+    d = sum(layer.num_trainable for _, layer in named)
+    model.train()
+    for step in (1, 2):
+        model(**data[step - 1]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 2:  # the Fisher update_masks(2) will use, and the plain criterion on a merged copy
+            live = live_fisher_scores(Scoring(model, targets, config, data, None, None), [la for _, la in named])
+            plain = copy.deepcopy(model).merge_and_unload()
+            plain_targets = [Target(n, plain.get_submodule(n), layer.op) for n, layer in named]
+            for a, b in zip(live, fisher_scores(Scoring(plain, plain_targets, config, data, None, None)), strict=True):
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-12)
+        logs = model.update_masks(step, optimizer)
+        assert (logs == {}) == (step == 1)
+    assert logs["drt/moved"] > 0
+    masks = model.get_masks()
+    assert sum(int(m.sum()) for m in masks.values()) == d
+    expected = select_masks(targets, config, live)
+    assert all(torch.equal(masks[n], e) for (n, _), e in zip(named, expected, strict=True))

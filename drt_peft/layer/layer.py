@@ -100,6 +100,10 @@ class DRTLayer(nn.Module):
         self._cache.clear()
         return super()._apply(fn, recurse)
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the kernel caches behind (CSR tensors cannot be copied); they rebuild."""
+        return {**self.__dict__, "_cache": {}}
+
     def _materialised(self) -> Tensor:
         """The dense M with Θ = s·M (freeze: the base weight with ϑ/s at ψ; dense prune: a zero buffer)."""
         weight = self.base_layer.weight if self.mode == "freeze" else self.drt_effective

@@ -47,11 +47,11 @@ def drop_and_grow(
 
 
 def capture_dense_gradients(layers: Iterable[DRTLayer], enabled: bool) -> None:
-    """Arm (or disarm and clear) the dense weight-gradient capture of ``layers`` for the next backwards."""
+    """Arm (or disarm) the dense weight-gradient capture of ``layers`` for the next backwards, clearing
+    what was captured so far."""
     for layer in layers:
         layer.capture_dense_grad = enabled
-        if not enabled:
-            layer.dense_grad = None
+        layer.dense_grad = None
 
 
 def all_reduce_(tensor: Tensor) -> Tensor:

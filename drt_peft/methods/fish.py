@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from ..config import register_method
+from ..masks import Scoring, Target, select_masks
+from ..masks.criteria.fisher import live_fisher_scores
 from .base import DataDrivenConfig
+
+if TYPE_CHECKING:
+    from ..model import DRTModel
 
 FISHER_LABELS = ("true", "predicted")
 
@@ -16,7 +25,9 @@ class FISHConfig(DataDrivenConfig):
     """Train the entries with the largest mean squared per-sample gradient of log p(y|x).
 
     The fine-tuning standard is 0.5% of the weights (``density=0.005``) with one global top-k
-    (the default budget here).
+    (the default budget here). With ``update_frequency`` the mask is re-computed during training
+    from the dense gradients of the current weights on the same calibration data (kept on the
+    model as ``model.calibration_data``); changing d per layer, this needs a single process.
     Each sample gets its own backward; only the running sum of squares is kept.
 
     Example::
@@ -35,6 +46,13 @@ class FISHConfig(DataDrivenConfig):
         default="true",
         metadata={"help": "y in log p(y|x): 'true' labels of the batches or the model's own 'predicted' arg-max."},
     )
+    update_frequency: int | None = field(
+        default=None,
+        metadata={
+            "help": "Re-compute the Fisher on the calibration data and re-select ψ every this many steps "
+            "(None: the mask stays fixed). Needs model.update_masks(step, optimizer) or DRTCallback."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -42,3 +60,32 @@ class FISHConfig(DataDrivenConfig):
             raise ValueError(f"num_samples={self.num_samples!r} must be a positive integer")
         if self.fisher_labels not in FISHER_LABELS:
             raise ValueError(f"fisher_labels={self.fisher_labels!r} is not supported; use one of {list(FISHER_LABELS)}")
+        if self.update_frequency is not None and (
+            not isinstance(self.update_frequency, int) or self.update_frequency < 1
+        ):
+            raise ValueError(f"update_frequency={self.update_frequency!r} must be an integer >= 1 or None")
+
+    def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        if self.update_frequency:
+            model.expect_update_masks(self.update_frequency)
+
+    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
+        """Every ``update_frequency`` steps: the Fisher of the current Θ on the calibration data, a new ψ."""
+        if not self.update_frequency or step == 0 or step % self.update_frequency:
+            return {}
+        if model.calibration_data is None:
+            raise ValueError(
+                f"FISH re-scoring at step {step} needs calibration data, and this model has none (it was loaded "
+                "from a checkpoint); set model.calibration_data (and model.loss_fn) first"
+            )
+        named = list(model.drt_layers())
+        targets = [Target(name, layer.base_layer, layer.op) for name, layer in named]
+        select = functools.partial(select_masks, targets, self)
+        scoring = Scoring(model, targets, self, model.calibration_data, model.loss_fn, select)
+        masks = select(live_fisher_scores(scoring, [layer for _, layer in named]))
+        moved = 0
+        for (_, layer), mask in zip(named, masks, strict=True):
+            indices = torch.nonzero(mask.reshape(-1)).flatten()
+            moved += int((~torch.isin(indices, layer.drt_indices)).sum())
+            layer.update_indices(indices, optimizer)
+        return {"drt/moved": float(moved)}

@@ -13,8 +13,6 @@ only (the other weights are held fixed), in eval mode.
   structures start from N/M instead of 1); round r
   scores s = |θ ⊙ g(θ ⊙ m)| with g taken on the network masked by the previous round's mask m,
   so pruned weights may return. The last round's scores select ψ.
-- FISH (Sung et al. 2021): the empirical Fisher s = mean over N samples of (∂ log p(y|x)/∂θ)²,
-  one backward per sample, squares accumulated in place.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from ..calibration import (
     eager_attention,
     mean_gradients,
     scoring_mode,
-    split_samples,
 )
 from ..rounds import prune_in_rounds
 from ..scoring import Scoring, register_criterion
@@ -102,36 +99,3 @@ def force_scores(scoring: Scoring) -> list[Tensor]:
         return [(g * o).abs() for g, o in zip(grads, originals, strict=True)]
 
     return prune_in_rounds(scoring, score_round)
-
-
-def _negative_log_likelihood(scoring: Scoring, sample: object) -> Tensor:
-    """-log p(y|x) of one sample, y the true label or (``fisher_labels="predicted"``) the model's arg-max."""
-    if scoring.config.fisher_labels == "true":
-        return batch_loss(scoring.model, sample, scoring.loss_fn)
-    if not isinstance(sample, dict):
-        raise ValueError("fisher_labels='predicted' needs dict batches passed as model(**batch)")
-    inputs = {k: v for k, v in sample.items() if k != "labels"}
-    logits = getattr(scoring.model(**inputs), "logits", None)
-    if logits is None:
-        raise ValueError("fisher_labels='predicted' needs a model output with .logits")
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -log_probs.max(dim=-1).values.sum()
-
-
-@register_criterion("fisher")
-def fisher_scores(scoring: Scoring) -> list[Tensor]:
-    """Empirical Fisher: mean over ``num_samples`` samples of the squared per-sample gradient."""
-    weights = _weights(scoring)
-    sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-    count = 0
-    with scoring_mode(scoring.model, weights):
-        for batch in calibration_batches(scoring, scoring.config.num_batches):
-            for sample in split_samples(batch):
-                grads = torch.autograd.grad(_negative_log_likelihood(scoring, sample), weights, allow_unused=True)
-                for total, grad in zip(sums, grads, strict=True):
-                    if grad is not None:
-                        total.addcmul_(grad, grad)
-                count += 1
-                if count == scoring.config.num_samples:
-                    return [s / count for s in sums]
-    return [s / count for s in sums]
