@@ -203,6 +203,11 @@ class DRTConfig:
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
 
+    @property
+    def rescores_during_training(self) -> bool:
+        """Whether the method scores ``calibration_data`` again during training (the model then keeps it)."""
+        return False
+
     def on_attach(self, model: Any, step: int = 0) -> None:
         """Called when the ``DRTModel`` is built or loaded (``step`` 0) and when training resumes at ``step``."""
 

@@ -95,10 +95,11 @@ class DRTModel(nn.Module):
                 f"target_modules are needed)"
             )
         model_config = getattr(model, "config", None)
+        name_or_path = getattr(model_config, "name_or_path", None) or None
         self.drt_config = dataclasses.replace(
             config,
             base_model_fingerprint=found,
-            base_model_name_or_path=config.base_model_name_or_path or getattr(model_config, "name_or_path", None),
+            base_model_name_or_path=config.base_model_name_or_path or name_or_path,
             revision=config.revision or getattr(model_config, "_commit_hash", None),
         )
         if indices is None:
@@ -115,8 +116,8 @@ class DRTModel(nn.Module):
             self._originals_to_save[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
             module.requires_grad_(True)
         self.base_model = model
-        #: Kept for methods that re-score during training (FISH with ``update_frequency``).
-        self.calibration_data = calibration_data
+        #: Kept only for methods that re-score during training (FISH with ``update_frequency``).
+        self.calibration_data = calibration_data if self.drt_config.rescores_during_training else None
         self.loss_fn = loss_fn
         self._backwards_since_update = 0
         self._update_watch = None

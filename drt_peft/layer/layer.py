@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import Tensor, nn
 
@@ -15,6 +18,8 @@ from .ops import (
     sddmm_dtype,
     weight_op,
 )
+
+T = TypeVar("T")
 
 #: Prune-mode Linear/Conv1D layers at or below this density run their products on CSR kernels.
 CSR_MAX_DENSITY = 0.05
@@ -45,7 +50,8 @@ class DRTLayer(nn.Module):
     In prune mode a Linear or Conv1D layer at density ≤ :data:`CSR_MAX_DENSITY` (float32/64) keeps Θ
     as CSR matrices built once per mask and runs its forward and input gradient on sparse kernels;
     other pruned layers keep a dense zero tensor holding ϑ at ψ. In every case the gradient of ϑ
-    is the weight gradient sampled at ψ, never a dense weight gradient.
+    is the weight gradient sampled at ψ; a dense weight gradient is formed only while a method
+    asks for it (:attr:`capture_dense_grad`: RigL's update steps, SNFS, FISH re-scoring).
     """
 
     def __init__(self, base_layer: nn.Module, indices: Tensor, mode: str, train_bias: bool = False) -> None:
@@ -91,7 +97,7 @@ class DRTLayer(nn.Module):
         """d: the number of trained weight entries."""
         return self.drt_indices.numel()
 
-    def _cached(self, key: tuple, build):
+    def _cached(self, key: tuple, build: Callable[[], T]) -> T:
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]

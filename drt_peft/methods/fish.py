@@ -65,6 +65,10 @@ class FISHConfig(DataDrivenConfig):
         ):
             raise ValueError(f"update_frequency={self.update_frequency!r} must be an integer >= 1 or None")
 
+    @property
+    def rescores_during_training(self) -> bool:
+        return bool(self.update_frequency)
+
     def on_attach(self, model: DRTModel, step: int = 0) -> None:
         if self.update_frequency:
             model.expect_update_masks(self.update_frequency)
