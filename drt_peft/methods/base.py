@@ -58,6 +58,11 @@ class DynamicConfig(DRTConfig):
 
     #: Whether the drop fraction decays as α/2·(1 + cos(πt/t_end)) (RigL, SNFS); then ``t_end`` is required.
     cosine_decay: ClassVar[bool] = False
+    criterion = "random"
+
+    budget: str = field(
+        default="erk", metadata={"help": "As in DRTConfig; dynamic methods start from a random ERK mask by default."}
+    )
 
     update_frequency: int = field(
         default=100, metadata={"help": "Fp: steps between mask updates (updates run at step = Fp, 2·Fp, ...)."}

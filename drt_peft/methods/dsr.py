@@ -34,8 +34,6 @@ class DSRConfig(DynamicConfig):
         model = get_drt_model(base_model, config)
     """
 
-    criterion = "random"
-
     initial_threshold: float = field(default=1e-3, metadata={"help": "H at the first update, > 0."})
     tolerance: float = field(
         default=0.1, metadata={"help": "δ: H stays when the dropped count is within (1 ± δ)·target."}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import register_method
@@ -31,10 +31,7 @@ class RigLConfig(DynamicConfig):
         model = get_drt_model(base_model, config)
     """
 
-    criterion = "random"
     cosine_decay = True
-
-    budget: str = field(default="erk", metadata={"help": "As in DRTConfig; RigL keeps an ERK budget by default."})
 
     def on_attach(self, model: DRTModel, step: int = 0) -> None:
         super().on_attach(model, step)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,10 +30,6 @@ class SETConfig(DynamicConfig):
         config = SETConfig(density=0.05, update_frequency=100, drop_fraction=0.3, mode="prune")
         model = get_drt_model(base_model, config)
     """
-
-    criterion = "random"
-
-    budget: str = field(default="erk", metadata={"help": "As in DRTConfig; SET keeps an ERK budget by default."})
 
     def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
         if not self.is_update_step(step):

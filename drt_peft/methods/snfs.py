@@ -36,10 +36,8 @@ class SNFSConfig(DynamicConfig):
         model = get_drt_model(base_model, config)
     """
 
-    criterion = "random"
     cosine_decay = True
 
-    budget: str = field(default="erk", metadata={"help": "As in DRTConfig; the starting budget (ERK)."})
     momentum: float = field(default=0.9, metadata={"help": "β of the dense-gradient momentum, 0 <= β < 1."})
 
     def __post_init__(self) -> None:
