@@ -33,7 +33,7 @@ CONFIGS = {
     "magnitude-erk-bias": MagnitudeConfig(density=0.05, budget="erk", bias="all", modules_to_save=["classifier"]),
     "magnitude-rows-seeded": MagnitudeConfig(density=0.2, structure="rows", base_init="seeded", seed=7),
     "random-2:4": RandomConfig(density=0.5, structure="2:4", mode="prune"),
-    "magnitude-prune-sparse-kernels": MagnitudeConfig(density=0.03, mode="prune", bias="all"),
+    "magnitude-prune-sparse-kernels": MagnitudeConfig(density=0.02, mode="prune", bias="all"),
 }
 
 

@@ -22,7 +22,7 @@ from .ops import (
 T = TypeVar("T")
 
 #: Prune-mode Linear/Conv1D layers at or below this density run their products on CSR kernels.
-CSR_MAX_DENSITY = 0.05
+CSR_MAX_DENSITY = 0.03
 
 
 def _checked_indices(indices: Tensor, weight: Tensor) -> Tensor:
