@@ -65,3 +65,20 @@ def test_masks_identical_across_two_ranks(method: str, tmp_path) -> None:
     assert any(not torch.equal(a["history"][0][n], a["history"][-1][n]) for n in a["history"][0])
     for name in a["values"]:
         assert torch.allclose(a["values"][name], b["values"][name], atol=1e-6), name
+
+
+def _redistributing_worker(rank: int, port: int) -> None:
+    from drt_peft import DSRConfig
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    model = get_drt_model(tiny_bert(), DSRConfig(density=0.2, update_frequency=1))
+    try:
+        model.update_masks(1, None)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_redistributing_methods_refuse_several_processes() -> None:
+    with pytest.raises(mp.ProcessRaisedException, match="DSRConfig moves trained entries between layers"):
+        mp.spawn(_redistributing_worker, args=(_free_port(),), nprocs=2, join=True)

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch.distributed as dist
+
 from ..config import DRTConfig
 
 SCHEDULES = ("exponential", "linear")
@@ -107,6 +109,14 @@ class DynamicConfig(DRTConfig):
         if not self.cosine_decay:
             return self.drop_fraction
         return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / self.t_end))
+
+    def require_single_process(self) -> None:
+        """Refuse to run across processes: for methods that move d between layers (SNFS, DSR)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                f"{type(self).__name__} moves trained entries between layers, which changes parameter sizes that "
+                "DDP and FSDP fix when they wrap the model; run it in one process, or use SETConfig / RigLConfig"
+            )
 
     def is_update_step(self, step: int) -> bool:
         """Whether the mask changes after optimizer step ``step``."""

@@ -54,6 +54,7 @@ class DSRConfig(DynamicConfig):
     def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
         if not self.is_update_step(step):
             return {}
+        self.require_single_process()
         named = list(model.drt_layers())
         threshold = float(model.drt_dsr_threshold)
         dropped = [layer.drt_values.detach().abs() < threshold for _, layer in named]

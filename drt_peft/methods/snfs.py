@@ -61,6 +61,7 @@ class SNFSConfig(DynamicConfig):
             layer.dense_grad = None
         if not self.is_update_step(step):
             return {}
+        self.require_single_process()
         fraction = self.drop_fraction_at(step)
         dropped = [smallest_magnitudes(layer, round(fraction * layer.num_trainable)) for layer in layers]
         kept = [layer.drt_indices[~drop] for layer, drop in zip(layers, dropped, strict=True)]
