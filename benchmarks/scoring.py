@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import torch
+from _report import command, write_report
 
 METHODS = {
     "random": {},
@@ -137,7 +138,7 @@ def main() -> None:
         return
     rows = []
     for method in METHODS:
-        command = [
+        argv = [
             sys.executable,
             __file__,
             "--one",
@@ -150,14 +151,14 @@ def main() -> None:
             str(args.density),
         ]
         if args.quick:
-            command.append("--quick")
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+            argv.append("--quick")
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"{method} failed:\n{result.stderr[-3000:]}")
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     report = {
-        "command": " ".join(["python", "benchmarks/scoring.py", *sys.argv[1:]]),
+        "command": command("scoring.py"),
         "machine": {
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -171,12 +172,7 @@ def main() -> None:
         },
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as handle:
-        json.dump(report, handle, indent=2)
-    with open(args.out + ".md", "w") as handle:
-        handle.write(_markdown(report))
-    print(_markdown(report))
+    write_report(args.out, report, _markdown)
 
 
 def _markdown(report: dict) -> str:

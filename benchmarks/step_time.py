@@ -12,17 +12,16 @@ time is reported. Writes JSON and a markdown table:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from _report import command, write_report
 from transformers import BertConfig, BertForSequenceClassification
 
 from drt_peft import MagnitudeConfig, RandomConfig, get_drt_model
@@ -150,7 +149,7 @@ def main() -> None:
             }
         )
     result = {
-        "command": " ".join(["python", "benchmarks/step_time.py", *sys.argv[1:]]),
+        "command": command("step_time.py"),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
@@ -173,12 +172,7 @@ def main() -> None:
         },
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as handle:
-        json.dump(result, handle, indent=2)
-    with open(args.out + ".md", "w") as handle:
-        handle.write(_markdown(result))
-    print(_markdown(result))
+    write_report(args.out, result, _markdown)
 
 
 def _markdown(result: dict) -> str:

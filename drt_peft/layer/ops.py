@@ -264,7 +264,7 @@ class CSRProduct:
     """The same products with a pruned Θ as CSR matrices of M (Θ viewed ``[out, fan_in]``) and Mᵀ.
 
     y = (M xᵀ)ᵀ + b and ∂L/∂x = (Mᵀ gyᵀ)ᵀ run on CPU sparse kernels, which beat dense products
-    below about 3% density for BERT-base shapes (``benchmarks/kernels.py``).
+    below about 3% density for BERT-base shapes (``benchmarks/layer_kernels.py``).
     """
 
     def __init__(self, m: Tensor, mt: Tensor) -> None:

@@ -9,23 +9,22 @@ A Linear 768 → 3072 (BERT-base's FFN) on 2,048 tokens. For each density and th
 
 Writes JSON, a markdown table with the crossover densities and a PNG plot:
 
-    python benchmarks/kernels.py            # about 3 minutes on 2 cores
-    python benchmarks/kernels.py --quick    # a small layer, to check the harness
+    python benchmarks/layer_kernels.py            # about 3 minutes on 2 cores
+    python benchmarks/layer_kernels.py --quick    # a small layer, to check the harness
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 
 import torch
+from _report import command, write_report
 from torch import nn
 
 from drt_peft import DRTLayer
@@ -103,25 +102,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--out", default="docs/benchmarks/kernels")
+    parser.add_argument("--out", default="docs/benchmarks/layer_kernels")
     args = parser.parse_args()
     fan_in, fan_out, tokens = (768, 3072, 2048) if not args.quick else (64, 128, 64)
     if args.quick:
-        args.repeats, args.out = 2, os.path.join(tempfile.gettempdir(), "drt_kernels_quick")
+        args.repeats, args.out = 2, os.path.join(tempfile.gettempdir(), "drt_layer_kernels_quick")
     rows = [row for threads in (1, 2) for row in measure(fan_in, fan_out, tokens, threads, args.repeats)]
     report = {
-        "command": " ".join(["python", "benchmarks/kernels.py", *sys.argv[1:]]),
+        "command": command("layer_kernels.py"),
         "machine": {"cpu": platform.machine(), "torch": torch.__version__, "csr_max_density": CSR_MAX_DENSITY},
         "shape": {"fan_in": fan_in, "fan_out": fan_out, "tokens": tokens},
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as handle:
-        json.dump(report, handle, indent=2)
-    with open(args.out + ".md", "w") as handle:
-        handle.write(_markdown(report))
+    write_report(args.out, report, _markdown)
     _plot(report, args.out + ".png")
-    print(_markdown(report))
 
 
 def _markdown(report: dict) -> str:
