@@ -67,11 +67,10 @@ def test_masks_identical_across_two_ranks(method: str, tmp_path) -> None:
         assert torch.allclose(a["values"][name], b["values"][name], atol=1e-6), name
 
 
-def _redistributing_worker(rank: int, port: int) -> None:
+def _redistributing_worker(rank: int, folder: str) -> None:
     from drt_peft import DSRConfig
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     model = get_drt_model(tiny_bert(), DSRConfig(density=0.2, update_frequency=1))
     try:
         model.update_masks(1, None)
@@ -79,6 +78,6 @@ def _redistributing_worker(rank: int, port: int) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_redistributing_methods_refuse_several_processes() -> None:
+def test_redistributing_methods_refuse_several_processes(tmp_path) -> None:
     with pytest.raises(mp.ProcessRaisedException, match="DSRConfig moves trained entries between layers"):
-        mp.spawn(_redistributing_worker, args=(_free_port(),), nprocs=2, join=True)
+        mp.spawn(_redistributing_worker, args=(str(tmp_path),), nprocs=2, join=True)
