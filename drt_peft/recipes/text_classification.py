@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +33,15 @@ def batches(data: dict[str, Tensor], batch_size: int, seed: int) -> Iterator[dic
         epoch += 1
 
 
+@dataclass
+class TrainResult:
+    """What a training run leaves: its optimizer, the loss and the wall time of every step."""
+
+    optimizer: torch.optim.Optimizer
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+
+
 def train(
     model: nn.Module,
     data: dict[str, Tensor],
@@ -42,29 +53,39 @@ def train(
     weight_decay: float = 0.0,
     seed: int = 0,
     progress: bool = True,
-) -> tuple[torch.optim.Optimizer, list[float]]:
-    """Train the parameters that require grad for ``steps`` steps; returns the optimizer and losses."""
+) -> TrainResult:
+    """Train the parameters that require grad for ``steps`` steps with AdamW.
+
+    A :class:`~drt_peft.DRTModel` gets ``update_masks(step, optimizer)`` after every optimizer
+    step, so dynamic methods (SET, RigL, ...) move their masks.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warm = max(1, round(warmup * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
     )
+    update_masks = getattr(model, "update_masks", None)
+    result = TrainResult(optimizer)
+    losses = result.losses
     model.train()
-    losses = []
     bar = tqdm(total=steps, desc="training", disable=not progress, unit="step")
-    for _, batch in zip(range(steps), batches(data, batch_size, seed), strict=False):
+    for step, batch in zip(range(1, steps + 1), batches(data, batch_size, seed), strict=False):
+        start = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if update_masks is not None:
+            update_masks(step, optimizer)
+        result.step_seconds.append(time.perf_counter() - start)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         bar.update()
     bar.close()
     model.eval()
-    return optimizer, losses
+    return result
 
 
 @torch.no_grad()
