@@ -17,7 +17,12 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from .layer import DRTLayer
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -89,6 +94,8 @@ class DRTConfig:
     criterion: ClassVar[str] = ""
     #: True when ψ is a function of the seed and the layer shapes alone, so checkpoints omit indices.
     indices_from_seed: ClassVar[bool] = False
+    #: True when ϑ is never trained away from Θ(0) at ψ (supermasks), so checkpoints omit the values.
+    values_from_base: ClassVar[bool] = False
 
     density: float | None = field(
         default=None,
@@ -207,6 +214,16 @@ class DRTConfig:
     def rescores_during_training(self) -> bool:
         """Whether the method scores ``calibration_data`` again during training (the model then keeps it)."""
         return False
+
+    def build_layer(self, module: nn.Module, indices: Tensor) -> DRTLayer:
+        """The layer that embeds ``module`` with trained entries ψ = ``indices``.
+
+        Methods whose embedding adds to Θ = ψ·ϑ + χ·Θ(0) (a fixed transform, learned scores)
+        return a :class:`~drt_peft.DRTLayer` subclass here.
+        """
+        from .layer import DRTLayer
+
+        return DRTLayer(module, indices, self.mode, self.bias == "all")
 
     def on_attach(self, model: Any, step: int = 0) -> None:
         """Called when the ``DRTModel`` is built or loaded (``step`` 0) and when training resumes at ``step``."""

@@ -109,7 +109,7 @@ class DRTModel(nn.Module):
         for param in model.parameters():
             param.requires_grad_(False)
         for target, idx in zip(targets, indices, strict=True):
-            _set_submodule(model, target.name, DRTLayer(target.module, idx, config.mode, config.bias == "all"))
+            _set_submodule(model, target.name, config.build_layer(target.module, idx))
         self._originals_to_save = {}
         for name in save_names:
             module = model.get_submodule(name)

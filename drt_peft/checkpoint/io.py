@@ -112,9 +112,13 @@ def save_adapter(model: DRTModel, save_directory: str | os.PathLike, is_main_pro
     config = model.drt_config
     layers = list(model.drt_layers())
     tensors: dict[str, torch.Tensor] = {
-        "drt_values": torch.cat([layer.drt_values.detach().reshape(-1).cpu() for _, layer in layers]),
         "drt_counts": torch.tensor([layer.num_trainable for _, layer in layers], dtype=torch.int64),
     }
+    if not config.values_from_base:
+        tensors["drt_values"] = torch.cat([layer.drt_values.detach().reshape(-1).cpu() for _, layer in layers])
+    for i, (_, layer) in enumerate(layers):
+        for key, value in layer.adapter_tensors().items():
+            tensors[f"drt_layer.{i}.{key}"] = value.detach().cpu().contiguous()
     if not config.indices_from_seed:
         codes, blobs = [], []
         for _, layer in layers:
@@ -218,9 +222,15 @@ def load_adapter(
             "the random number generator or criterion changed since it was saved"
         )
     with torch.no_grad():
-        values = tensors["drt_values"].split(tensors["drt_counts"].tolist())
-        for (_, layer), value in zip(layers, values, strict=True):
-            layer.drt_values.copy_(value.to(layer.drt_values.dtype))
+        if "drt_values" in tensors:
+            values = tensors["drt_values"].split(tensors["drt_counts"].tolist())
+            for (_, layer), value in zip(layers, values, strict=True):
+                layer.drt_values.copy_(value.to(layer.drt_values.dtype))
+        elif not config.values_from_base:
+            raise ValueError(f"{file} holds no drt_values, but {config.method_name} adapters store them")
+        for i, (_, layer) in enumerate(layers):
+            prefix = f"drt_layer.{i}."
+            layer.load_adapter_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         if "drt_frozen_scales" in tensors:
             for (_, layer), scale in zip(layers, tensors["drt_frozen_scales"].tolist(), strict=True):
                 layer.frozen_scale = scale

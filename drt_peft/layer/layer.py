@@ -162,6 +162,15 @@ class DRTLayer(nn.Module):
     def set_extra_state(self, state: Tensor) -> None:
         self.frozen_scale = float(state)
 
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        """Tensors beyond ψ and ϑ that a subclass stores in the adapter file (none here)."""
+        return {}
+
+    def load_adapter_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what :meth:`adapter_tensors` returned when the adapter was saved."""
+        if tensors:
+            raise ValueError(f"{type(self).__name__} stores no extra adapter tensors, got {sorted(tensors)}")
+
     def update_indices(self, indices: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Move ψ to ``indices`` (sorted, unique; any size) in place, keeping the same ``drt_values`` Parameter.
 
