@@ -6,20 +6,27 @@ by Wimmer, Mehnert and Condurache behind one PEFT-style API.
 
 from .config import DRTConfig, available_methods
 from .layer import DRTLayer
+from .lottery import find_lottery_ticket
 from .methods import (
+    DCTSparseConfig,
     DSRConfig,
     FISHConfig,
+    FixedClassifierConfig,
     FORCEConfig,
     FreezeNetConfig,
     GraSPAbsConfig,
     GraSPConfig,
+    IntrinsicDimensionConfig,
+    LotteryTicketConfig,
     LubanaDickConfig,
     MagnitudeConfig,
+    NormBiasConfig,
     RandomConfig,
     RigLConfig,
     SETConfig,
     SNFSConfig,
     SNIPConfig,
+    SupermaskConfig,
     SynFlowConfig,
 )
 from .model import DRTModel, get_drt_model
@@ -28,6 +35,7 @@ from .trainer import DRTCallback, DRTTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "DCTSparseConfig",
     "DRTCallback",
     "DRTConfig",
     "DRTLayer",
@@ -36,17 +44,23 @@ __all__ = [
     "DSRConfig",
     "FISHConfig",
     "FORCEConfig",
+    "FixedClassifierConfig",
     "FreezeNetConfig",
     "GraSPAbsConfig",
     "GraSPConfig",
+    "IntrinsicDimensionConfig",
+    "LotteryTicketConfig",
     "LubanaDickConfig",
     "MagnitudeConfig",
+    "NormBiasConfig",
     "RandomConfig",
     "RigLConfig",
     "SETConfig",
     "SNFSConfig",
     "SNIPConfig",
+    "SupermaskConfig",
     "SynFlowConfig",
     "available_methods",
+    "find_lottery_ticket",
     "get_drt_model",
 ]

@@ -96,6 +96,9 @@ class DRTConfig:
     indices_from_seed: ClassVar[bool] = False
     #: True when ϑ is never trained away from Θ(0) at ψ (supermasks), so checkpoints omit the values.
     values_from_base: ClassVar[bool] = False
+    #: False when the method itself fixes what trains (norm/bias-only, fixed classifier): ``density``
+    #: and ``num_trainable`` then have no meaning and must stay unset.
+    sized_by_density: ClassVar[bool] = True
 
     density: float | None = field(
         default=None,
@@ -174,7 +177,13 @@ class DRTConfig:
     def __post_init__(self) -> None:
         if type(self) is DRTConfig or not self.method_name:
             raise TypeError(f"DRTConfig is abstract; use a method config: {available_methods()}")
-        if (self.density is None) == (self.num_trainable is None):
+        if not self.sized_by_density:
+            if self.density is not None or self.num_trainable is not None:
+                raise ValueError(
+                    f"density={self.density!r}, num_trainable={self.num_trainable!r}: {self.method_name!r} decides "
+                    "itself what trains, so neither applies; leave both unset (None)"
+                )
+        elif (self.density is None) == (self.num_trainable is None):
             raise ValueError(
                 f"set exactly one of density and num_trainable (got density={self.density!r}, "
                 f"num_trainable={self.num_trainable!r})"
@@ -224,6 +233,16 @@ class DRTConfig:
         from .layer import DRTLayer
 
         return DRTLayer(module, indices, self.mode, self.bias == "all")
+
+    def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
+        """The ``modules_to_save`` entries for ``model``, resolved when the ``DRTModel`` is built or loaded.
+
+        The field itself by default. Methods that train whole modules of their own choosing (the
+        normalisation layers of ``NormBiasConfig``) add their full names here once they see the model;
+        these are then trained in full, stored in the adapter and restored by ``unload()`` like any
+        ``modules_to_save``.
+        """
+        return self.modules_to_save
 
     def on_attach(self, model: Any, step: int = 0) -> None:
         """Called when the ``DRTModel`` is built or loaded (``step`` 0) and when training resumes at ``step``."""

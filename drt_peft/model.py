@@ -78,7 +78,7 @@ class DRTModel(nn.Module):
         if isinstance(model, DRTModel):
             raise TypeError("model is already a DRTModel; call unload() or merge_and_unload() first")
         modules = dict(model.named_modules())
-        save_names = find_modules_to_save(model, config.modules_to_save)
+        save_names = find_modules_to_save(model, config.modules_to_save_for(model))
         targets = [
             Target(name, modules[name], weight_op(modules[name]))
             for name in find_targets(model, config.target_modules, exclude=save_names)
@@ -102,7 +102,10 @@ class DRTModel(nn.Module):
             base_model_name_or_path=config.base_model_name_or_path or name_or_path,
             revision=config.revision or getattr(model_config, "_commit_hash", None),
         )
-        if indices is None:
+        if indices is None and not config.criterion:
+            # A method without a criterion selects no entries: its layers replace ψ (e.g. by a projection).
+            indices = [torch.empty(0, dtype=torch.int64) for _ in targets]
+        elif indices is None:
             indices = compute_indices(model, targets, self.drt_config, calibration_data, loss_fn)
         elif len(indices) != len(targets):
             raise ValueError(f"the adapter has {len(indices)} layers but target_modules selects {len(targets)} here")

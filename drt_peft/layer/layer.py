@@ -51,7 +51,10 @@ class DRTLayer(nn.Module):
     as CSR matrices built once per mask and runs its forward and input gradient on sparse kernels;
     other pruned layers keep a dense zero tensor holding ϑ at ψ. In every case the gradient of ϑ
     is the weight gradient sampled at ψ; a dense weight gradient is formed only while a method
-    asks for it (:attr:`capture_dense_grad`: RigL's update steps, SNFS, FISH re-scoring).
+    asks for it (:attr:`capture_dense_grad`: RigL's update steps, SNFS, FISH re-scoring). A layer
+    with no trained entry (d = 0, e.g. norm/bias-only training) runs the plain product under
+    autograd: input and bias gradients only, no sampled product. With ``train_bias`` the base bias
+    is kept aside (``drt_base_bias``) so :meth:`unload` restores it too.
     """
 
     def __init__(self, base_layer: nn.Module, indices: Tensor, mode: str, train_bias: bool = False) -> None:
@@ -66,6 +69,8 @@ class DRTLayer(nn.Module):
         weight.requires_grad_(False)
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(train_bias)
+            if train_bias:  # the base bias, so that :meth:`unload` restores it after training
+                self.register_buffer("drt_base_bias", base_layer.bias.detach().clone(), persistent=False)
         indices = _checked_indices(indices, weight)
         self.register_buffer("drt_indices", indices)
         initial = weight.detach().reshape(-1)[indices].clone()
@@ -250,6 +255,10 @@ class DRTLayer(nn.Module):
         dtype = self.base_layer.weight.dtype
         if x.dtype != dtype:
             x = x.to(dtype)
+        if not self.drt_indices.numel() and not self.capture_dense_grad:
+            # No trained entry: autograd of the plain product yields the input and bias gradients and,
+            # since the weight does not require grad, no weight gradient and no sampled product.
+            return product.forward(x, bias)
         sink = self if self.capture_dense_grad else None
         return SampledWeightFunction.apply(x, self.drt_values, bias, product, self.op, self._pattern(dtype), sink)
 
@@ -266,10 +275,12 @@ class DRTLayer(nn.Module):
         return self.base_layer
 
     def unload(self) -> nn.Module:
-        """The base module with its original weight Θ(0) (the trained values dropped)."""
-        if self.mode == "freeze":
-            with torch.no_grad():
+        """The base module with its original weight Θ(0) and bias (the trained values and bias dropped)."""
+        with torch.no_grad():
+            if self.mode == "freeze":
                 self.base_layer.weight.view(-1).index_copy_(0, self.drt_indices, self.drt_base_values)
+            if hasattr(self, "drt_base_bias"):
+                self.base_layer.bias.copy_(self.drt_base_bias)
         return self.base_layer
 
     def extra_repr(self) -> str:

@@ -1,33 +1,45 @@
 """One short file per method: a registered config naming its criterion (and, for methods with a
 per-step policy, its ``on_step``)."""
 
+from .dct_sparse import DCTSparseConfig
 from .dsr import DSRConfig
 from .fish import FISHConfig
+from .fixed_classifier import FixedClassifierConfig
 from .force import FORCEConfig
 from .freezenet import FreezeNetConfig
 from .grasp import GraSPAbsConfig, GraSPConfig
+from .intrinsic_dimension import IntrinsicDimensionConfig
+from .lottery_ticket import LotteryTicketConfig
 from .lubana_dick import LubanaDickConfig
 from .magnitude import MagnitudeConfig
+from .norm_bias import NormBiasConfig
 from .random import RandomConfig
 from .rigl import RigLConfig
 from .set import SETConfig
 from .snfs import SNFSConfig
 from .snip import SNIPConfig
+from .supermask import SupermaskConfig
 from .synflow import SynFlowConfig
 
 __all__ = [
+    "DCTSparseConfig",
     "DSRConfig",
     "FISHConfig",
     "FORCEConfig",
+    "FixedClassifierConfig",
     "FreezeNetConfig",
     "GraSPAbsConfig",
     "GraSPConfig",
+    "IntrinsicDimensionConfig",
+    "LotteryTicketConfig",
     "LubanaDickConfig",
     "MagnitudeConfig",
+    "NormBiasConfig",
     "RandomConfig",
     "RigLConfig",
     "SETConfig",
     "SNFSConfig",
     "SNIPConfig",
+    "SupermaskConfig",
     "SynFlowConfig",
 ]

@@ -1,0 +1,105 @@
+"""Lottery tickets (Frankle & Carbin 2019): iterative magnitude pruning with reset or late rewinding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..config import DRTConfig, register_method
+
+if TYPE_CHECKING:
+    from ..model import DRTModel
+
+
+@register_method("lottery_ticket")
+@dataclass
+class LotteryTicketConfig(DRTConfig):
+    """Iterative magnitude pruning (IMP) towards a winning ticket, driven by :func:`drt_peft.find_lottery_ticket`.
+
+    Each round trains the current sub-network, then keeps the ``1 − prune_fraction`` largest
+    trained weights |ϑ| among the survivors (over all layers with ``budget="global"``, per layer
+    with ``"uniform"``) and resets them to Θ(0), or with ``rewind_step = k`` to Θ(k), their value
+    after k steps of the first, dense training (late rewinding, Frankle et al. 2020). Reaching
+    density ``density`` = 1 − p takes ⌈log(1 − p) / log(1 − prune_fraction)⌉ rounds (survey eq. 18:
+    p = 0.9 and a fraction 0.2 give 11 rounds, 12 trainings with the dense one); ``one_shot`` prunes
+    to the target after the dense training (2 trainings). ``layer_adaptive`` ranks by LAMP scores
+    (Lee et al. 2021) instead of raw magnitudes.
+
+    Attached directly with ``get_drt_model``, the config prunes the given (trained) model's weights
+    by magnitude to ``density`` in one shot.
+
+    Example::
+
+        config = LotteryTicketConfig(density=0.1, rewind_step=500, target_modules="all-linear")
+        ticket = find_lottery_ticket(model, config, train_fn=my_training, output_dir="imp")
+        ticket.save_pretrained("ticket")
+    """
+
+    mode: str = field(default="prune", metadata={"help": "As in DRTConfig; tickets are pruned networks."})
+    budget: str = field(
+        default="global", metadata={"help": "'global': one magnitude threshold over all layers; 'uniform': per layer."}
+    )
+    prune_fraction: float = field(
+        default=0.2, metadata={"help": "Fraction p0 of the remaining weights pruned after each round, 0 < p0 < 1."}
+    )
+    rewind_step: int = field(
+        default=0,
+        metadata={
+            "help": "0 resets survivors to Θ(0); k > 0 rewinds them to Θ(k), their value after optimizer step k "
+            "of the dense training (needs model.update_masks(step, optimizer) or DRTCallback during it)."
+        },
+    )
+    one_shot: bool = field(default=False, metadata={"help": "Prune to `density` in one round after the dense run."})
+    layer_adaptive: bool = field(
+        default=False, metadata={"help": "Rank by LAMP scores (Lee et al. 2021) instead of raw magnitudes."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.density is None:
+            raise ValueError(
+                f"{type(self).__name__} needs density (the ticket's final density), not num_trainable="
+                f"{self.num_trainable}"
+            )
+        if not isinstance(self.prune_fraction, (int, float)) or not 0 < self.prune_fraction < 1:
+            raise ValueError(f"prune_fraction={self.prune_fraction!r} must satisfy 0 < prune_fraction < 1")
+        if not isinstance(self.rewind_step, int) or isinstance(self.rewind_step, bool) or self.rewind_step < 0:
+            raise ValueError(f"rewind_step={self.rewind_step!r} must be an integer >= 0 (0 resets to Θ(0))")
+        if self.budget not in ("global", "uniform"):
+            raise ValueError(f"budget={self.budget!r} is not supported for lottery tickets; use 'global' or 'uniform'")
+        if self.structure != "unstructured":
+            raise ValueError(f"structure={self.structure!r}: lottery tickets are unstructured")
+
+    @property
+    def criterion(self) -> str:  # type: ignore[override]
+        return "lamp" if self.layer_adaptive else "magnitude"
+
+    @property
+    def num_rounds(self) -> int:
+        """Pruning rounds to reach ``density`` (survey eq. 18); the search trains ``num_rounds + 1`` times."""
+        if self.one_shot or self.density >= 1:
+            return 1
+        return max(1, math.ceil(math.log(self.density) / math.log(1 - self.prune_fraction) - 1e-9))
+
+    def round_densities(self) -> list[float]:
+        """The density trained in each round: 1 (dense), (1 − p0), (1 − p0)², …, ending at ``density``."""
+        steps = [(1 - self.prune_fraction) ** r for r in range(1, self.num_rounds)]
+        return [1.0, *[max(d, self.density) for d in steps], self.density]
+
+    def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        if self.rewind_step and model.drt_config.density == 1.0:
+            model.expect_update_masks(self.rewind_step)
+
+    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
+        """In the dense round, keep Θ(k) (every targeted weight and ``modules_to_save``) at step k."""
+        if step == self.rewind_step and self.rewind_step and model.drt_config.density == 1.0:
+            with torch.no_grad():
+                snapshot = {f"drt.{name}": layer.drt_values.detach().clone() for name, layer in model.drt_layers()}
+                for name in model.modules_to_save:
+                    for key, value in model.base_model.get_submodule(name).state_dict().items():
+                        snapshot[f"save.{name}.{key}"] = value.detach().clone()
+            model.lottery_rewind = snapshot
+        return {}

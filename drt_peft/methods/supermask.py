@@ -1,0 +1,101 @@
+"""Supermask / edge-popup (Ramanujan et al. 2020): weights frozen at Θ(0), a trained score picks the kept ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..config import DRTConfig, _choice, register_method
+from ..layer.supermask import VARIANTS, SupermaskLayer
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from ..model import DRTModel
+
+
+@register_method("supermask")
+@dataclass
+class SupermaskConfig(DRTConfig):
+    """Train a mask, not the weights: Θ = Θ(0) ⊙ m(s) with a trainable score s per weight.
+
+    The weights stay at their seeded initialisation Θ(0) (``base_init="seeded"``, regenerated from
+    ``seed``; ``"pretrained"`` searches a subnetwork of the base instead). The forward uses the
+    mask m(s) of each layer's top-k scores, k = density·D per layer (``budget`` "uniform" or
+    "erk"), and the backward is straight-through, ∂L/∂s = ∂L/∂W_eff ⊙ Θ(0) (Ramanujan et al.
+    2020, *What's Hidden in a Randomly Weighted Neural Network?*). In the survey's embedding
+    (METHODS.md §6) ψ is the mask, ϑ = Θ(0)[ψ] is never trained, and χ·Θ(0) is zero (prune mode).
+
+    ``variant``: ``"top_k"`` (edge-popup); ``"signed"`` keeps the top-k of |s| and multiplies the
+    kept weights by sign(s), so a weight can be kept, hidden or inverted (Koster et al. 2022,
+    *Signing the Supermask: Keep, Hide, Invert*); ``"bernoulli"`` samples m ~ Bernoulli(sigmoid(s))
+    in training (seeded draws, straight-through to sigmoid(s)) and uses the deterministic mask
+    sigmoid(s) > 0.5 in evaluation (Zhou et al. 2019, *Deconstructing Lottery Tickets*). Its d is
+    not fixed: ``density`` is only the initial keep probability, and ``model.drt_statistics()``
+    reports the realised density.
+
+    Costs: the scores are D-sized and they are what trains, so the optimizer state is D-sized by
+    nature, and each training step forms a dense weight gradient. ``num_trainable`` of a layer
+    (and the model card, ``drt_statistics``) reports d, the kept weights. The checkpoint is the
+    seed plus the mask (ψ in its smallest encoding; ``"signed"`` adds 1 bit per kept weight) and
+    holds no weight values. The scores are not saved with the adapter: loading gives the trained
+    model's mask, and resuming score training needs a Trainer checkpoint (its state dict holds them).
+
+    Example::
+
+        config = SupermaskConfig(density=0.5, variant="top_k", seed=0, modules_to_save=["classifier"])
+        model = get_drt_model(base_model, config)       # Θ(0) re-drawn from the seed, scores trainable
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+        # ... train ..., then model.save_pretrained("supermask")  # seed + mask, no weight values
+        model = DRTModel.from_pretrained(fresh_base_model, "supermask")
+    """
+
+    # Only fixes each layer's count k; the mask itself is the top-k of the scores.
+    criterion = "random"
+    values_from_base = True
+
+    mode: str = field(
+        default="prune",
+        metadata={"help": "Must be 'prune': weights outside the mask are zero (Θ = Θ(0) ⊙ m)."},
+    )
+    base_init: str = field(
+        default="seeded",
+        metadata={
+            "help": "Θ(0): 'seeded' (default) re-draws the targeted weights from `seed`, so the adapter needs no "
+            "weight values; 'pretrained' searches a mask over the base model's own weights."
+        },
+    )
+    variant: str = field(
+        default="top_k",
+        metadata={
+            "help": "'top_k': keep the top-k scores (edge-popup); 'signed': keep the top-k |s| multiplied by sign(s) "
+            "(keep, hide or invert); 'bernoulli': train with masks sampled from Bernoulli(sigmoid(s)), evaluate "
+            "with sigmoid(s) > 0.5 (d not fixed; density is the initial keep probability)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("variant", self.variant, VARIANTS)
+        if self.mode != "prune":
+            raise ValueError(
+                f"mode={self.mode!r} is not supported by 'supermask'; use 'prune' (weights outside the mask are zero)"
+            )
+        if self.budget not in ("uniform", "erk"):
+            raise ValueError(
+                f"budget={self.budget!r} is not supported by 'supermask'; use 'uniform' or 'erk' "
+                "(each layer keeps a fixed number k of weights)"
+            )
+        if self.structure != "unstructured":
+            raise ValueError(
+                f"structure={self.structure!r} is not supported by 'supermask'; use 'unstructured' "
+                "(the mask is the top-k of the scores)"
+            )
+
+    def build_layer(self, module: nn.Module, indices: Tensor) -> SupermaskLayer:
+        return SupermaskLayer(module, indices, self.variant, self.bias == "all")
+
+    def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        """Draw each layer's initial scores from ``(seed, layer name)``; a layer keeps scores it already has."""
+        for name, layer in model.drt_layers():
+            layer.seed_scores(self.seed, name)

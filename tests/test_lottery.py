@@ -1,0 +1,188 @@
+"""Lottery-ticket search: round count (eq. 18), reset and rewind values, nested masks, resumption, LAMP."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from conftest import random_bert_batch, tiny_bert
+from torch import nn
+
+from drt_peft import DRTModel, LotteryTicketConfig, find_lottery_ticket
+from drt_peft.masks.criteria.basic import lamp
+
+TARGETS = ["0", "2"]
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+class Recorder:
+    """A deterministic train_fn: SGD on fixed data, recording what each round started from."""
+
+    def __init__(self, steps: int = 5, fail_at_round: int | None = None) -> None:
+        self.steps, self.fail_at_round = steps, fail_at_round
+        self.starts: list[dict[str, torch.Tensor]] = []
+        self.indices: list[dict[str, torch.Tensor]] = []
+        self.after_step: dict[int, dict[str, torch.Tensor]] = {}
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+    def __call__(self, model: DRTModel) -> dict[str, float]:
+        if self.fail_at_round == len(self.starts):
+            raise KeyboardInterrupt("interrupted")
+        layers = dict(model.drt_layers())
+        self.starts.append({n: layer.drt_values.detach().clone() for n, layer in layers.items()})
+        self.indices.append({n: layer.drt_indices.clone() for n, layer in layers.items()})
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        for step in range(1, self.steps + 1):
+            loss = nn.functional.cross_entropy(model(self.x), self.y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            model.update_masks(step, optimizer)
+            if len(self.starts) == 1:
+                self.after_step[step] = {n: layer.drt_values.detach().clone() for n, layer in layers.items()}
+        return {"loss": loss.item()}
+
+
+def test_round_count_follows_eq_18() -> None:
+    config = LotteryTicketConfig(density=0.1, target_modules=TARGETS)
+    assert config.num_rounds == math.ceil(math.log(0.1) / math.log(0.8)) == 11
+    densities = config.round_densities()
+    assert len(densities) == 12 and densities[0] == 1.0 and densities[-1] == 0.1
+    assert all(b < a for a, b in itertools.pairwise(densities))
+    assert LotteryTicketConfig(density=0.1, one_shot=True, target_modules=TARGETS).round_densities() == [1.0, 0.1]
+    assert LotteryTicketConfig(density=0.5, prune_fraction=0.5, target_modules=TARGETS).num_rounds == 1
+
+
+def test_rounds_reset_survivors_to_init_and_nest(tmp_path) -> None:
+    model = _mlp()
+    init = {n: model.get_submodule(n).weight.detach().clone().reshape(-1) for n in TARGETS}
+    config = LotteryTicketConfig(density=0.3, prune_fraction=0.5, target_modules=TARGETS)
+    train = Recorder()
+    ticket = find_lottery_ticket(model, config, train, output_dir=tmp_path, verbose=False)
+    densities = config.round_densities()
+    assert len(train.starts) == len(densities) == 3
+    total = sum(init[n].numel() for n in TARGETS)
+    for r, density in enumerate(densities):
+        assert sum(i.numel() for i in train.indices[r].values()) == round(density * total)
+        for name in TARGETS:  # every round starts from Θ(0) at its ψ
+            torch.testing.assert_close(train.starts[r][name], init[name][train.indices[r][name]], rtol=0, atol=0)
+            if r:
+                assert bool(torch.isin(train.indices[r][name], train.indices[r - 1][name]).all())
+    state = json.loads((tmp_path / "lottery_state.json").read_text())
+    assert [round_["density"] for round_ in state["rounds"]] == densities
+    assert all("loss" in round_["metrics"] for round_ in state["rounds"])
+    assert ticket.drt_config.density == 0.3
+
+
+def test_next_mask_keeps_largest_trained_magnitudes_globally(tmp_path) -> None:
+    config = LotteryTicketConfig(density=0.5, one_shot=True, target_modules=TARGETS)
+    train = Recorder()
+    find_lottery_ticket(_mlp(), config, train, output_dir=tmp_path, verbose=False)
+    trained = torch.cat([train.after_step[train.steps][n].abs() for n in TARGETS])
+    k = round(0.5 * trained.numel())
+    expected = torch.zeros_like(trained, dtype=torch.bool)
+    expected[torch.topk(trained, k).indices] = True
+    offsets = [0, train.indices[0]["0"].numel()]
+    chosen = torch.zeros_like(expected)
+    for name, offset in zip(TARGETS, offsets, strict=True):
+        chosen[offset + train.indices[1][name]] = True
+    assert torch.equal(chosen, expected)
+
+
+def test_late_rewinding_restarts_from_step_k(tmp_path) -> None:
+    config = LotteryTicketConfig(density=0.5, one_shot=True, rewind_step=2, target_modules=TARGETS)
+    train = Recorder()
+    find_lottery_ticket(_mlp(), config, train, output_dir=tmp_path, verbose=False)
+    for name in TARGETS:
+        rewound = train.after_step[2][name][train.indices[1][name]]
+        torch.testing.assert_close(train.starts[1][name], rewound, rtol=0, atol=0)
+        assert not torch.equal(rewound, train.after_step[train.steps][name][train.indices[1][name]])
+
+
+def test_rewind_without_the_step_hook_is_an_error(tmp_path) -> None:
+    config = LotteryTicketConfig(density=0.5, one_shot=True, rewind_step=50, target_modules=TARGETS)
+    with pytest.raises(RuntimeError, match="never reached optimizer step 50"):
+        find_lottery_ticket(_mlp(), config, Recorder(steps=3), output_dir=tmp_path, verbose=False)
+
+
+def test_interrupted_search_resumes_after_its_last_round(tmp_path) -> None:
+    config = LotteryTicketConfig(density=0.2, prune_fraction=0.5, rewind_step=1, target_modules=TARGETS)
+    reference = find_lottery_ticket(_mlp(), config, Recorder(), output_dir=tmp_path / "a", verbose=False)
+    with pytest.raises(KeyboardInterrupt):
+        find_lottery_ticket(_mlp(), config, Recorder(fail_at_round=2), output_dir=tmp_path / "b", verbose=False)
+    assert len(json.loads((tmp_path / "b" / "lottery_state.json").read_text())["rounds"]) == 2
+    resumed_train = Recorder()
+    resumed = find_lottery_ticket(_mlp(), config, resumed_train, output_dir=tmp_path / "b", verbose=False)
+    assert len(resumed_train.starts) == len(config.round_densities()) - 2
+    for (_, a), (_, b) in zip(reference.drt_layers(), resumed.drt_layers(), strict=True):
+        assert torch.equal(a.drt_indices, b.drt_indices)
+        torch.testing.assert_close(a.drt_values, b.drt_values, rtol=0, atol=0)
+    other = LotteryTicketConfig(density=0.2, prune_fraction=0.4, target_modules=TARGETS)
+    with pytest.raises(ValueError, match=r"different config \(fields \['prune_fraction', 'rewind_step'\]"):
+        find_lottery_ticket(_mlp(), other, Recorder(), output_dir=tmp_path / "b", verbose=False)
+
+
+def test_final_ticket_saves_and_loads_like_any_adapter(tmp_path) -> None:
+    config = LotteryTicketConfig(density=0.4, one_shot=True, target_modules=TARGETS)
+    ticket = find_lottery_ticket(_mlp(), config, Recorder(), output_dir=tmp_path, verbose=False)
+    x = torch.randn(4, 6)
+    loaded = DRTModel.from_pretrained(_mlp(), tmp_path / "ticket")
+    torch.testing.assert_close(loaded(x), ticket(x), rtol=0, atol=0)
+    again = find_lottery_ticket(_mlp(), config, Recorder(fail_at_round=0), output_dir=tmp_path, verbose=False)
+    torch.testing.assert_close(again(x), ticket(x), rtol=0, atol=0)
+
+
+def test_lamp_scores_match_the_formula() -> None:
+    w = torch.tensor([[0.5, -2.0], [1.0, 3.0]])
+    squares = sorted(float(v) ** 2 for v in w.reshape(-1))
+    expected = {s: s / sum(t for t in squares if t >= s) for s in squares}
+    got = lamp(w.abs())
+    for value, score in zip(w.reshape(-1).tolist(), got.reshape(-1).tolist(), strict=True):
+        assert score == pytest.approx(expected[value**2])
+    config = LotteryTicketConfig(density=0.5, one_shot=True, layer_adaptive=True, target_modules=TARGETS)
+    assert config.criterion == "lamp"
+
+
+def test_trainer_drives_the_rounds_of_a_bert(tmp_path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    batch = random_bert_batch(g, size=8)
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
+    model = tiny_bert()
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    config = LotteryTicketConfig(density=0.5, one_shot=True, rewind_step=1, modules_to_save=["classifier"])
+    ticket = find_lottery_ticket(model, config, trainer=trainer, output_dir=tmp_path / "imp", verbose=False)
+    state = json.loads((tmp_path / "imp" / "lottery_state.json").read_text())
+    assert [r["density"] for r in state["rounds"]] == [1.0, 0.5]
+    assert all("train_loss" in r["metrics"] for r in state["rounds"])
+    d = sum(layer.num_trainable for _, layer in ticket.drt_layers())
+    total = sum(layer.weight_shape.numel() for _, layer in ticket.drt_layers())
+    assert d == round(0.5 * total)
+
+
+def test_bad_config_values_are_named() -> None:
+    with pytest.raises(ValueError, match=r"prune_fraction=1\.5"):
+        LotteryTicketConfig(density=0.1, prune_fraction=1.5)
+    with pytest.raises(ValueError, match=r"rewind_step=-1"):
+        LotteryTicketConfig(density=0.1, rewind_step=-1)
+    with pytest.raises(ValueError, match=r"budget='erk'"):
+        LotteryTicketConfig(density=0.1, budget="erk")
+    with pytest.raises(ValueError, match="needs density"):
+        LotteryTicketConfig(num_trainable=10)
