@@ -79,14 +79,17 @@ def find_lottery_ticket(
     if done == len(densities):
         return DRTModel.from_pretrained(model, os.path.join(output_dir, "ticket"), is_trainable=True)
     rewind = _load_rewind(output_dir) if config.rewind_step and done else None
-    indices = None
+    indices = carried = None
     if done:
         previous = DRTModel.from_pretrained(model, _round_dir(output_dir, done - 1))
         indices = _next_indices(config, previous, densities[done])
+        carried = config.carry_over(previous, indices)
         previous.unload()
     for r in range(done, len(densities)):
         final = r == len(densities) - 1
         drt = DRTModel(model, dataclasses.replace(config, density=densities[r]), indices=indices)
+        if carried is not None:
+            config.restore(drt, carried)
         if rewind is not None:
             _apply_rewind(drt, rewind)
         metrics = run(drt) or {}
@@ -114,6 +117,7 @@ def find_lottery_ticket(
         if final:
             return drt
         indices = _next_indices(config, drt, densities[r + 1])
+        carried = config.carry_over(drt, indices)
         drt.unload()
     raise AssertionError("unreachable: the last round returns")
 

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from conftest import random_bert_batch, tiny_bert
+from conftest import random_bert_batch, tiny_bert, tiny_vit
 from torch import nn
 
-from drt_peft import DRTModel, LotteryTicketConfig, find_lottery_ticket
+from drt_peft import DRTModel, LotteryTicketConfig, PruneOrFreezeConfig, find_lottery_ticket
 from drt_peft.masks.criteria.basic import lamp
 
 TARGETS = ["0", "2"]
@@ -186,3 +186,53 @@ def test_bad_config_values_are_named() -> None:
         LotteryTicketConfig(density=0.1, budget="erk")
     with pytest.raises(ValueError, match="needs density"):
         LotteryTicketConfig(num_trainable=10)
+
+
+def test_prune_or_freeze_partitions_dropped_weights_by_direction(tmp_path) -> None:
+    model = _mlp()
+    init = {n: model.get_submodule(n).weight.detach().clone() for n in TARGETS}
+    config = PruneOrFreezeConfig(density=0.3, target_modules=TARGETS)
+    train = Recorder()
+    ticket = find_lottery_ticket(model, config, train, output_dir=tmp_path, verbose=False)
+    moved_toward_zero = 0
+    for name, layer in ticket.drt_layers():
+        trained = train.after_step[train.steps][name]  # the dense round's final values, all entries
+        theta = layer.effective_weight().reshape(-1)
+        kept = torch.zeros_like(trained, dtype=torch.bool)
+        kept[layer.drt_indices] = True
+        toward_zero = trained.abs() < init[name].reshape(-1).abs()
+        assert torch.equal(theta[~kept & toward_zero], torch.zeros_like(theta[~kept & toward_zero]))
+        torch.testing.assert_close(theta[~kept & ~toward_zero], init[name].reshape(-1)[~kept & ~toward_zero])
+        assert torch.equal(layer.drt_pruned, torch.nonzero(~kept & toward_zero).flatten())
+        moved_toward_zero += int((~kept & toward_zero).sum())
+    assert moved_toward_zero > 0
+    x = torch.randn(4, 6)
+    loaded = DRTModel.from_pretrained(_mlp(), tmp_path / "ticket")
+    torch.testing.assert_close(loaded(x), ticket(x), rtol=0, atol=0)
+    restored = ticket.unload()
+    for name in TARGETS:
+        assert torch.equal(restored.get_submodule(name).weight, init[name])
+    with pytest.raises(ValueError, match="mode='prune'"):
+        PruneOrFreezeConfig(density=0.3, mode="prune")
+
+
+@pytest.mark.parametrize("config_class", [LotteryTicketConfig, PruneOrFreezeConfig])
+def test_tickets_on_a_vision_transformer(tmp_path, config_class) -> None:
+    g = torch.Generator().manual_seed(0)
+    batch = {"pixel_values": torch.randn(4, 1, 16, 16, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+
+    def train_fn(model: DRTModel) -> dict[str, float]:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(2):
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return {"loss": loss.item()}
+
+    config = config_class(density=0.25, one_shot=True, modules_to_save=["classifier"])
+    ticket = find_lottery_ticket(tiny_vit(), config, train_fn, output_dir=tmp_path, verbose=False)
+    d = sum(layer.num_trainable for _, layer in ticket.drt_layers())
+    assert d == round(0.25 * sum(layer.weight_shape.numel() for _, layer in ticket.drt_layers()))
+    loaded = DRTModel.from_pretrained(tiny_vit(), tmp_path / "ticket")
+    torch.testing.assert_close(loaded(**batch).logits, ticket.eval()(**batch).logits, rtol=0, atol=0)

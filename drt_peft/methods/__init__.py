@@ -13,6 +13,7 @@ from .lottery_ticket import LotteryTicketConfig
 from .lubana_dick import LubanaDickConfig
 from .magnitude import MagnitudeConfig
 from .norm_bias import NormBiasConfig
+from .prune_or_freeze import PruneOrFreezeConfig
 from .random import RandomConfig
 from .rigl import RigLConfig
 from .set import SETConfig
@@ -35,6 +36,7 @@ __all__ = [
     "LubanaDickConfig",
     "MagnitudeConfig",
     "NormBiasConfig",
+    "PruneOrFreezeConfig",
     "RandomConfig",
     "RigLConfig",
     "SETConfig",

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from ..config import DRTConfig, register_method
 
@@ -88,6 +89,14 @@ class LotteryTicketConfig(DRTConfig):
         """The density trained in each round: 1 (dense), (1 − p0), (1 − p0)², …, ending at ``density``."""
         steps = [(1 - self.prune_fraction) ** r for r in range(1, self.num_rounds)]
         return [1.0, *[max(d, self.density) for d in steps], self.density]
+
+    def carry_over(self, model: DRTModel, indices: list[Tensor]) -> list[Tensor] | None:
+        """Per-layer state the next round inherits when ψ shrinks to ``indices`` (none: dropped entries are
+        simply pruned or frozen by ``mode``); see :class:`PruneOrFreezeConfig`."""
+        return None
+
+    def restore(self, model: DRTModel, carried: list[Tensor]) -> None:
+        """Apply what :meth:`carry_over` returned to the next round's freshly built model."""
 
     def on_attach(self, model: DRTModel, step: int = 0) -> None:
         if self.rewind_step and model.drt_config.density == 1.0:
