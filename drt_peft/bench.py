@@ -17,6 +17,7 @@ SUITES = {
     "text": "finetune_text.py",
     "decoder": "decoder_lm.py",
     "scratch": "scratch_vision.py",
+    "embeddings": "scratch_embeddings.py",
     "kernels": "layer_kernels.py",
     "step-time": "step_time.py",
     "scoring": "scoring.py",
