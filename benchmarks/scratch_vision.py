@@ -1,9 +1,11 @@
 """From scratch on Fashion-MNIST: the survey's claims (METHODS.md §7) on LeNet-300-100 and a small ViT.
 
 Both networks start from a seeded random init. At densities 20, 10, 5, 2 and 1% (sparsities 80–99%)
-of their linear weights, every method trains the same number of epochs with Adam (lr 1e-3,
-batch 128), in prune mode (untrained entries zero) and in freeze mode (untrained entries kept at
-their random init), for each seed; the dense network is the reference. Methods: PaI random (ERK
+of their linear weights (the ViT: 20, 5 and 1%), every method trains the same number of epochs
+on a fixed stratified subset of the training images (30,000 for LeNet, 12,000 for the ViT, to fit
+a 2-core machine; all 10,000 test images) with Adam (lr 1e-3, batch 128), in prune mode
+(untrained entries zero) and in freeze mode (untrained entries kept at their random init), for
+each seed; the dense network is the reference. Methods: PaI random (ERK
 budget), magnitude, SNIP, GraSP, SynFlow (global budget); DST SET and RigL (ERK budget, mask
 updates every 1/16 of training until 3/4 of it). The same seed gives the same mask in both modes.
 
@@ -25,6 +27,7 @@ import json
 import os
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -34,7 +37,7 @@ from torch import Tensor, nn
 
 from drt_peft import get_drt_model
 from drt_peft.config import config_class
-from drt_peft.offline import fashion_mnist
+from drt_peft.offline import fashion_mnist, stratified_split
 
 
 @dataclass(frozen=True)
@@ -88,21 +91,36 @@ def _vit() -> nn.Module:
     return ViTForImageClassification(config)
 
 
-#: Per model: constructor, the weights DRT embeds, and the small dense parts that train in full.
+@dataclass(frozen=True)
+class Net:
+    build: Callable[[], nn.Module]
+    targets: list[str] | str  # the weights DRT embeds
+    dense_parts: list[str] | None  # small parts that train in full
+    train_size: int  # a stratified subset of the 60,000 training images, to fit the machine
+    densities: tuple[float, ...]
+
+
 MODELS = {
-    "LeNet-300-100": (LeNet300100, ["fc1", "fc2", "fc3"], None),
-    "ViT": (
+    "LeNet-300-100": Net(LeNet300100, ["fc1", "fc2", "fc3"], None, 30_000, DENSITIES),
+    "ViT": Net(
         _vit,
         "all-linear",
         ["vit.embeddings", "layernorm_before", "layernorm_after", "vit.layernorm", "classifier"],
+        12_000,
+        (0.2, 0.05, 0.01),
     ),
 }
 
 
 # -- data ----------------------------------------------------------------------------------------
-def _data(quick: bool) -> dict[str, tuple[Tensor, Tensor]]:
+def _data(quick: bool, train_size: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     if not quick:
-        return fashion_mnist()
+        data = fashion_mnist()
+        if train_size is not None:
+            x, y = data["train"]
+            chosen, _ = stratified_split(y.tolist(), len(y) - train_size, seed=0)
+            data["train"] = (x[chosen], y[chosen])
+        return data
     g = torch.Generator().manual_seed(0)  # a learnable stand-in: class-dependent mean images plus noise
     means = torch.rand(10, 1, 28, 28, generator=g)
     parts = {}
@@ -147,12 +165,12 @@ def _train(model: nn.Module, data: dict, epochs: int, batch_size: int, seed: int
 
 
 def run_job(job: dict) -> dict:
-    data = _data(job["quick"])
-    build, targets, dense_parts = MODELS[job["model"]]
+    net = MODELS[job["model"]]
+    data = _data(job["quick"], net.train_size)
     seed, epochs, batch_size = job["seed"], job["epochs"], job["batch_size"]
     if job["method"] == "dense":
         torch.manual_seed(seed)
-        return {"dense": _train(build(), data, epochs, batch_size, seed)}
+        return {"dense": _train(net.build(), data, epochs, batch_size, seed)}
     method = METHODS[job["method"]]
     steps = epochs * (len(data["train"][1]) // batch_size)
     x, y = data["train"]
@@ -167,9 +185,9 @@ def run_job(job: dict) -> dict:
             )
             if method.rounds:
                 extra["rounds"] = 2 if job["quick"] else method.rounds
-            config = cls(density=density, mode=mode, budget=method.budget, target_modules=targets,
-                         modules_to_save=dense_parts, seed=seed, **extra)  # fmt: skip
-            model = get_drt_model(build(), config, calibration_data=calibration)
+            config = cls(density=density, mode=mode, budget=method.budget, target_modules=net.targets,
+                         modules_to_save=net.dense_parts, seed=seed, **extra)  # fmt: skip
+            model = get_drt_model(net.build(), config, calibration_data=calibration)
             results[f"{mode}@{density}"] = _train(model, data, epochs, batch_size, seed)
     return results
 
@@ -190,15 +208,21 @@ def main() -> None:
     if args.job:
         print(json.dumps(run_job(json.loads(args.job))))
         return
-    densities = list(DENSITIES)
+    densities = {model: list(MODELS[model].densities) for model in args.models}
     if args.quick:
-        args.epochs, args.seeds, args.models, densities = 1, 1, ["LeNet-300-100"], [DENSITIES[0], DENSITIES[-1]]
+        args.epochs, args.seeds, densities = 1, 1, {"LeNet-300-100": [DENSITIES[0], DENSITIES[-1]]}
         args.out = os.path.join(tempfile.gettempdir(), "drt_scratch_vision_quick")
         args.work = os.path.join(args.out, "runs")
-    common = {"quick": args.quick, "epochs": args.epochs, "batch_size": args.batch_size, "densities": densities}
+    common = {"quick": args.quick, "epochs": args.epochs, "batch_size": args.batch_size}
     jobs = {
-        f"{model}-{method}-seed{seed}": {**common, "model": model, "method": method, "seed": seed}
-        for model in args.models
+        f"{model}-{method}-seed{seed}": {
+            **common,
+            "model": model,
+            "densities": densities[model],
+            "method": method,
+            "seed": seed,
+        }
+        for model in densities
         for method in ["dense", *METHODS]
         for seed in range(args.seeds)
     }
@@ -212,7 +236,15 @@ def main() -> None:
     report = {
         "command": command("scratch_vision.py"),
         "machine": machine(threads),
-        "setup": {**common, "seeds": args.seeds, "optimizer": "Adam lr 1e-3"},
+        "setup": {
+            **common,
+            "seeds": args.seeds,
+            "optimizer": "Adam lr 1e-3",
+            "models": {
+                m: {"train_size": None if args.quick else MODELS[m].train_size, "densities": densities[m]}
+                for m in densities
+            },
+        },
         "methods": {name: {"budget": m.budget, "family": m.family} for name, m in METHODS.items()},
         "accuracy": table,
         "claims": _claims(table, densities),
@@ -225,11 +257,11 @@ def _mean(table: dict, model: str, method: str, key: str) -> float:
     return statistics.fmean(table[model][method][key])
 
 
-def _claims(table: dict, densities: list[float]) -> dict[str, list[dict]]:
+def _claims(table: dict, densities: dict[str, list[float]]) -> dict[str, list[dict]]:
     """The survey's claims checked on every model: freeze vs prune (Fig. 9), DST vs PaI (Table 5)."""
     freeze_vs_prune, dst_vs_pai = [], []
     for model in table:
-        for density in densities:
+        for density in densities[model]:
             gaps = [
                 _mean(table, model, m, f"freeze@{density}") - _mean(table, model, m, f"prune@{density}")
                 for m in METHODS
@@ -255,19 +287,20 @@ def _markdown(report: dict) -> str:
     ]
     for model, methods in report["accuracy"].items():
         dense = statistics.fmean(methods["dense"]["dense"])
+        densities, size = s["models"][model]["densities"], s["models"][model]["train_size"]
         lines += [
             "",
-            f"### {model} (dense: {100 * dense:.2f}%)",
+            f"### {model} (dense: {100 * dense:.2f}%; {size or 'all'} training images)",
             "",
-            "| method | mode | " + " | ".join(f"{100 * d:g}%" for d in s["densities"]) + " |",
-            "|---|---|" + "---:|" * len(s["densities"]),
+            "| method | mode | " + " | ".join(f"{100 * d:g}%" for d in densities) + " |",
+            "|---|---|" + "---:|" * len(densities),
         ]
         for name in report["methods"]:
             for mode in MODES:
-                cells = [f"{100 * statistics.fmean(methods[name][f'{mode}@{d}']):.2f}" for d in s["densities"]]
+                cells = [f"{100 * statistics.fmean(methods[name][f'{mode}@{d}']):.2f}" for d in densities]
                 lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
         lines += ["", "Ranking in prune mode (best first):", ""]
-        for d in s["densities"]:
+        for d in densities:
             ranked = sorted(report["methods"], key=lambda n, d=d: -statistics.fmean(methods[n][f"prune@{d}"]))
             lines.append(f"- {100 * d:g}% trained: " + " > ".join(ranked))
     lines += [
@@ -293,9 +326,9 @@ def _plot(report: dict, path: str) -> None:
 
     models = list(report["accuracy"])
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    densities = report["setup"]["densities"]
     for ax, model in zip(axes[0], models, strict=True):
         methods = report["accuracy"][model]
+        densities = report["setup"]["models"][model]["densities"]
         for i, name in enumerate(report["methods"]):
             for mode, style in (("prune", "--"), ("freeze", "-")):
                 acc = [100 * statistics.fmean(methods[name][f"{mode}@{d}"]) for d in densities]
