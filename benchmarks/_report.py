@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -66,6 +68,25 @@ def peak_bytes() -> int:
 
 
 # -- one process per run ------------------------------------------------------------------------
+def parse_suite_args(parser: argparse.ArgumentParser, name: str, run_job: Callable[[dict], dict]):
+    """Add the arguments every suite shares (``--out``, ``--work``; ``--quick`` is the suite's own), parse.
+
+    A ``--job`` (how :func:`run_jobs` starts a run) is run here and its JSON printed; None is
+    returned then. ``--quick`` writes to the temporary folder, never over the docs.
+    """
+    parser.add_argument("--out", default=f"docs/benchmarks/{name}", help="where the report goes (.json/.md/.png)")
+    parser.add_argument("--work", default=f"outputs/bench/{name}", help="where finished runs are kept")
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.job:
+        print(json.dumps(run_job(json.loads(args.job))))
+        return None
+    if args.quick:
+        args.out = os.path.join(tempfile.gettempdir(), f"drt_{name}_quick")
+        args.work = os.path.join(args.out, "runs")
+    return args
+
+
 def run_jobs(script: str, jobs: dict[str, dict], folder: str, *, workers: int = 1, threads: int = 1) -> dict:
     """Run every job as ``python script --job JSON`` in its own process, ``workers`` at a time.
 

@@ -17,7 +17,6 @@ fine-tuning), optimizer-state bytes, peak memory added by training and the adapt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from _report import command, machine, peak_bytes, reset_peak, rss_bytes, run_jobs, write_report
+from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, run_jobs, write_report
 from torch import Tensor, nn
 
 from drt_peft import DRTModel, get_drt_model
@@ -148,22 +147,16 @@ def run_job(job: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny Llama from a config, few steps")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=40)
-    parser.add_argument("--test-size", type=int, default=128)
+    parser.add_argument("--test-size", type=int, default=96)
     parser.add_argument("--density", type=float, default=0.005)
-    parser.add_argument("--out", default="docs/benchmarks/decoder_lm")
-    parser.add_argument("--work", default="outputs/bench/decoder_lm")
-    parser.add_argument("--job", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.job:
-        print(json.dumps(run_job(json.loads(args.job))))
+    args = parse_suite_args(parser, "decoder_lm", run_job)
+    if args is None:
         return
     if args.quick:
         args.steps, args.test_size = 6, 32
-        args.out = os.path.join(tempfile.gettempdir(), "drt_decoder_lm_quick")
-        args.work = os.path.join(args.out, "runs")
     setup = {k: getattr(args, k) for k in ("quick", "steps", "batch_size", "max_length", "test_size", "density")}
     jobs = {name.replace(" ", "_"): {**setup, "method": name} for name in METHODS}
     threads = os.cpu_count() or 1

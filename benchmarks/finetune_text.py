@@ -22,7 +22,6 @@ Adding a method is one line in ``METHODS``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -31,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from _report import command, machine, peak_bytes, reset_peak, rss_bytes, run_jobs, write_report
+from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, run_jobs, write_report
 from torch import Tensor, nn
 
 from drt_peft import DRTModel, get_drt_model
@@ -243,18 +242,12 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=5000, help="training snippets (one epoch)")
     parser.add_argument("--density", type=float, default=0.005, help="fraction of the linear weights DRT trains")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (each gets cores / workers threads)")
-    parser.add_argument("--out", default="docs/benchmarks/finetune_text")
-    parser.add_argument("--work", default="outputs/bench/finetune_text", help="where finished runs are kept")
-    parser.add_argument("--job", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.job:
-        print(json.dumps(run_job(json.loads(args.job))))
+    args = parse_suite_args(parser, "finetune_text", run_job)
+    if args is None:
         return
     seeds, timing = SEEDS, {"rounds": 5, "steps": 4}
     if args.quick:
         args.train_size, seeds, timing = 256, (0,), {"rounds": 1, "steps": 2}
-        args.out = os.path.join(tempfile.gettempdir(), "drt_finetune_text_quick")
-        args.work = os.path.join(args.out, "runs")
     setup = asdict(Setup(quick=args.quick, train_size=args.train_size, density=args.density))
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     script = os.path.abspath(__file__)

@@ -15,14 +15,13 @@ Adding a method is one line in ``METHODS``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 from collections.abc import Callable
 
 import torch
-from _report import command, machine, run_jobs, write_report
+from _report import command, machine, parse_suite_args, run_jobs, write_report
 from scratch_vision import LeNet300100, _batches, _data, _train
 from torch import nn
 
@@ -101,17 +100,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", default="docs/benchmarks/scratch_embeddings")
-    parser.add_argument("--work", default="outputs/bench/scratch_embeddings")
-    parser.add_argument("--job", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.job:
-        print(json.dumps(run_job(json.loads(args.job))))
+    args = parse_suite_args(parser, "scratch_embeddings", run_job)
+    if args is None:
         return
     if args.quick:
         args.epochs, args.seeds, args.density = 1, 1, 0.5
-        args.out = os.path.join(tempfile.gettempdir(), "drt_scratch_embeddings_quick")
-        args.work = os.path.join(args.out, "runs")
     setup = {"quick": args.quick, "epochs": args.epochs, "batch_size": args.batch_size, "density": args.density}
     jobs = {
         f"{name}-seed{seed}".replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace(";", ""): {

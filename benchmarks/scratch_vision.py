@@ -23,16 +23,14 @@ Adding a method is one line in ``METHODS``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from _report import command, machine, run_jobs, write_report
+from _report import command, machine, parse_suite_args, run_jobs, write_report
 from torch import Tensor, nn
 
 from drt_peft import get_drt_model
@@ -201,18 +199,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", default="docs/benchmarks/scratch_vision")
-    parser.add_argument("--work", default="outputs/bench/scratch_vision")
-    parser.add_argument("--job", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.job:
-        print(json.dumps(run_job(json.loads(args.job))))
+    args = parse_suite_args(parser, "scratch_vision", run_job)
+    if args is None:
         return
     densities = {model: list(MODELS[model].densities) for model in args.models}
     if args.quick:
         args.epochs, args.seeds, densities = 1, 1, {"LeNet-300-100": [DENSITIES[0], DENSITIES[-1]]}
-        args.out = os.path.join(tempfile.gettempdir(), "drt_scratch_vision_quick")
-        args.work = os.path.join(args.out, "runs")
     common = {"quick": args.quick, "epochs": args.epochs, "batch_size": args.batch_size}
     jobs = {
         f"{model}-{method}-seed{seed}": {

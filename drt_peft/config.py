@@ -219,6 +219,15 @@ class DRTConfig:
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
 
+    def _restrict(self, reason: str, **allowed: str | tuple[str, ...]) -> None:
+        """Refuse shared fields this method cannot honour: ``field=value`` (or a tuple of values) each."""
+        for name, values in allowed.items():
+            values = values if isinstance(values, tuple) else (values,)
+            value = getattr(self, name)
+            if value not in values:
+                choices = " or ".join(repr(v) for v in values)
+                raise ValueError(f"{name}={value!r} is not supported by {self.method_name!r}; use {choices}: {reason}")
+
     @property
     def rescores_during_training(self) -> bool:
         """Whether the method scores ``calibration_data`` again during training (the model then keeps it)."""

@@ -83,3 +83,18 @@ def random_bert_batch(generator: torch.Generator, size: int = 4, length: int = 8
 def bert_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return {"input_ids": torch.randint(0, 64, (4, 12), generator=g), "labels": torch.tensor([0, 1, 1, 0])}
+
+
+def train_steps(model: nn.Module, batches: list[dict[str, torch.Tensor]], lr: float = 1e-2) -> list[float]:
+    """AdamW over the trainable parameters, one step per batch, in train mode; returns the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import random_bert_batch, tiny_bert, tiny_convnet, tiny_gpt2, tiny_vit
+from conftest import random_bert_batch, tiny_bert, tiny_convnet, tiny_gpt2, tiny_vit, train_steps
 from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -22,20 +22,6 @@ def _textbook_dct(n: int) -> torch.Tensor:
     scale = torch.full((n, 1), math.sqrt(2 / n), dtype=torch.float64)
     scale[0] = math.sqrt(1 / n)
     return scale * torch.cos(math.pi * (2 * j + 1) * k / (2 * n))
-
-
-def _train(model: DRTModel, batch: dict[str, torch.Tensor], steps: int) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 8, 13, 32])
@@ -93,7 +79,7 @@ def test_bert_trains_only_theta_saves_loads_and_merges(tmp_path) -> None:
     assert trainable == expected
     g = torch.Generator().manual_seed(0)
     batch = random_bert_batch(g, size=8)
-    losses = _train(model, batch, steps=6)
+    losses = train_steps(model, [batch] * 6)
     assert losses[-1] < losses[0]
     assert all(layer.base_layer.weight.grad is None for layer in layers)
 
@@ -126,7 +112,7 @@ def test_vision_transformer_trains() -> None:
     batch = {"pixel_values": torch.randn(6, 1, 16, 16, generator=g), "labels": torch.randint(0, 3, (6,), generator=g)}
     model = get_drt_model(tiny_vit(), DCTSparseConfig(density=0.2, base_init="seeded"))
     before = [layer.drt_values.detach().clone() for _, layer in model.drt_layers()]
-    losses = _train(model, batch, steps=6)
+    losses = train_steps(model, [batch] * 6)
     assert losses[-1] < losses[0]
     assert all(not torch.equal(b, la.drt_values) for b, (_, la) in zip(before, model.drt_layers(), strict=True))
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import random_bert_batch, tiny_bert, tiny_gpt2, tiny_vit
+from conftest import random_bert_batch, tiny_bert, tiny_gpt2, tiny_vit, train_steps
 from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -14,20 +14,6 @@ from transformers.pytorch_utils import Conv1D
 from drt_peft import DRTConfig, DRTModel, FixedClassifierConfig, get_drt_model
 from drt_peft.layer.fixed_classifier import FixedClassifierLayer, random_orthogonal
 from drt_peft.seeding import generator
-
-
-def _train(model: DRTModel, batch: dict[str, torch.Tensor], steps: int, lr: float = 1e-2) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 def _head_weight(model: DRTModel) -> torch.Tensor:
@@ -75,7 +61,7 @@ def test_logits_are_alpha_times_w_x_and_only_alpha_trains() -> None:
     assert model.get_nb_trainable_parameters()[0] == 1
 
     batch = random_bert_batch(torch.Generator().manual_seed(0), size=8)
-    _train(model, batch, steps=3)
+    train_steps(model, [batch] * 3)
     alpha = model.base_model.classifier.temperature.detach()
     assert alpha != 1.0
     inputs = {"input_ids": batch["input_ids"]}
@@ -104,7 +90,7 @@ def test_trained_bias_is_added_with_bias_all() -> None:
 def test_save_load_holds_no_head_matrix_and_merge_is_identical(tmp_path) -> None:
     model = get_drt_model(tiny_bert(), FixedClassifierConfig(seed=7))
     batch = random_bert_batch(torch.Generator().manual_seed(0), size=8)
-    _train(model, batch, steps=3)
+    train_steps(model, [batch] * 3)
     inputs = {"input_ids": batch["input_ids"]}
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -135,7 +121,7 @@ def test_vit_from_scratch_trains_behind_the_fixed_head() -> None:
     model = get_drt_model(base, FixedClassifierConfig(modules_to_save=["vit"]))
     assert model.get_nb_trainable_parameters()[0] == vit_params + 1
     w = _head_weight(model).clone()
-    losses = _train(model, batch, steps=8, lr=3e-3)
+    losses = train_steps(model, [batch] * 8, lr=3e-3)
     assert losses[-1] < losses[0]
     assert torch.equal(_head_weight(model), w)
     assert torch.equal(model.base_model.classifier.base_layer.weight, head_before)

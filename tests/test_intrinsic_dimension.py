@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import random_bert_batch, tiny_bert, tiny_vit
+from conftest import random_bert_batch, tiny_bert, tiny_vit, train_steps
 from safetensors import safe_open
 
 from drt_peft import DRTModel, IntrinsicDimensionConfig, get_drt_model
@@ -25,20 +25,6 @@ def _projection_matrix(model: DRTModel) -> torch.Tensor:
     layers = [layer for _, layer in model.drt_layers()]
     eye = torch.eye(layers[0].theta.numel(), dtype=torch.float64)
     return torch.stack([torch.cat([layer.project(e).reshape(-1) for layer in layers]) for e in eye], dim=1)
-
-
-def _train(model: DRTModel, batches: list[dict[str, torch.Tensor]], lr: float = 5e-2) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 def test_hadamard_equals_the_explicit_matrix() -> None:
@@ -79,7 +65,7 @@ def test_training_stays_in_the_column_space_of_p() -> None:
     d = 24
     model = get_drt_model(base, IntrinsicDimensionConfig(num_trainable=d, modules_to_save=["classifier"]))
     g = torch.Generator().manual_seed(0)
-    _train(model, [random_bert_batch(g) for _ in range(4)])
+    train_steps(model, [random_bert_batch(g) for _ in range(4)], lr=5e-2)
     layers = list(model.drt_layers())
     theta = layers[0][1].theta.detach()
     delta = torch.cat([(layer.effective_weight() - original[name]).reshape(-1) for name, layer in layers])
@@ -133,7 +119,7 @@ def test_save_load_merge_unload(tmp_path) -> None:
     d = 500
     model = get_drt_model(base, IntrinsicDimensionConfig(num_trainable=d, modules_to_save=["classifier"], seed=3))
     g = torch.Generator().manual_seed(2)
-    _train(model, [random_bert_batch(g) for _ in range(3)])
+    train_steps(model, [random_bert_batch(g) for _ in range(3)], lr=5e-2)
     inputs = {"input_ids": random_bert_batch(g)["input_ids"]}
     logits = model(**inputs).logits
     model.save_pretrained(tmp_path)
@@ -193,7 +179,7 @@ def test_vision_transformer_trains() -> None:
     d = model.drt_statistics()["drt/trainable"]
     total = sum(layer.base_layer.weight.numel() for _, layer in model.drt_layers())
     assert d == round(0.01 * total)
-    losses = _train(model, [batch] * 8, lr=0.1)
+    losses = train_steps(model, [batch] * 8, lr=0.1)
     assert losses[-1] < losses[0]
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_bert_batch, tiny_bert, tiny_convnet, tiny_gpt2, tiny_vit
+from conftest import random_bert_batch, tiny_bert, tiny_convnet, tiny_gpt2, tiny_vit, train_steps
 from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -18,20 +18,6 @@ from drt_peft.layer import weight_op
 from drt_peft.methods.norm_bias import norm_layer_names
 
 CHOICES = ("norm", "bias", "norm_and_bias")
-
-
-def _train(model: DRTModel, batch: dict[str, torch.Tensor], steps: int = 4, lr: float = 1e-2) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 def _expected_trainable(base: nn.Module, train: str, backbone: str) -> set[str]:
@@ -74,7 +60,7 @@ def test_only_norms_and_targeted_biases_train_on_bert(train: str) -> None:
     assert model.get_nb_trainable_parameters()[0] == sum(before[n].numel() for n in expected)
     assert all(layer.num_trainable == 0 for _, layer in model.drt_layers())
 
-    _train(model, _bert_batch())
+    train_steps(model, [_bert_batch()] * 4)
     after = dict(model.merge_and_unload().named_parameters())
     assert after.keys() == before.keys()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -96,7 +82,7 @@ def test_print_reports_the_hand_count(train: str, capsys: pytest.CaptureFixture[
 def test_save_load_identical_and_unload_restores_everything(tmp_path) -> None:
     original = tiny_bert().state_dict()
     model = get_drt_model(tiny_bert(), NormBiasConfig(modules_to_save=["classifier"]))
-    _train(model, _bert_batch())
+    train_steps(model, [_bert_batch()] * 4)
     inputs = {"input_ids": _bert_batch()["input_ids"]}
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -131,7 +117,7 @@ def test_gpt2_trains_and_unloads(train: str) -> None:
     expected = _expected_trainable(tiny_gpt2(), train, "transformer")
     assert {_plain_name(n) for n, p in model.named_parameters() if p.requires_grad and p.numel()} == expected
     input_ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(2))
-    losses = _train(model, {"input_ids": input_ids, "labels": input_ids}, steps=6)
+    losses = train_steps(model, [{"input_ids": input_ids, "labels": input_ids}] * 6)
     assert losses[-1] < losses[0]
     restored = model.unload()
     assert all(torch.equal(restored.state_dict()[k], original[k]) for k in original)
@@ -142,7 +128,7 @@ def test_vit_trains_norms_and_biases_and_its_head() -> None:
     batch = {"pixel_values": torch.randn(6, 1, 16, 16, generator=g), "labels": torch.randint(0, 3, (6,), generator=g)}
     before = dict(tiny_vit().named_parameters())
     model = get_drt_model(tiny_vit(), NormBiasConfig(modules_to_save=["classifier"]))
-    losses = _train(model, batch, steps=6)
+    losses = train_steps(model, [batch] * 6)
     assert losses[-1] < losses[0]
     after = dict(model.merge_and_unload().named_parameters())
     expected = _expected_trainable(tiny_vit(), "norm_and_bias", "vit") | {"classifier.weight", "classifier.bias"}

@@ -65,14 +65,13 @@ class FixedClassifierConfig(DRTConfig):
                 "target_modules='all-linear' is not supported by 'fixed_classifier'; name the head, e.g. "
                 "['classifier'] ('all-linear' selects the backbone's layers and leaves heads out)"
             )
-        fixed = {"mode": "freeze", "base_init": "pretrained", "budget": "uniform", "structure": "unstructured"}
-        for name, allowed in fixed.items():
-            value = getattr(self, name)
-            if value != allowed:
-                raise ValueError(
-                    f"{name}={value!r} is not supported by 'fixed_classifier'; use {allowed!r}: the head's weight is "
-                    "replaced by a fixed orthogonal W regenerated from seed, and no entry of it trains"
-                )
+        self._restrict(
+            "the head's weight is replaced by a fixed orthogonal W regenerated from seed, and no entry of it trains",
+            mode="freeze",
+            base_init="pretrained",
+            budget="uniform",
+            structure="unstructured",
+        )
         value = self.temperature_init
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
             raise ValueError(

@@ -42,14 +42,12 @@ class IntrinsicDimensionConfig(DRTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        fixed = {"mode": "freeze", "budget": "uniform", "structure": "unstructured"}
-        for name, allowed in fixed.items():
-            value = getattr(self, name)
-            if value != allowed:
-                raise ValueError(
-                    f"{name}={value!r} is not supported by 'intrinsic_dimension'; use {allowed!r}: ϑ is one "
-                    "global vector added to Θ(0) through a dense projection, with no per-layer mask"
-                )
+        self._restrict(
+            "ϑ is one global vector added to Θ(0) through a dense projection, with no per-layer mask",
+            mode="freeze",
+            budget="uniform",
+            structure="unstructured",
+        )
 
     def build_layer(self, module: nn.Module, indices: Tensor) -> ProjectedLayer:
         """A :class:`~drt_peft.layer.projected.ProjectedLayer`; ``indices`` is empty (no ψ)."""

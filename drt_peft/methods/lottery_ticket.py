@@ -69,10 +69,11 @@ class LotteryTicketConfig(DRTConfig):
             raise ValueError(f"prune_fraction={self.prune_fraction!r} must satisfy 0 < prune_fraction < 1")
         if not isinstance(self.rewind_step, int) or isinstance(self.rewind_step, bool) or self.rewind_step < 0:
             raise ValueError(f"rewind_step={self.rewind_step!r} must be an integer >= 0 (0 resets to Θ(0))")
-        if self.budget not in ("global", "uniform"):
-            raise ValueError(f"budget={self.budget!r} is not supported for lottery tickets; use 'global' or 'uniform'")
-        if self.structure != "unstructured":
-            raise ValueError(f"structure={self.structure!r}: lottery tickets are unstructured")
+        self._restrict(
+            "tickets keep the largest magnitudes, over all layers or per layer",
+            budget=("global", "uniform"),
+            structure="unstructured",
+        )
 
     @property
     def criterion(self) -> str:  # type: ignore[override]

@@ -119,14 +119,12 @@ class NormBiasConfig(DRTConfig):
                 f"('all' for 'bias' and 'norm_and_bias', 'none' for 'norm')"
             )
         super().__post_init__()
-        fixed = {"mode": "freeze", "budget": "uniform", "structure": "unstructured"}
-        for name, allowed in fixed.items():
-            value = getattr(self, name)
-            if value != allowed:
-                raise ValueError(
-                    f"{name}={value!r} is not supported by 'norm_bias'; use {allowed!r}: no entry of a weight matrix "
-                    "trains, so the weights stay as they are"
-                )
+        self._restrict(
+            "no entry of a weight matrix trains, so the weights stay as they are",
+            mode="freeze",
+            budget="uniform",
+            structure="unstructured",
+        )
 
     def modules_to_save_for(self, model: nn.Module) -> list[str]:
         """``modules_to_save`` plus, with ``train`` 'norm' or 'norm_and_bias', every normalisation layer.

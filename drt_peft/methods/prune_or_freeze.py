@@ -38,10 +38,7 @@ class PruneOrFreezeConfig(LotteryTicketConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mode != "freeze":
-            raise ValueError(
-                f"mode={self.mode!r}: prune-or-freeze keeps the entries that moved away from zero; use mode='freeze'"
-            )
+        self._restrict("the entries that moved away from zero stay frozen at Θ(0)", mode="freeze")
 
     def build_layer(self, module: nn.Module, indices: Tensor) -> PartlyPrunedLayer:
         return PartlyPrunedLayer(module, indices, self.bias == "all")

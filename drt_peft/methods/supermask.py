@@ -77,20 +77,12 @@ class SupermaskConfig(DRTConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("variant", self.variant, VARIANTS)
-        if self.mode != "prune":
-            raise ValueError(
-                f"mode={self.mode!r} is not supported by 'supermask'; use 'prune' (weights outside the mask are zero)"
-            )
-        if self.budget not in ("uniform", "erk"):
-            raise ValueError(
-                f"budget={self.budget!r} is not supported by 'supermask'; use 'uniform' or 'erk' "
-                "(each layer keeps a fixed number k of weights)"
-            )
-        if self.structure != "unstructured":
-            raise ValueError(
-                f"structure={self.structure!r} is not supported by 'supermask'; use 'unstructured' "
-                "(the mask is the top-k of the scores)"
-            )
+        self._restrict(
+            "weights outside the mask are zero, and each layer's mask is the top-k of its scores",
+            mode="prune",
+            budget=("uniform", "erk"),
+            structure="unstructured",
+        )
 
     def build_layer(self, module: nn.Module, indices: Tensor) -> SupermaskLayer:
         return SupermaskLayer(module, indices, self.variant, self.bias == "all")
