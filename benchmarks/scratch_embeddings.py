@@ -113,7 +113,14 @@ def main() -> None:
         for seed in range(args.seeds)
     }  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // args.workers)
-    results = run_jobs(os.path.abspath(__file__), jobs, args.work, workers=args.workers, threads=threads)
+    results = run_jobs(
+        os.path.abspath(__file__),
+        jobs,
+        args.work,
+        workers=args.workers,
+        threads=threads,
+        inline=run_job if args.quick else None,
+    )
     rows = []
     for name, (_, what) in METHODS.items():
         runs = [results[key] for key, job in jobs.items() if job["method"] == name]

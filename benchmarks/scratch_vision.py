@@ -219,7 +219,14 @@ def main() -> None:
         for seed in range(args.seeds)
     }
     threads = max(1, (os.cpu_count() or 1) // args.workers)
-    results = run_jobs(os.path.abspath(__file__), jobs, args.work, workers=args.workers, threads=threads)
+    results = run_jobs(
+        os.path.abspath(__file__),
+        jobs,
+        args.work,
+        workers=args.workers,
+        threads=threads,
+        inline=run_job if args.quick else None,
+    )
     table: dict[str, dict[str, dict[str, list[float]]]] = {}
     for job in jobs.values():
         runs = results[f"{job['model']}-{job['method']}-seed{job['seed']}"]
