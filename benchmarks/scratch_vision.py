@@ -96,16 +96,18 @@ class Net:
     dense_parts: list[str] | None  # small parts that train in full
     train_size: int  # a stratified subset of the 60,000 training images, to fit the machine
     densities: tuple[float, ...]
+    calibration: int  # images the data-driven criteria score on
 
 
 MODELS = {
-    "LeNet-300-100": Net(LeNet300100, ["fc1", "fc2", "fc3"], None, 30_000, DENSITIES),
+    "LeNet-300-100": Net(LeNet300100, ["fc1", "fc2", "fc3"], None, 30_000, DENSITIES, 1280),
     "ViT": Net(
         _vit,
         "all-linear",
         ["vit.embeddings", "layernorm_before", "layernorm_after", "vit.layernorm", "classifier"],
         12_000,
         (0.2, 0.05, 0.01),
+        512,
     ),
 }
 
@@ -172,7 +174,7 @@ def run_job(job: dict) -> dict:
     method = METHODS[job["method"]]
     steps = epochs * (len(data["train"][1]) // batch_size)
     x, y = data["train"]
-    calibration = _batches(x[:1280], y[:1280], batch_size, seed, 0)
+    calibration = _batches(x[: net.calibration], y[: net.calibration], batch_size, seed, 0)
     results = {}
     for mode in MODES:
         for density in job["densities"]:
@@ -240,7 +242,11 @@ def main() -> None:
             "seeds": args.seeds,
             "optimizer": "Adam lr 1e-3",
             "models": {
-                m: {"train_size": None if args.quick else MODELS[m].train_size, "densities": densities[m]}
+                m: {
+                    "train_size": None if args.quick else MODELS[m].train_size,
+                    "densities": densities[m],
+                    "calibration": MODELS[m].calibration,
+                }
                 for m in densities
             },
         },
@@ -289,7 +295,8 @@ def _markdown(report: dict) -> str:
         densities, size = s["models"][model]["densities"], s["models"][model]["train_size"]
         lines += [
             "",
-            f"### {model} (dense: {100 * dense:.2f}%; {size or 'all'} training images)",
+            f"### {model} (dense: {100 * dense:.2f}%; {size or 'all'} training images, data-driven criteria "
+            f"scored on {s['models'][model]['calibration']})",
             "",
             "| method | mode | " + " | ".join(f"{100 * d:g}%" for d in densities) + " |",
             "|---|---|" + "---:|" * len(densities),
