@@ -120,10 +120,11 @@ METHODS: dict[str, Method] = {
     "PEFT SHiRA": Method((5e-3, 1e-2), _peft("shira")),
     "DRT random": Method(DRT_LRS, _drt("random")),
     "DRT magnitude": Method(DRT_LRS, _drt("magnitude")),
-    "DRT SNIP": Method(DRT_LRS, _drt("snip")),
-    # One rate for these (machine time): the lower one of the DRT grid, which every DRT method tuned above chose.
-    "DRT FISH": Method(DRT_LRS[:1], _drt("fish")),
-    "DRT FreezeNet": Method(DRT_LRS[:1], _drt("freezenet", frozen_weight_decay=0.01)),
+    "DRT SNIP": Method((3e-3, *DRT_LRS), _drt("snip")),
+    # Shorter grids (machine time): masks scored from gradients concentrate on few rows and want lower rates;
+    # SET and RigL start from random masks and take the rate DRT random chose.
+    "DRT FISH": Method((3e-3, 1e-2), _drt("fish")),
+    "DRT FreezeNet": Method((3e-3, 1e-2), _drt("freezenet", frozen_weight_decay=0.01)),
     "DRT SET": Method(DRT_LRS[:1], _drt("set")),
     "DRT RigL": Method(DRT_LRS[:1], _drt("rigl")),
 }
