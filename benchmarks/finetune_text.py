@@ -121,12 +121,12 @@ METHODS: dict[str, Method] = {
     "DRT random": Method(DRT_LRS, _drt("random")),
     "DRT magnitude": Method(DRT_LRS, _drt("magnitude")),
     "DRT SNIP": Method((3e-3, *DRT_LRS), _drt("snip")),
-    # Shorter grids (machine time): masks scored from gradients concentrate on few rows and want lower rates;
-    # SET and RigL start from random masks and take the rate DRT random chose.
+    # Shorter grids (machine time): entries chosen by gradient (FISH, FreezeNet's SNIP mask, RigL's growth)
+    # concentrate on few rows and want lower rates; SET, random throughout, takes the rate DRT random chose.
     "DRT FISH": Method((3e-3, 1e-2), _drt("fish")),
     "DRT FreezeNet": Method((3e-3, 1e-2), _drt("freezenet", frozen_weight_decay=0.01)),
     "DRT SET": Method(DRT_LRS[:1], _drt("set")),
-    "DRT RigL": Method(DRT_LRS[:1], _drt("rigl")),
+    "DRT RigL": Method((3e-3, 1e-2), _drt("rigl")),
 }
 
 
