@@ -1,7 +1,8 @@
 """Lottery tickets, supermasks and the other embeddings on LeNet-300-100 / Fashion-MNIST, from scratch.
 
 Every method trains the network from the same seeded random init with the set-up of
-``scratch_vision.py`` (Adam lr 1e-3, batch 128, the same epochs per training), at a trained
+``scratch_vision.py`` (the same 30,000 training images, Adam lr 1e-3, batch 128, the same epochs
+per training), at a trained
 fraction of about ``--density`` of the linear weights where the method has one. Lottery tickets
 and prune-or-freeze run their whole search (every round trains that many epochs); the table
 says how many trainings each needed. Rows with a different budget by nature say so.
@@ -22,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 from _report import command, machine, parse_suite_args, run_jobs, write_report
-from scratch_vision import LeNet300100, _batches, _data, _train
+from scratch_vision import MODELS, LeNet300100, _batches, _data, _train
 from torch import nn
 
 from drt_peft import (
@@ -69,7 +70,7 @@ METHODS: dict[str, tuple[Callable[[float, int, int], DRTConfig], str]] = {
 
 
 def run_job(job: dict) -> dict:
-    data = _data(job["quick"])
+    data = _data(job["quick"], MODELS["LeNet-300-100"].train_size)
     epochs, batch_size, seed, density = job["epochs"], job["batch_size"], job["seed"], job["density"]
     make, _ = METHODS[job["method"]]
     config = make(density, seed, len(data["train"][1]) // batch_size)
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.05)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2)
     args = parse_suite_args(parser, "scratch_embeddings", run_job)
     if args is None:
