@@ -278,7 +278,14 @@ def _claims(table: dict, densities: dict[str, list[float]]) -> dict[str, list[di
                 _mean(table, model, m, f"freeze@{density}") - _mean(table, model, m, f"prune@{density}") for m in run
             ]
             freeze_vs_prune.append(
-                {"model": model, "density": density, "mean_freeze_minus_prune": statistics.fmean(gaps)}
+                {
+                    "model": model,
+                    "density": density,
+                    "mean_freeze_minus_prune": statistics.fmean(gaps),
+                    "median_freeze_minus_prune": statistics.median(gaps),
+                    "freeze_wins": sum(g > 0 for g in gaps),
+                    "methods": len(gaps),
+                }
             )
             best = {
                 family: max((_mean(table, model, m, f"prune@{density}") for m in run if METHODS[m].family == family),
@@ -321,12 +328,13 @@ def _markdown(report: dict) -> str:
         "",
         "### The survey's claims",
         "",
-        "| model | trained | freeze − prune (mean over methods) | best DST | best PaI |",
-        "|---|---:|---:|---:|---:|",
+        "| model | trained | freeze − prune: mean (median) over methods | freeze better in | best DST | best PaI |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for fp, dp in zip(report["claims"]["freeze_vs_prune"], report["claims"]["dst_vs_pai"], strict=True):
         lines.append(
             f"| {fp['model']} | {100 * fp['density']:g}% | {100 * fp['mean_freeze_minus_prune']:+.2f} "
+            f"({100 * fp['median_freeze_minus_prune']:+.2f}) | {fp['freeze_wins']}/{fp['methods']} "
             f"| {_percent(dp['best_dst'])} | {_percent(dp['best_pai'])} |"
         )
     return "\n".join(lines) + "\n"
