@@ -355,18 +355,25 @@ def _plot(report: dict, path: str) -> None:
     for ax, model in zip(axes[0], models, strict=True):
         methods = report["accuracy"][model]
         densities = report["setup"]["models"][model]["densities"]
+        dense = 100 * statistics.fmean(methods["dense"]["dense"])
+        floor, clipped = dense - 25, []  # collapsed runs (layer collapse) would squash the rest
         for i, name in enumerate(n for n in report["methods"] if n in methods):
             for mode, style in (("prune", "--"), ("freeze", "-")):
                 acc = [100 * statistics.fmean(methods[name][f"{mode}@{d}"]) for d in densities]
-                ax.plot([100 * d for d in densities], acc, style, marker="o", color=f"C{i}",
+                clipped += [
+                    f"{name} {mode} {100 * d:g}%: {a:.0f}%" for d, a in zip(densities, acc, strict=True) if a < floor
+                ]
+                ax.plot([100 * d for d in densities], [max(a, floor) for a in acc], style, marker="o", color=f"C{i}",
                         label=f"{name} ({mode})", markersize=3)  # fmt: skip
-        ax.axhline(100 * statistics.fmean(methods["dense"]["dense"]), color="black", lw=0.8, label="dense")
+        ax.axhline(dense, color="black", lw=0.8, label="dense")
+        if clipped:
+            ax.text(0.02, 0.02, "drawn at the floor: " + "; ".join(clipped), transform=ax.transAxes, fontsize=6)
         ax.set_xscale("log")
         ax.set_xlabel("trained fraction of the linear weights (%)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{model} on Fashion-MNIST: freeze (solid) vs prune (dashed)")
+        ax.set_title(f"{model} on Fashion-MNIST: freeze (solid) vs prune (dashed)", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6, ncol=2)
+    axes[0][0].legend(fontsize=6, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
