@@ -131,7 +131,7 @@ def main() -> None:
                 "method": name,
                 "trains": what,
                 "accuracy_mean": statistics.fmean(accuracy),
-                "accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
+                "accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else None,
                 "trainings": runs[0]["trainings"],
                 "trained": runs[0]["trained"],
             }
@@ -145,6 +145,11 @@ def main() -> None:
     write_report(args.out, report, _markdown)
 
 
+def _accuracy(row: dict) -> str:
+    mean = f"{100 * row['accuracy_mean']:.2f}"
+    return mean if row["accuracy_std"] is None else f"{mean} ± {100 * row['accuracy_std']:.2f}"
+
+
 def _linears() -> list[nn.Linear]:
     net = LeNet300100()
     return [net.fc1, net.fc2, net.fc3]
@@ -155,17 +160,15 @@ def _markdown(report: dict) -> str:
     lines = [
         f"LeNet-300-100 on Fashion-MNIST{' (synthetic stand-in: harness check)' if s['quick'] else ''} from a seeded "
         f"random init; {s['epochs']} epochs of batch {s['batch_size']} per training, Adam lr 1e-3, target trained "
-        f"fraction {s['density']:g} of the {s['linear_weights']:,} linear weights; mean ± std over {s['seeds']} "
-        f"seed(s); {m['threads']} thread(s) per run ({m['cpu']}, torch {m['torch']}). Command: `{report['command']}`.",
+        f"fraction {s['density']:g} of the {s['linear_weights']:,} linear weights; {s['seeds']} seed(s) "
+        f"(mean ± std when more than one); {m['threads']} thread(s) per run ({m['cpu']}, torch {m['torch']}). "
+        f"Command: `{report['command']}`.",
         "",
         "| method | what trains | trainable parameters | trainings | test accuracy |",
         "|---|---|---:|---:|---:|",
     ]
     for r in report["rows"]:
-        lines.append(
-            f"| {r['method']} | {r['trains']} | {r['trained']:,} | {r['trainings']} "
-            f"| {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} |"
-        )
+        lines.append(f"| {r['method']} | {r['trains']} | {r['trained']:,} | {r['trainings']} | {_accuracy(r)} |")
     return "\n".join(lines) + "\n"
 
 
