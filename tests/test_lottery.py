@@ -151,7 +151,8 @@ def test_lamp_scores_match_the_formula() -> None:
     assert config.criterion == "lamp"
 
 
-def test_trainer_drives_the_rounds_of_a_bert(tmp_path) -> None:
+@pytest.mark.parametrize("config_class", [LotteryTicketConfig, PruneOrFreezeConfig])
+def test_trainer_drives_the_rounds_of_a_bert(tmp_path, config_class) -> None:
     from transformers import Trainer, TrainingArguments
 
     g = torch.Generator().manual_seed(0)
@@ -167,7 +168,7 @@ def test_trainer_drives_the_rounds_of_a_bert(tmp_path) -> None:
     )
     model = tiny_bert()
     trainer = Trainer(model=model, args=args, train_dataset=rows)
-    config = LotteryTicketConfig(density=0.5, one_shot=True, rewind_step=1, modules_to_save=["classifier"])
+    config = config_class(density=0.5, one_shot=True, rewind_step=1, modules_to_save=["classifier"])
     ticket = find_lottery_ticket(model, config, trainer=trainer, output_dir=tmp_path / "imp", verbose=False)
     state = json.loads((tmp_path / "imp" / "lottery_state.json").read_text())
     assert [r["density"] for r in state["rounds"]] == [1.0, 0.5]
@@ -175,6 +176,9 @@ def test_trainer_drives_the_rounds_of_a_bert(tmp_path) -> None:
     d = sum(layer.num_trainable for _, layer in ticket.drt_layers())
     total = sum(layer.weight_shape.numel() for _, layer in ticket.drt_layers())
     assert d == round(0.5 * total)
+    batch = {k: v[:4] for k, v in random_bert_batch(g).items() if k != "labels"}
+    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path / "imp" / "ticket")
+    torch.testing.assert_close(loaded(**batch).logits, ticket.eval()(**batch).logits, rtol=0, atol=0)
 
 
 def test_bad_config_values_are_named() -> None:
