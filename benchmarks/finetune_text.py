@@ -361,18 +361,17 @@ def _plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in report["rows"]:
+    rows = sorted(report["rows"], key=lambda r: r["test_mean"])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    for i, r in enumerate(rows):
         color = "tab:blue" if r["method"].startswith("DRT") else "tab:gray"
-        std = 100 * (r["test_std"] or 0.0)
-        ax.errorbar(r["trainable"], 100 * r["test_mean"], yerr=std, fmt="o", color=color, capsize=3)
-        ax.annotate(r["method"], (r["trainable"], 100 * r["test_mean"]), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("MiniLM-L6 on Rotten Tomatoes, one epoch (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
+        ax.barh(i, 100 * r["test_mean"], xerr=100 * (r["test_std"] or 0.0), color=color, capsize=3)
+    ax.set_yticks(range(len(rows)), [f"{r['method']} ({r['trainable']:,})" for r in rows], fontsize=8)
+    low = min(100 * r["test_mean"] for r in rows)
+    ax.set_xlim(max(0.0, low - 5), 100 * max(r["test_mean"] for r in rows) + 2)
+    ax.set_xlabel("test accuracy (%); trainable parameters in brackets")
+    ax.set_title("MiniLM-L6 on Rotten Tomatoes, one epoch (mean ± std over seeds)", fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
