@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,8 @@ def parse_suite_args(parser: argparse.ArgumentParser, name: str, run_job: Callab
     """Add the arguments every suite shares (``--out``, ``--work``; ``--quick`` is the suite's own), parse.
 
     A ``--job`` (how :func:`run_jobs` starts a run) is run here and its JSON printed; None is
-    returned then. ``--quick`` writes to the temporary folder, never over the docs.
+    returned then. ``--quick`` writes to the temporary folder, never over the docs, and starts
+    afresh there, so a harness check never passes on results left by an earlier run.
     """
     parser.add_argument("--out", default=f"docs/benchmarks/{name}", help="where the report goes (.json/.md/.png)")
     parser.add_argument("--work", default=f"outputs/bench/{name}", help="where finished runs are kept")
@@ -84,6 +86,7 @@ def parse_suite_args(parser: argparse.ArgumentParser, name: str, run_job: Callab
     if args.quick:
         args.out = os.path.join(tempfile.gettempdir(), f"drt_{name}_quick")
         args.work = os.path.join(args.out, "runs")
+        shutil.rmtree(args.work, ignore_errors=True)
     return args
 
 
