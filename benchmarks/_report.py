@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -69,10 +70,66 @@ def peak_bytes() -> int:
 
 
 # -- one process per run ------------------------------------------------------------------------
-def parse_suite_args(parser: argparse.ArgumentParser, name: str, run_job: Callable[[dict], dict]):
+@dataclass(frozen=True)
+class Suite:
+    """A suite's parsed arguments and how its runs run: one process each, or in-process for ``--quick``."""
+
+    args: argparse.Namespace
+    script: str
+    run_job: Callable[[dict], dict]
+
+    def run(self, jobs: dict[str, dict], *, workers: int = 1, threads: int = 1) -> dict:
+        """Run every job not finished yet; return every job's result, by name.
+
+        A job's result is kept in ``<work>/<name>.json``, and a job whose file exists is not run
+        again, so an interrupted suite resumes where it stopped. A full run starts
+        ``python script --job JSON`` per job, ``workers`` at a time with ``threads`` threads each,
+        its output and log in ``<work>/<name>.out`` / ``.log``; ``--quick`` runs the jobs one
+        after the other in this process, which saves a process start per job.
+        """
+        folder = self.args.work
+        os.makedirs(folder, exist_ok=True)
+        pending = [name for name in jobs if not os.path.exists(os.path.join(folder, f"{name}.json"))]
+        if self.args.quick:
+            for name in pending:
+                start = time.perf_counter()
+                self._keep(name, json.loads(json.dumps(self.run_job(jobs[name]))), start)
+            pending = []
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        running: dict[str, tuple[subprocess.Popen, float]] = {}
+        while pending or running:
+            while pending and len(running) < workers:
+                name = pending.pop(0)
+                argv = [sys.executable, self.script, "--job", json.dumps(jobs[name])]
+                base = os.path.join(folder, name)
+                with open(f"{base}.out", "w") as out, open(f"{base}.log", "w") as log:
+                    running[name] = (subprocess.Popen(argv, stdout=out, stderr=log, env=env), time.perf_counter())
+            time.sleep(0.5)
+            for name, (process, start) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[name]
+                base = os.path.join(folder, name)
+                if process.returncode != 0:
+                    with open(f"{base}.log") as log:
+                        raise RuntimeError(f"job {name} failed (log: {base}.log):\n{log.read()[-4000:]}")
+                with open(f"{base}.out") as out:
+                    self._keep(name, json.loads(out.read().strip().splitlines()[-1]), start)
+        results = {}
+        for name in jobs:
+            with open(os.path.join(folder, f"{name}.json")) as handle:
+                results[name] = json.load(handle)
+        return results
+
+    def _keep(self, name: str, result: dict, start: float) -> None:
+        _write_atomic(os.path.join(self.args.work, f"{name}.json"), json.dumps(result))
+        print(f"[{time.perf_counter() - start:6.0f} s] {name}: {_summary(result)}", flush=True)
+
+
+def parse_suite_args(parser: argparse.ArgumentParser, name: str, run_job: Callable[[dict], dict]) -> Suite | None:
     """Add the arguments every suite shares (``--out``, ``--work``; ``--quick`` is the suite's own), parse.
 
-    A ``--job`` (how :func:`run_jobs` starts a run) is run here and its JSON printed; None is
+    A ``--job`` (how :meth:`Suite.run` starts a run) is run here and its JSON printed; None is
     returned then. ``--quick`` writes to the temporary folder, never over the docs, and starts
     afresh there, so a harness check never passes on results left by an earlier run.
     """
@@ -87,57 +144,7 @@ def parse_suite_args(parser: argparse.ArgumentParser, name: str, run_job: Callab
         args.out = os.path.join(tempfile.gettempdir(), f"drt_{name}_quick")
         args.work = os.path.join(args.out, "runs")
         shutil.rmtree(args.work, ignore_errors=True)
-    return args
-
-
-def run_jobs(
-    script: str,
-    jobs: dict[str, dict],
-    folder: str,
-    *,
-    workers: int = 1,
-    threads: int = 1,
-    inline: Callable[[dict], dict] | None = None,
-) -> dict:
-    """Run every job as ``python script --job JSON`` in its own process, ``workers`` at a time.
-
-    A job's result is the JSON its process prints last; it is kept in ``folder/<name>.json``, and a
-    job whose file exists is not run again, so an interrupted suite resumes where it stopped.
-    With ``inline`` (the suite's ``run_job``; ``--quick`` runs), jobs run one after the other in
-    this process instead, which saves a process start per job.
-    """
-    os.makedirs(folder, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    pending = [name for name in jobs if not os.path.exists(os.path.join(folder, f"{name}.json"))]
-    for name in pending if inline is not None else []:
-        start = time.perf_counter()
-        result = json.loads(json.dumps(inline(jobs[name])))
-        _write_atomic(os.path.join(folder, f"{name}.json"), json.dumps(result))
-        print(f"[{time.perf_counter() - start:6.0f} s] {name}: {_summary(result)}", flush=True)
-    pending = [] if inline is not None else pending
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
-    while pending or running:
-        while pending and len(running) < workers:
-            name = pending.pop(0)
-            argv = [sys.executable, script, "--job", json.dumps(jobs[name])]
-            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            running[name] = (process, time.perf_counter())
-        time.sleep(0.5)
-        for name, (process, start) in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[name]
-            out, err = process.communicate()
-            if process.returncode != 0:
-                raise RuntimeError(f"job {name} failed:\n{err[-4000:]}")
-            result = json.loads(out.strip().splitlines()[-1])
-            _write_atomic(os.path.join(folder, f"{name}.json"), json.dumps(result))
-            print(f"[{time.perf_counter() - start:6.0f} s] {name}: {_summary(result)}", flush=True)
-    results = {}
-    for name in jobs:
-        with open(os.path.join(folder, f"{name}.json")) as handle:
-            results[name] = json.load(handle)
-    return results
+    return Suite(args, os.path.abspath(sys.modules[run_job.__module__].__file__), run_job)
 
 
 def _summary(result: dict) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, run_jobs, write_report
+from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, write_report
 from torch import Tensor, nn
 
 from drt_peft import DRTModel, get_drt_model
@@ -152,17 +152,16 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=40)
     parser.add_argument("--test-size", type=int, default=64)
     parser.add_argument("--density", type=float, default=0.005)
-    args = parse_suite_args(parser, "decoder_lm", run_job)
-    if args is None:
+    suite = parse_suite_args(parser, "decoder_lm", run_job)
+    if suite is None:
         return
+    args = suite.args
     if args.quick:
         args.steps, args.test_size = 6, 32
     setup = {k: getattr(args, k) for k in ("quick", "steps", "batch_size", "max_length", "test_size", "density")}
     jobs = {name.replace(" ", "_"): {**setup, "method": name} for name in METHODS}
     threads = os.cpu_count() or 1
-    results = run_jobs(
-        os.path.abspath(__file__), jobs, args.work, workers=1, threads=threads, inline=run_job if args.quick else None
-    )
+    results = suite.run(jobs, threads=threads)
     full = results["full_fine-tuning"]["median_step_s"]
     rows = [
         {"method": name, "lr": METHODS[name].lr, **results[key], "vs_full": results[key]["median_step_s"] / full}

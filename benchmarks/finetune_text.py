@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, run_jobs, write_report
+from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, write_report
 from torch import Tensor, nn
 
 from drt_peft import DRTModel, get_drt_model
@@ -244,15 +244,15 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.005, help="fraction of the linear weights DRT trains")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0, 1, ... per method (the grid uses seed 0)")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (each gets cores / workers threads)")
-    args = parse_suite_args(parser, "finetune_text", run_job)
-    if args is None:
+    suite = parse_suite_args(parser, "finetune_text", run_job)
+    if suite is None:
         return
+    args = suite.args
     seeds, timing = tuple(range(args.seeds)), {"rounds": 5, "steps": 4}
     if args.quick:
         args.train_size, seeds, timing = 256, (0,), {"rounds": 1, "steps": 2}
     setup = asdict(Setup(quick=args.quick, train_size=args.train_size, density=args.density))
     threads = max(1, (os.cpu_count() or 1) // args.workers)
-    script = os.path.abspath(__file__)
 
     def job(name: str, lr: float, seed: int) -> tuple[str, dict]:
         key = f"{name}-lr{lr:g}-seed{seed}".replace(" ", "_")
@@ -260,24 +260,16 @@ def main() -> None:
 
     lrs = {name: method.lrs[:1] if args.quick else method.lrs for name, method in METHODS.items()}
     grid = dict(job(name, lr, seeds[0]) for name in METHODS for lr in lrs[name])
-    grid_results = run_jobs(
-        script, grid, args.work, workers=args.workers, threads=threads, inline=run_job if args.quick else None
-    )
+    grid_results = suite.run(grid, workers=args.workers, threads=threads)
     chosen = {
         name: max(lrs[name], key=lambda lr, name=name: grid_results[job(name, lr, seeds[0])[0]]["val"])
         for name in METHODS
     }
     final = dict(job(name, chosen[name], seed) for name in METHODS for seed in seeds)
-    results = run_jobs(
-        script, final, args.work, workers=args.workers, threads=threads, inline=run_job if args.quick else None
-    )
-    step_times = run_jobs(
-        script,
-        {"timing": {"kind": "timing", "setup": setup, **timing}},
-        args.work,
-        threads=os.cpu_count() or 1,
-        inline=run_job if args.quick else None,
-    )["timing"]
+    results = suite.run(final, workers=args.workers, threads=threads)
+    step_times = suite.run({"timing": {"kind": "timing", "setup": setup, **timing}}, threads=os.cpu_count() or 1)[
+        "timing"
+    ]
 
     rows = []
     for name in METHODS:

@@ -16,7 +16,7 @@ import os
 import time
 
 import torch
-from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, run_jobs, write_report
+from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, write_report
 
 METHODS = {
     "random": {},
@@ -107,16 +107,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--density", type=float, default=0.005)
-    args = parse_suite_args(parser, "scoring", run_job)
-    if args is None:
+    suite = parse_suite_args(parser, "scoring", run_job)
+    if suite is None:
         return
+    args = suite.args
     if args.quick:
         args.samples = 32
     common = {"quick": args.quick, "samples": args.samples, "batch_size": args.batch_size, "density": args.density}
     jobs = {method: {**common, "method": method} for method in METHODS}
-    results = run_jobs(
-        os.path.abspath(__file__), jobs, args.work, threads=os.cpu_count() or 1, inline=run_job if args.quick else None
-    )
+    results = suite.run(jobs, threads=os.cpu_count() or 1)
     rows = [results[method] for method in METHODS]
     report = {
         "command": command("scoring.py"),

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 
 import torch
-from _report import command, machine, parse_suite_args, run_jobs, write_report
+from _report import command, machine, parse_suite_args, write_report
 from scratch_vision import MODELS, LeNet300100, _batches, _data, _train
 from torch import nn
 
@@ -101,9 +101,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2)
-    args = parse_suite_args(parser, "scratch_embeddings", run_job)
-    if args is None:
+    suite = parse_suite_args(parser, "scratch_embeddings", run_job)
+    if suite is None:
         return
+    args = suite.args
     if args.quick:
         args.epochs, args.seeds, args.density = 1, 1, 0.5
     setup = {"quick": args.quick, "epochs": args.epochs, "batch_size": args.batch_size, "density": args.density}
@@ -114,14 +115,7 @@ def main() -> None:
         for seed in range(args.seeds)
     }  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // args.workers)
-    results = run_jobs(
-        os.path.abspath(__file__),
-        jobs,
-        args.work,
-        workers=args.workers,
-        threads=threads,
-        inline=run_job if args.quick else None,
-    )
+    results = suite.run(jobs, workers=args.workers, threads=threads)
     rows = []
     for name, (_, what) in METHODS.items():
         runs = [results[key] for key, job in jobs.items() if job["method"] == name]

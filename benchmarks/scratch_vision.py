@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from _report import command, machine, parse_suite_args, run_jobs, write_report
+from _report import command, machine, parse_suite_args, write_report
 from torch import Tensor, nn
 
 from drt_peft import get_drt_model
@@ -201,9 +201,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--workers", type=int, default=2)
-    args = parse_suite_args(parser, "scratch_vision", run_job)
-    if args is None:
+    suite = parse_suite_args(parser, "scratch_vision", run_job)
+    if suite is None:
         return
+    args = suite.args
     densities = {model: list(MODELS[model].densities) for model in args.models}
     if args.quick:
         args.epochs, args.seeds, densities = 1, 1, {"LeNet-300-100": [DENSITIES[0], DENSITIES[-1]]}
@@ -221,14 +222,7 @@ def main() -> None:
         for seed in range(args.seeds)
     }
     threads = max(1, (os.cpu_count() or 1) // args.workers)
-    results = run_jobs(
-        os.path.abspath(__file__),
-        jobs,
-        args.work,
-        workers=args.workers,
-        threads=threads,
-        inline=run_job if args.quick else None,
-    )
+    results = suite.run(jobs, workers=args.workers, threads=threads)
     table: dict[str, dict[str, dict[str, list[float]]]] = {}
     for job in jobs.values():
         runs = results[f"{job['model']}-{job['method']}-seed{job['seed']}"]
