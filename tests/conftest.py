@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -98,3 +100,28 @@ def train_steps(model: nn.Module, batches: list[dict[str, torch.Tensor]], lr: fl
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+class Parity(Dataset):
+    """Label = whether token 7 occurs; learnable by a tiny BERT in a few steps."""
+
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(8, 64, (n, 12), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        self.ids[self.labels == 1, 3] = 7
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def cpu_training_args(output_dir: object, **overrides: object) -> TrainingArguments:
+    """Arguments for a short Trainer run in a test: CPU, seed 0, no reports, no progress bar, no checkpoints.
+
+    ``overrides`` are any other ``TrainingArguments`` fields (``save_strategy="steps"`` to checkpoint).
+    """
+    defaults = {"use_cpu": True, "report_to": [], "disable_tqdm": True, "seed": 0, "save_strategy": "no"}
+    return TrainingArguments(output_dir=str(output_dir), **{**defaults, **overrides})

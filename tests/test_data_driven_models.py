@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_vit
+from conftest import Parity, cpu_training_args, tiny_bert, tiny_vit
+from transformers import Trainer
 
 from drt_peft import (
     DRTCallback,
@@ -136,23 +137,13 @@ def test_freezenet_decays_frozen_entries_and_trains_the_rest(tmp_path) -> None:
 
 
 def test_freezenet_decay_through_the_trainer_callback(tmp_path) -> None:
-    from test_integrations import _Parity
-    from transformers import Trainer, TrainingArguments
 
     data = _text_batches()
     model = get_drt_model(tiny_bert(), FreezeNetConfig(density=0.2, frozen_weight_decay=0.1), calibration_data=data)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=16,
-        max_steps=4,
-        learning_rate=0.1,
-        lr_scheduler_type="constant",
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
+    args = cpu_training_args(
+        tmp_path, per_device_train_batch_size=16, max_steps=4, learning_rate=0.1, lr_scheduler_type="constant"
     )
-    Trainer(model=model, args=args, train_dataset=_Parity(64), callbacks=[DRTCallback()]).train()
+    Trainer(model=model, args=args, train_dataset=Parity(64), callbacks=[DRTCallback()]).train()
     assert all(layer.frozen_scale == pytest.approx(0.99**4) for _, layer in model.drt_layers())
 
 

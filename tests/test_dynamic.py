@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_bert_batch, tiny_bert
+from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert
 from torch import nn
 
-from drt_peft import DRTLayer, DRTModel, RigLConfig, SETConfig, get_drt_model
+from drt_peft import DRTLayer, DRTModel, DRTTrainer, RigLConfig, SETConfig, get_drt_model
 from drt_peft.masks.dynamic import drop_and_grow
 
 
@@ -195,24 +195,9 @@ def test_exploration_rate_counts_every_position_ever_trained() -> None:
 
 
 def test_drt_trainer_logs_densities_and_exploration(tmp_path) -> None:
-    from test_integrations import _Parity
-    from transformers import TrainingArguments
-
-    from drt_peft import DRTTrainer
-
     model = get_drt_model(tiny_bert(), SETConfig(density=0.2, update_frequency=2, drop_fraction=0.3))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        max_steps=8,
-        logging_steps=2,
-        learning_rate=1e-2,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = DRTTrainer(model=model, args=args, train_dataset=_Parity(64))
+    args = cpu_training_args(tmp_path, per_device_train_batch_size=8, max_steps=8, logging_steps=2, learning_rate=1e-2)
+    trainer = DRTTrainer(model=model, args=args, train_dataset=Parity(64))
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     rates = [entry["drt/itop_exploration"] for entry in logged]
@@ -237,15 +222,10 @@ def test_missing_update_hook_warns_once() -> None:
 
 
 def test_t_end_beyond_the_trainer_length_is_refused(tmp_path) -> None:
-    from test_integrations import _Parity
-    from transformers import TrainingArguments
-
-    from drt_peft import DRTTrainer
-
     model = get_drt_model(tiny_bert(), RigLConfig(density=0.2, update_frequency=2, t_end=50))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, use_cpu=True, report_to=[], save_strategy="no")
+    args = cpu_training_args(tmp_path, max_steps=10)
     with pytest.raises(ValueError, match=r"t_end=50 is beyond the training length \(max_steps=10\)"):
-        DRTTrainer(model=model, args=args, train_dataset=_Parity(16)).train()
+        DRTTrainer(model=model, args=args, train_dataset=Parity(16)).train()
 
 
 def _mlp_model(config) -> tuple[DRTModel, torch.optim.Optimizer]:

@@ -3,46 +3,20 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_bert
-from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from conftest import Parity, cpu_training_args, tiny_bert
+from transformers import Trainer
 
 from drt_peft import RandomConfig, get_drt_model
-
-
-class _Parity(Dataset):
-    """Label = whether token 7 occurs; learnable by a tiny BERT in a few steps."""
-
-    def __init__(self, n: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(8, 64, (n, 12), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-        self.ids[self.labels == 1, 3] = 7
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 def test_trainer_trains_only_the_embedded_entries(tmp_path) -> None:
     base = tiny_bert()
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     model = get_drt_model(base, RandomConfig(density=0.2, modules_to_save=["classifier"]))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=16,
-        num_train_epochs=4,
-        learning_rate=5e-3,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
+    args = cpu_training_args(
+        tmp_path, per_device_train_batch_size=16, num_train_epochs=4, learning_rate=5e-3, logging_steps=1
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_Parity(64))
+    trainer = Trainer(model=model, args=args, train_dataset=Parity(64))
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0]
@@ -65,7 +39,7 @@ def test_accelerate_prepared_loop_trains_the_values() -> None:
     accelerator = Accelerator(cpu=True)
     model = get_drt_model(tiny_bert(), RandomConfig(density=0.2, modules_to_save=["classifier"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    loader = torch.utils.data.DataLoader(_Parity(32), batch_size=8)
+    loader = torch.utils.data.DataLoader(Parity(32), batch_size=8)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     before = {name: layer.drt_values.detach().clone() for name, layer in model.drt_layers()}
     for batch in loader:

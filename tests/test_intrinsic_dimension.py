@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
-from conftest import random_bert_batch, tiny_bert, tiny_vit, train_steps
+from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert, tiny_vit, train_steps
 from safetensors import safe_open
 
-from drt_peft import DRTModel, IntrinsicDimensionConfig, get_drt_model
+from drt_peft import DRTModel, DRTTrainer, IntrinsicDimensionConfig, get_drt_model
 from drt_peft.layer.projected import ProjectedLayer, hadamard
 
 
@@ -146,25 +146,13 @@ def test_save_load_merge_unload(tmp_path) -> None:
 
 
 def test_trainer_checkpoints_resume_theta(tmp_path) -> None:
-    from test_integrations import _Parity
-    from transformers import TrainingArguments
-
-    from drt_peft import DRTTrainer
-
     def run(resume: bool) -> torch.Tensor:
         model = get_drt_model(tiny_bert(), IntrinsicDimensionConfig(num_trainable=50, modules_to_save=["classifier"]))
-        args = TrainingArguments(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=16,
-            max_steps=4,
-            learning_rate=0.05,
-            use_cpu=True,
-            report_to=[],
-            save_strategy="steps",
-            save_steps=2,
-            disable_tqdm=True,
-        )
-        DRTTrainer(model=model, args=args, train_dataset=_Parity(64)).train(resume_from_checkpoint=resume or None)
+        args = cpu_training_args(
+            tmp_path, per_device_train_batch_size=16, max_steps=4, learning_rate=0.05,
+            save_strategy="steps", save_steps=2,
+        )  # fmt: skip
+        DRTTrainer(model=model, args=args, train_dataset=Parity(64)).train(resume_from_checkpoint=resume or None)
         return next(layer for _, layer in model.drt_layers()).theta.detach()
 
     trained = run(resume=False)

@@ -8,8 +8,9 @@ import math
 
 import pytest
 import torch
-from conftest import random_bert_batch, tiny_bert, tiny_vit
+from conftest import cpu_training_args, random_bert_batch, tiny_bert, tiny_vit
 from torch import nn
+from transformers import Trainer
 
 from drt_peft import DRTModel, LotteryTicketConfig, PruneOrFreezeConfig, find_lottery_ticket
 from drt_peft.masks.criteria.basic import lamp
@@ -153,19 +154,11 @@ def test_lamp_scores_match_the_formula() -> None:
 
 @pytest.mark.parametrize("config_class", [LotteryTicketConfig, PruneOrFreezeConfig])
 def test_trainer_drives_the_rounds_of_a_bert(tmp_path, config_class) -> None:
-    from transformers import Trainer, TrainingArguments
 
     g = torch.Generator().manual_seed(0)
     batch = random_bert_batch(g, size=8)
     rows = [{k: v[i] for k, v in batch.items()} for i in range(8)]
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-    )
+    args = cpu_training_args(tmp_path / "trainer", max_steps=3, per_device_train_batch_size=4)
     model = tiny_bert()
     trainer = Trainer(model=model, args=args, train_dataset=rows)
     config = config_class(density=0.5, one_shot=True, rewind_step=1, modules_to_save=["classifier"])

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert
-from test_integrations import _Parity
-from transformers import Trainer, TrainingArguments
+from conftest import Parity, cpu_training_args, tiny_bert
+from transformers import Trainer
 
 from drt_peft import DRTCallback, FreezeNetConfig, RigLConfig, SETConfig, get_drt_model
 
@@ -25,19 +24,11 @@ def _trainer(method: str, output_dir: str, max_steps: int) -> Trainer:
         }
     ]
     model = get_drt_model(tiny_bert(), CONFIGS[method](), calibration_data=calibration)
-    args = TrainingArguments(
-        output_dir=output_dir,
-        per_device_train_batch_size=8,
-        max_steps=max_steps,
-        learning_rate=1e-2,
-        save_strategy="steps",
-        save_steps=3,
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        seed=0,
-    )
-    return Trainer(model=model, args=args, train_dataset=_Parity(64), callbacks=[DRTCallback()])
+    args = cpu_training_args(
+        output_dir, per_device_train_batch_size=8, max_steps=max_steps, learning_rate=1e-2,
+        save_strategy="steps", save_steps=3,
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=Parity(64), callbacks=[DRTCallback()])
 
 
 def _state(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -7,11 +7,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_bert_batch, tiny_bert, tiny_gpt2, tiny_vit
+from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert, tiny_gpt2, tiny_vit
 from safetensors import safe_open
-from test_integrations import _Parity
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from drt_peft import DRTCallback, DRTConfig, DRTModel, SupermaskConfig, get_drt_model
 from drt_peft.checkpoint.io import WEIGHTS_NAME
@@ -212,19 +211,11 @@ def test_state_dict_round_trip_restores_scores_and_draws() -> None:
 def test_trainer_resume_continues_the_scores_and_masks(variant: str, tmp_path) -> None:
     def trainer(output_dir: str) -> Trainer:
         model = get_drt_model(tiny_bert(), SupermaskConfig(density=0.5, variant=variant))
-        args = TrainingArguments(
-            output_dir=output_dir,
-            per_device_train_batch_size=8,
-            max_steps=6,
-            learning_rate=0.1,
-            save_strategy="steps",
-            save_steps=3,
-            use_cpu=True,
-            report_to=[],
-            disable_tqdm=True,
-            seed=0,
-        )
-        return Trainer(model=model, args=args, train_dataset=_Parity(48), callbacks=[DRTCallback()])
+        args = cpu_training_args(
+            output_dir, per_device_train_batch_size=8, max_steps=6, learning_rate=0.1,
+            save_strategy="steps", save_steps=3,
+        )  # fmt: skip
+        return Trainer(model=model, args=args, train_dataset=Parity(48), callbacks=[DRTCallback()])
 
     straight = trainer(str(tmp_path / "a"))
     straight.train()
