@@ -13,8 +13,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def command(script: str) -> str:
@@ -33,11 +38,27 @@ def machine(threads: int | None = None) -> dict:
     }
 
 
-def write_report(out: str, report: dict, markdown: Callable[[dict], str]) -> None:
-    """Write ``out.json`` and ``out.md`` atomically and print the markdown."""
+def write_report(
+    out: str, report: dict, markdown: Callable[[dict], str], plot: Callable[[dict, ModuleType], Figure] | None = None
+) -> None:
+    """Write ``out.json``, ``out.md`` and, given ``plot``, ``out.png``, each atomically; print the markdown.
+
+    ``plot(report, pyplot)`` draws with the non-interactive backend and returns its figure.
+    """
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     _write_atomic(out + ".json", json.dumps(report, indent=2))
     _write_atomic(out + ".md", markdown(report))
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure = plot(report, plt)
+        figure.tight_layout()
+        figure.savefig(out + ".tmp.png", dpi=120)
+        plt.close(figure)
+        os.replace(out + ".tmp.png", out + ".png")
     print(markdown(report))
 
 

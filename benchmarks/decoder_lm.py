@@ -22,6 +22,8 @@ import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, write_report
@@ -31,6 +33,9 @@ from drt_peft import DRTModel, get_drt_model
 from drt_peft.config import config_class
 from drt_peft.offline import rotten_tomatoes, smollm2_path, stratified_split
 from drt_peft.recipes.text_classification import optimizer_state_bytes, train
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -168,8 +173,7 @@ def main() -> None:
         for key, name in zip(jobs, METHODS, strict=True)
     ]
     report = {"command": command("decoder_lm.py"), "machine": machine(threads), "setup": setup, "rows": rows}
-    write_report(args.out, report, _markdown)
-    _plot(report, args.out + ".png")
+    write_report(args.out, report, _markdown, _plot)
 
 
 def _markdown(report: dict) -> str:
@@ -195,12 +199,7 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(report: dict, plt: ModuleType) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in report["rows"]:
         losses = r["losses"]
@@ -212,8 +211,7 @@ def _plot(report: dict, path: str) -> None:
     ax.set_title("Causal-LM fine-tuning on Rotten Tomatoes snippets")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

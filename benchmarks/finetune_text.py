@@ -28,6 +28,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, write_report
@@ -37,6 +39,9 @@ from drt_peft import DRTModel, get_drt_model
 from drt_peft.config import config_class
 from drt_peft.offline import minilm_path, rotten_tomatoes, stratified_split
 from drt_peft.recipes.text_classification import accuracy, batches, optimizer_state_bytes, tokenize, train
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -296,8 +301,7 @@ def main() -> None:
         "setup": {**setup, "steps": Setup(**setup).steps, "seeds": list(seeds), "timing": timing},
         "rows": rows,
     }
-    write_report(args.out, report, _markdown)
-    _plot(report, args.out + ".png")
+    write_report(args.out, report, _markdown, _plot)
 
 
 def _markdown(report: dict) -> str:
@@ -343,12 +347,7 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(report: dict, plt: ModuleType) -> Figure:
     rows = sorted(report["rows"], key=lambda r: r["test_mean"])
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
     for i, r in enumerate(rows):
@@ -360,8 +359,7 @@ def _plot(report: dict, path: str) -> None:
     ax.set_xlabel("test accuracy (%); trainable parameters in brackets")
     ax.set_title("MiniLM-L6 on Rotten Tomatoes, one epoch (mean ± std over seeds)", fontsize=10)
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from _report import command, write_report
@@ -31,6 +33,9 @@ from drt_peft import DRTLayer
 from drt_peft.layer.layer import CSR_MAX_DENSITY
 
 DENSITIES = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -114,8 +119,7 @@ def main() -> None:
         "shape": {"fan_in": fan_in, "fan_out": fan_out, "tokens": tokens},
         "rows": rows,
     }
-    write_report(args.out, report, _markdown)
-    _plot(report, args.out + ".png")
+    write_report(args.out, report, _markdown, _plot)
 
 
 def _markdown(report: dict) -> str:
@@ -151,12 +155,7 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(report: dict, plt: ModuleType) -> Figure:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
     for ax, threads in zip(axes, (1, 2), strict=True):
         rows = [r for r in report["rows"] if r["threads"] == threads]
@@ -174,8 +173,7 @@ def _plot(report: dict, path: str) -> None:
         ax.set_ylabel("ms")
         ax.set_title(f"{threads} thread{'s' if threads > 1 else ''}")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from _report import command, machine, parse_suite_args, write_report
@@ -36,6 +37,9 @@ from torch import Tensor, nn
 from drt_peft import get_drt_model
 from drt_peft.config import config_class
 from drt_peft.offline import fashion_mnist, stratified_split
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -248,8 +252,7 @@ def main() -> None:
         "accuracy": table,
         "claims": _claims(table, densities),
     }
-    write_report(args.out, report, _markdown)
-    _plot(report, args.out + ".png")
+    write_report(args.out, report, _markdown, _plot)
 
 
 def _mean(table: dict, model: str, method: str, key: str) -> float:
@@ -326,12 +329,7 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(report: dict, plt: ModuleType) -> Figure:
     models = list(report["accuracy"])
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
@@ -356,8 +354,7 @@ def _plot(report: dict, path: str) -> None:
         ax.set_title(f"{model} on Fashion-MNIST: freeze (solid) vs prune (dashed)", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":
