@@ -102,19 +102,22 @@ class Suite:
     def run(self, jobs: dict[str, dict], *, workers: int = 1, threads: int = 1) -> dict:
         """Run every job not finished yet; return every job's result, by name.
 
-        A job's result is kept in ``<work>/<name>.json``, and a job whose file exists is not run
-        again, so an interrupted suite resumes where it stopped. A full run starts
+        A job's result is kept in ``<work>/<name>.json`` beside the job's settings; a job kept
+        with the same settings is not run again, so an interrupted suite resumes where it stopped,
+        and one whose settings changed runs afresh. A full run starts
         ``python script --job JSON`` per job, ``workers`` at a time with ``threads`` threads each,
         its output and log in ``<work>/<name>.out`` / ``.log``; ``--quick`` runs the jobs one
         after the other in this process, which saves a process start per job.
         """
         folder = self.args.work
         os.makedirs(folder, exist_ok=True)
-        pending = [name for name in jobs if not os.path.exists(os.path.join(folder, f"{name}.json"))]
+        jobs = json.loads(json.dumps(jobs))  # as they are kept: tuples become lists
+        results = {name: self._kept(name, job) for name, job in jobs.items()}
+        pending = [name for name, result in results.items() if result is None]
         if self.args.quick:
             for name in pending:
                 start = time.perf_counter()
-                self._keep(name, json.loads(json.dumps(self.run_job(jobs[name]))), start)
+                results[name] = self._keep(name, jobs[name], self.run_job(jobs[name]), start)
             pending = []
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         running: dict[str, tuple[subprocess.Popen, float]] = {}
@@ -135,16 +138,26 @@ class Suite:
                     with open(f"{base}.log") as log:
                         raise RuntimeError(f"job {name} failed (log: {base}.log):\n{log.read()[-4000:]}")
                 with open(f"{base}.out") as out:
-                    self._keep(name, json.loads(out.read().strip().splitlines()[-1]), start)
-        results = {}
-        for name in jobs:
-            with open(os.path.join(folder, f"{name}.json")) as handle:
-                results[name] = json.load(handle)
+                    result = json.loads(out.read().strip().splitlines()[-1])
+                results[name] = self._keep(name, jobs[name], result, start)
         return results
 
-    def _keep(self, name: str, result: dict, start: float) -> None:
-        _write_atomic(os.path.join(self.args.work, f"{name}.json"), json.dumps(result))
+    def _kept(self, name: str, job: dict) -> dict | None:
+        path = os.path.join(self.args.work, f"{name}.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as handle:
+            kept = json.load(handle)
+        if kept.get("job") != job:
+            print(f"{path} was run with other settings; running {name} again", flush=True)
+            return None
+        return kept["result"]
+
+    def _keep(self, name: str, job: dict, result: dict, start: float) -> dict:
+        result = json.loads(json.dumps(result))
+        _write_atomic(os.path.join(self.args.work, f"{name}.json"), json.dumps({"job": job, "result": result}))
         print(f"[{time.perf_counter() - start:6.0f} s] {name}: {_summary(result)}", flush=True)
+        return result
 
 
 def parse_suite_args(parser: argparse.ArgumentParser, name: str, run_job: Callable[[dict], dict]) -> Suite | None:
