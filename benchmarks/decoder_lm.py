@@ -152,10 +152,10 @@ def run_job(job: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny Llama from a config, few steps")
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=40)
-    parser.add_argument("--test-size", type=int, default=64)
+    parser.add_argument("--test-size", type=int, default=256)
     parser.add_argument("--density", type=float, default=0.005)
     suite = parse_suite_args(parser, "decoder_lm", run_job)
     if suite is None:

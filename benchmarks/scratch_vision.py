@@ -1,17 +1,17 @@
 """From scratch on Fashion-MNIST: the survey's claims (METHODS.md §7) on LeNet-300-100 and a small ViT.
 
 Both networks start from a seeded random init. At densities 20, 10, 5, 2 and 1% (sparsities 80–99%)
-of their linear weights (the ViT: 20, 5 and 1%, to fit the machine time), every method trains the
-same number of epochs on a fixed stratified subset of the training images (30,000 for LeNet, 12,000 for the ViT, to fit
-a 2-core machine; all 10,000 test images) with Adam (lr 1e-3, batch 128), in prune mode
-(untrained entries zero) and in freeze mode (untrained entries kept at their random init), for
-each seed; the dense network is the reference. Methods: PaI random (ERK
-budget), magnitude, SNIP, GraSP, SynFlow (global budget); DST SET and RigL (ERK budget, mask
-updates every 1/16 of training until 3/4 of it). The same seed gives the same mask in both modes.
+of their linear weights, every method trains the same number of epochs on a fixed stratified
+subset of the training images (30,000 for LeNet, 12,000 for the ViT, to fit a 2-core machine; all
+10,000 test images) with Adam (lr 1e-3, batch 128), in prune mode (untrained entries zero) and in
+freeze mode (untrained entries kept at their random init), for each seed; the dense network is the
+reference. Methods: PaI random (ERK budget), magnitude, SNIP, GraSP, SynFlow (global budget); DST
+SET and RigL (ERK budget, mask updates every 1/16 of training until 3/4 of it). The same seed
+gives the same mask in both modes.
 
 Reported: test accuracy per model × method × mode × density (mean over seeds), a plot of
 accuracy against the trained fraction (the survey's Fig. 9), the ranking per density (its
-Table 5) and which of the claims held. One process per (model, method, seed); finished runs are
+Table 5) and which of the claims held. One process per (model, method, density, seed); finished runs are
 kept under ``--work``, so an interrupted suite resumes.
 
     python benchmarks/scratch_vision.py             # the full suite (apt-get install dataset-fashion-mnist)
@@ -99,18 +99,16 @@ class Net:
     targets: list[str] | str  # the weights DRT embeds
     dense_parts: list[str] | None  # small parts that train in full
     train_size: int  # a stratified subset of the 60,000 training images, to fit the machine
-    densities: tuple[float, ...]
     calibration: int  # images the data-driven criteria score on
 
 
 MODELS = {
-    "LeNet-300-100": Net(LeNet300100, ["fc1", "fc2", "fc3"], None, 30_000, DENSITIES, 1280),
+    "LeNet-300-100": Net(LeNet300100, ["fc1", "fc2", "fc3"], None, 30_000, 1280),
     "ViT": Net(
         _vit,
         "all-linear",
         ["vit.embeddings", "layernorm_before", "layernorm_after", "vit.layernorm", "classifier"],
         12_000,
-        (0.2, 0.05, 0.01),
         512,
     ),
 }
@@ -150,7 +148,7 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return hits / len(y)
 
 
-# -- one process per (model, method, seed) ---------------------------------------------------------
+# -- one process per (model, method, density, seed) ---------------------------------------------------------
 def _train(model: nn.Module, data: dict, epochs: int, batch_size: int, seed: int) -> float:
     x, y = data["train"]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -179,20 +177,18 @@ def run_job(job: dict) -> dict:
     steps = epochs * (len(data["train"][1]) // batch_size)
     x, y = data["train"]
     calibration = _batches(x[: net.calibration], y[: net.calibration], batch_size, seed, 0)
+    extra = {"update_frequency": max(1, steps // 16), "t_end": (3 * steps) // 4} if method.family == "DST" else {}
+    if method.rounds:
+        extra["rounds"] = 2 if job["quick"] else method.rounds
     results = {}
     for mode in MODES:
-        for density in job["densities"]:
-            torch.manual_seed(seed)  # the same init in both modes
-            cls = config_class(method.name)
-            extra = (
-                {"update_frequency": max(1, steps // 16), "t_end": (3 * steps) // 4} if method.family == "DST" else {}
-            )
-            if method.rounds:
-                extra["rounds"] = 2 if job["quick"] else method.rounds
-            config = cls(density=density, mode=mode, budget=method.budget, target_modules=net.targets,
-                         modules_to_save=net.dense_parts, seed=seed, **extra)  # fmt: skip
-            model = get_drt_model(net.build(), config, calibration_data=calibration)
-            results[f"{mode}@{density}"] = _train(model, data, epochs, batch_size, seed)
+        torch.manual_seed(seed)  # the same init in both modes
+        config = config_class(method.name)(
+            density=job["density"], mode=mode, budget=method.budget, target_modules=net.targets,
+            modules_to_save=net.dense_parts, seed=seed, **extra,
+        )  # fmt: skip
+        model = get_drt_model(net.build(), config, calibration_data=calibration)
+        results[mode] = _train(model, data, epochs, batch_size, seed)
     return results
 
 
@@ -209,28 +205,25 @@ def main() -> None:
     if suite is None:
         return
     args = suite.args
-    densities = {model: list(MODELS[model].densities) for model in args.models}
+    densities = {model: list(DENSITIES) for model in args.models}
     if args.quick:
         args.epochs, args.seeds, densities = 1, 1, {"LeNet-300-100": [DENSITIES[0], DENSITIES[-1]]}
     common = {"quick": args.quick, "epochs": args.epochs, "batch_size": args.batch_size}
+    cells = [(model, "dense", None) for model in densities]
+    cells += [(model, method, density) for model in densities for method in METHODS for density in densities[model]]
     jobs = {
-        f"{model}-{method}-seed{seed}": {
-            **common,
-            "model": model,
-            "densities": densities[model],
-            "method": method,
-            "seed": seed,
+        f"{model}-{method}{'' if density is None else f'-density{density:g}'}-seed{seed}": {
+            **common, "model": model, "method": method, "density": density, "seed": seed,
         }
-        for model in densities
-        for method in ["dense", *METHODS]
+        for model, method, density in cells
         for seed in range(args.seeds)
-    }
+    }  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     results = suite.run(jobs, workers=args.workers, threads=threads)
     table: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for job in jobs.values():
-        runs = results[f"{job['model']}-{job['method']}-seed{job['seed']}"]
-        for key, acc in runs.items():
+    for name, job in jobs.items():
+        for mode, acc in results[name].items():
+            key = mode if job["density"] is None else f"{mode}@{job['density']}"
             table.setdefault(job["model"], {}).setdefault(job["method"], {}).setdefault(key, []).append(acc)
     report = {
         "command": command("scratch_vision.py"),
