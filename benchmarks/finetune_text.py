@@ -121,17 +121,17 @@ DRT_LRS = (1e-2, 2e-2)
 METHODS: dict[str, Method] = {
     "head only": Method((1e-3, 1e-2, 5e-2), _head_only),
     "full fine-tuning": Method((5e-5, 1e-4), _full),
-    "PEFT LoRA": Method((5e-3, 1e-2), _peft("lora")),
-    "PEFT SHiRA": Method((5e-3, 1e-2), _peft("shira")),
+    "PEFT LoRA": Method((2e-3, 5e-3, 1e-2), _peft("lora")),
+    "PEFT SHiRA": Method((5e-3, 1e-2, 2e-2), _peft("shira")),
     "DRT random": Method(DRT_LRS, _drt("random")),
     "DRT magnitude": Method(DRT_LRS, _drt("magnitude")),
-    "DRT SNIP": Method((3e-3, *DRT_LRS), _drt("snip")),
-    # Shorter grids (machine time): entries chosen by gradient (FISH, FreezeNet's SNIP mask, RigL's growth)
-    # concentrate on few rows and want lower rates; SET, random throughout, takes the rate DRT random chose.
-    "DRT FISH": Method((3e-3, 1e-2), _drt("fish")),
-    "DRT FreezeNet": Method((3e-3, 1e-2), _drt("freezenet", frozen_weight_decay=0.01)),
+    "DRT SNIP": Method((3e-3, 5e-3, *DRT_LRS), _drt("snip")),
+    # Entries chosen by gradient (SNIP, FISH, FreezeNet's SNIP mask, RigL's growth) concentrate on few rows
+    # and diverge at the rates random masks like best, so their grids reach lower.
+    "DRT FISH": Method((3e-3, 5e-3, 1e-2), _drt("fish")),
+    "DRT FreezeNet": Method((3e-3, 5e-3, 1e-2), _drt("freezenet", frozen_weight_decay=0.01)),
     "DRT SET": Method((3e-3, 1e-2), _drt("set")),
-    "DRT RigL": Method((3e-3, 1e-2), _drt("rigl")),
+    "DRT RigL": Method((3e-3, 5e-3, 1e-2), _drt("rigl")),
 }
 
 
