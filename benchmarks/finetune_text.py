@@ -126,8 +126,8 @@ METHODS: dict[str, Method] = {
     "DRT random": Method(DRT_LRS, _drt("random")),
     "DRT magnitude": Method(DRT_LRS, _drt("magnitude")),
     "DRT SNIP": Method((3e-3, 5e-3, *DRT_LRS), _drt("snip")),
-    # Entries chosen by gradient (SNIP, FISH, FreezeNet's SNIP mask, RigL's growth) concentrate on few rows
-    # and diverge at the rates random masks like best, so their grids reach lower.
+    # Masks chosen by gradient (SNIP, FISH, FreezeNet's SNIP mask, RigL's growth) diverged at the rates
+    # random masks train best with, so their grids reach lower.
     "DRT FISH": Method((3e-3, 5e-3, 1e-2), _drt("fish")),
     "DRT FreezeNet": Method((3e-3, 5e-3, 1e-2), _drt("freezenet", frozen_weight_decay=0.01)),
     "DRT SET": Method((3e-3, 1e-2), _drt("set")),
