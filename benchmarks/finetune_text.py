@@ -117,15 +117,15 @@ def _drt(method: str, **fields) -> Builder:
     return build
 
 
-DRT_LRS = (1e-2, 2e-2)
+DRT_LRS = (5e-3, 1e-2, 2e-2)
 METHODS: dict[str, Method] = {
-    "head only": Method((1e-3, 1e-2, 5e-2), _head_only),
+    "head only": Method((1e-3, 1e-2, 5e-2, 2e-1), _head_only),
     "full fine-tuning": Method((3e-5, 5e-5, 1e-4), _full),
     "PEFT LoRA": Method((2e-3, 5e-3, 1e-2), _peft("lora")),
     "PEFT SHiRA": Method((5e-3, 1e-2, 2e-2), _peft("shira")),
     "DRT random": Method(DRT_LRS, _drt("random")),
     "DRT magnitude": Method(DRT_LRS, _drt("magnitude")),
-    "DRT SNIP": Method((1e-3, 3e-3, 5e-3, *DRT_LRS), _drt("snip")),
+    "DRT SNIP": Method((1e-3, 3e-3, *DRT_LRS), _drt("snip")),
     # Masks chosen by gradient (SNIP, FISH, FreezeNet's SNIP mask, RigL's growth) diverged at the rates
     # random masks train best with, so their grids reach lower.
     "DRT FISH": Method((1e-3, 3e-3, 5e-3, 1e-2), _drt("fish")),
