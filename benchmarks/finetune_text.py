@@ -119,7 +119,7 @@ def _drt(method: str, **fields) -> Builder:
 
 DRT_LRS = (5e-3, 1e-2, 2e-2)
 METHODS: dict[str, Method] = {
-    "head only": Method((1e-3, 1e-2, 5e-2, 2e-1), _head_only),
+    "head only": Method((1e-2, 5e-2, 2e-1, 1.0), _head_only),
     "full fine-tuning": Method((3e-5, 5e-5, 1e-4), _full),
     "PEFT LoRA": Method((2e-3, 5e-3, 1e-2), _peft("lora")),
     "PEFT SHiRA": Method((5e-3, 1e-2, 2e-2), _peft("shira")),
