@@ -123,14 +123,14 @@ METHODS: dict[str, Method] = {
     "full fine-tuning": Method((3e-5, 5e-5, 1e-4), _full),
     "PEFT LoRA": Method((2e-3, 5e-3, 1e-2), _peft("lora")),
     "PEFT SHiRA": Method((5e-3, 1e-2, 2e-2), _peft("shira")),
-    "DRT random": Method(DRT_LRS, _drt("random")),
+    "DRT random": Method((2e-3, *DRT_LRS), _drt("random")),
     "DRT magnitude": Method(DRT_LRS, _drt("magnitude")),
     "DRT SNIP": Method((1e-3, 3e-3, *DRT_LRS), _drt("snip")),
     # Masks chosen by gradient (SNIP, FISH, FreezeNet's SNIP mask, RigL's growth) diverged at the rates
     # random masks train best with, so their grids reach lower.
     "DRT FISH": Method((1e-3, 3e-3, 5e-3, 1e-2), _drt("fish")),
     "DRT FreezeNet": Method((1e-3, 3e-3, 5e-3, 1e-2), _drt("freezenet", frozen_weight_decay=0.01)),
-    "DRT SET": Method((3e-3, 1e-2), _drt("set")),
+    "DRT SET": Method((3e-3, 1e-2, 2e-2), _drt("set")),
     "DRT RigL": Method((1e-3, 3e-3, 5e-3, 1e-2), _drt("rigl")),
 }
 
