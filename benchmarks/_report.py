@@ -135,6 +135,8 @@ class Suite:
                 del running[name]
                 base = os.path.join(folder, name)
                 if process.returncode != 0:
+                    for other, _ in running.values():
+                        other.terminate()  # the suite stops here; what finished is kept
                     with open(f"{base}.log") as log:
                         raise RuntimeError(f"job {name} failed (log: {base}.log):\n{log.read()[-4000:]}")
                 with open(f"{base}.out") as out:
