@@ -62,6 +62,11 @@ def write_report(
     print(markdown(report))
 
 
+def percent(mean: float, std: float | None) -> str:
+    """A fraction as a percentage, ``mean ± std`` over runs (the mean alone when one run gave no std)."""
+    return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
 def _write_atomic(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as handle:
         handle.write(text)

@@ -32,7 +32,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
-from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, write_report
+from _report import command, machine, parse_suite_args, peak_bytes, percent, reset_peak, rss_bytes, write_report
 from torch import Tensor, nn
 
 from drt_peft import DRTModel, get_drt_model
@@ -323,7 +323,7 @@ def _markdown(report: dict) -> str:
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['method']} | {r['lr']:g} | {_accuracy(r)} "
+            f"| {r['method']} | {r['lr']:g} | {percent(r['test_mean'], r['test_std'])} "
             f"| {r['trainable']:,} | {r['vs_full']:.2f} | {_size(r['optimizer_state_bytes'])} "
             f"| {_size(r['peak_extra_bytes'])} | {_size(r['adapter_bytes'])} | {r['scoring_s']:.1f} s |"
         )
@@ -332,12 +332,6 @@ def _markdown(report: dict) -> str:
         grid = ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in r["lr_grid_val"].items())
         lines.append(f"- {r['method']}: {grid}")
     return "\n".join(lines) + "\n"
-
-
-def _accuracy(row: dict) -> str:
-    if row["test_std"] is None:
-        return f"{100 * row['test_mean']:.2f} (1 seed)"
-    return f"{100 * row['test_mean']:.2f} ± {100 * row['test_std']:.2f}"
 
 
 def _size(n: int) -> str:

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 
 import torch
-from _report import command, machine, parse_suite_args, write_report
+from _report import command, machine, parse_suite_args, percent, write_report
 from scratch_vision import MODELS, LeNet300100, _batches, _data, _train
 from torch import nn
 
@@ -139,11 +139,6 @@ def main() -> None:
     write_report(args.out, report, _markdown)
 
 
-def _accuracy(row: dict) -> str:
-    mean = f"{100 * row['accuracy_mean']:.2f}"
-    return mean if row["accuracy_std"] is None else f"{mean} ± {100 * row['accuracy_std']:.2f}"
-
-
 def _linears() -> list[nn.Linear]:
     net = LeNet300100()
     return [net.fc1, net.fc2, net.fc3]
@@ -162,7 +157,8 @@ def _markdown(report: dict) -> str:
         "|---|---|---:|---:|---:|",
     ]
     for r in report["rows"]:
-        lines.append(f"| {r['method']} | {r['trains']} | {r['trained']:,} | {r['trainings']} | {_accuracy(r)} |")
+        accuracy = percent(r["accuracy_mean"], r["accuracy_std"])
+        lines.append(f"| {r['method']} | {r['trains']} | {r['trained']:,} | {r['trainings']} | {accuracy} |")
     return "\n".join(lines) + "\n"
 
 
