@@ -229,6 +229,12 @@ class DRTConfig:
                 raise ValueError(f"{name}={value!r} is not supported by {self.method_name!r}; use {choices}: {reason}")
 
     @property
+    def needs_optimizer(self) -> bool:
+        """Whether :meth:`on_step` needs the optimizer that trains the values: it moves ψ (and their optimizer
+        state with it) or reads the learning rate. ``DRTModel.update_masks`` then refuses to run without it."""
+        return False
+
+    @property
     def rescores_during_training(self) -> bool:
         """Whether the method scores ``calibration_data`` again during training (the model then keeps it)."""
         return False

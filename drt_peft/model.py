@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
+import inspect
 import os
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .base_weights import fingerprint, seeded_init_
 from .config import DRTConfig
 from .layer import DRTLayer, weight_op
 from .masks import LossFn, Target, compute_indices
-from .targeting import find_modules_to_save, find_targets
+from .targeting import find_modules_to_save, find_targets, skipped_linear_modules
 
 
 def get_drt_model(
@@ -56,6 +58,114 @@ def _check_untied(model: nn.Module, targets: list[Target]) -> None:
             )
 
 
+def _restore_base(
+    model: nn.Module, originals_to_save: dict[str, dict[str, Tensor]], flags: dict[nn.Parameter, bool]
+) -> None:
+    """Undo an embedding in place: DRT layers back to their base modules at Θ(0), modules_to_save and
+    ``requires_grad`` flags as they were."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, DRTLayer):
+            _set_submodule(model, name, module.unload())
+    with torch.no_grad():
+        for name, state in originals_to_save.items():
+            model.get_submodule(name).load_state_dict(state)
+    for param, flag in flags.items():
+        param.requires_grad_(flag)
+
+
+def _check_embeddable(model: nn.Module, targets: list[Target]) -> None:
+    """Refuse models that already hold DRT layers, and weights that hold no data (the meta device)."""
+    nested = [name for name, module in model.named_modules() if isinstance(module, DRTLayer)]
+    if nested:
+        raise ValueError(
+            f"the model already contains DRT layers ({nested[:3]}{' ...' if len(nested) > 3 else ''}); "
+            "get_drt_model cannot embed a model twice: call unload() or merge_and_unload() on its DRTModel first"
+        )
+    on_meta = [target.name for target in targets if target.weight.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"the weights of {on_meta[:3]} are on the meta device (no data: a model built under init_empty_weights "
+            "or loaded with device_map and offloading); load the real weights first, e.g. from_pretrained without "
+            "device_map, or model.to_empty(device=...) followed by load_state_dict"
+        )
+
+
+def _tied_aliases(model: nn.Module, prefix: str = "") -> dict[str, str]:
+    """``{alias: kept}`` state-dict keys of parameters shared under several names (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(prefix=prefix, remove_duplicate=False):
+        kept = first.setdefault(id(param), name)
+        if kept != name:
+            aliases[name] = kept
+    return aliases
+
+
+def _drop_tied_aliases(module: DRTModel, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict hook: each shared tensor once (safetensors refuses aliases, as in ``Trainer`` checkpoints)."""
+    for alias in _tied_aliases(module, prefix):
+        state_dict.pop(alias, None)
+
+
+def _restore_tied_aliases(module: DRTModel, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook: fill the aliases :func:`_drop_tied_aliases` left out from their twin."""
+    for alias, kept in _tied_aliases(module, prefix).items():
+        if alias not in state_dict and kept in state_dict:
+            state_dict[alias] = state_dict[kept]
+
+
+#: Live DRT models, checked at each optimizer's first step (see :func:`_check_optimizer_holds_values`).
+_LIVE_MODELS: weakref.WeakSet[DRTModel] = weakref.WeakSet()
+_CHECKED_OPTIMIZERS: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+_optimizer_hook = None
+
+
+def _check_optimizer_holds_values(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Warn once per optimizer that updates a DRT model's base weights but none of its trainable tensors.
+
+    That is an optimizer built before ``get_drt_model`` (on the original parameters): it would train
+    nothing of the adapter, silently.
+    """
+    if optimizer in _CHECKED_OPTIMIZERS:
+        return
+    _CHECKED_OPTIMIZERS.add(optimizer)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for model in list(_LIVE_MODELS):
+        params = list(model.parameters())
+        trainable = {id(p) for p in params if p.requires_grad}
+        if trainable and held & {id(p) for p in params} and not held & trainable:
+            warnings.warn(
+                f"this {type(optimizer).__name__} updates parameters of a DRTModel but none of its trainable ones "
+                "(drt_values, modules_to_save): it was built before get_drt_model and trains nothing of the adapter; "
+                "build it after: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])",
+                stacklevel=3,
+            )
+
+
+def _forward_class(cls: type[DRTModel], wrapped: type[nn.Module]) -> type[DRTModel]:
+    """A subclass of ``cls`` whose class-level ``forward`` has the signature of ``wrapped.forward``.
+
+    The ``Trainer`` reads label names (and whether the model can return a loss) from the *class*
+    of the model it is given, so the wrapper must advertise the wrapped model's parameters there.
+    Its name keeps the wrapped class name visible, e.g. ``DRTModel[BertForQuestionAnswering]``.
+    """
+    key = (cls, wrapped)
+    if key not in _FORWARD_CLASSES:
+
+        def forward(self: DRTModel, *args: Any, **kwargs: Any) -> Any:
+            return self.base_model(*args, **kwargs)
+
+        forward.__signature__ = inspect.signature(wrapped.forward)  # type: ignore[attr-defined]
+        forward.__doc__ = wrapped.forward.__doc__
+        name = f"{cls.__name__}[{wrapped.__name__}]"
+        attrs = {"forward": forward, "__module__": cls.__module__, "__qualname__": name, "_wraps_class": wrapped}
+        _FORWARD_CLASSES[key] = type(name, (cls,), attrs)
+    return _FORWARD_CLASSES[key]
+
+
+_FORWARD_CLASSES: dict[tuple[type, type], type] = {}
+
+
 class DRTModel(nn.Module):
     """A model whose targeted weights train only at d positions (Θ = ψ·ϑ + χ·Θ(0)).
 
@@ -63,7 +173,18 @@ class DRTModel(nn.Module):
     Hugging Face ``Trainer``, a plain PyTorch loop or ``accelerate``. The only trainable tensors
     are each layer's ``drt_values`` (d entries), the targeted biases with ``bias="all"``, and the
     ``modules_to_save``.
+
+    The instance's class is a subclass named after the wrapped model's class
+    (``DRTModel[BertForSequenceClassification]``) whose ``forward`` has the wrapped signature, so
+    the ``Trainer`` finds the label names and reports ``eval_loss`` and metrics as on the plain model.
     """
+
+    _wraps_class: type[nn.Module] | None = None
+
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> DRTModel:
+        if model is None or cls._wraps_class is not None:  # copies, or already specialised
+            return super().__new__(cls)
+        return super().__new__(_forward_class(cls, type(model)))
 
     def __init__(
         self,
@@ -83,7 +204,17 @@ class DRTModel(nn.Module):
             Target(name, modules[name], weight_op(modules[name]))
             for name in find_targets(model, config.target_modules, exclude=save_names)
         ]
+        _check_embeddable(model, targets)
         _check_untied(model, targets)
+        if config.target_modules == "all-linear":
+            skipped = skipped_linear_modules(model)
+            if skipped:
+                warnings.warn(
+                    f"target_modules='all-linear' leaves out {len(skipped)} linear module(s) of types it cannot embed "
+                    f"(subclasses of nn.Linear such as quantized layers): {skipped[:5]}"
+                    f"{' ...' if len(skipped) > 5 else ''}; they stay frozen",
+                    stacklevel=3,
+                )
         if config.base_init == "seeded":
             seeded_init_(targets, model, config.seed)
         found = fingerprint(targets)
@@ -109,15 +240,21 @@ class DRTModel(nn.Module):
             indices = compute_indices(model, targets, self.drt_config, calibration_data, loss_fn)
         elif len(indices) != len(targets):
             raise ValueError(f"the adapter has {len(indices)} layers but target_modules selects {len(targets)} here")
-        for param in model.parameters():
-            param.requires_grad_(False)
-        for target, idx in zip(targets, indices, strict=True):
-            _set_submodule(model, target.name, config.build_layer(target.module, idx))
+        flags = {param: param.requires_grad for param in model.parameters()}
         self._originals_to_save = {}
-        for name in save_names:
-            module = model.get_submodule(name)
-            self._originals_to_save[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-            module.requires_grad_(True)
+        try:
+            for param in flags:
+                param.requires_grad_(False)
+            for target, idx in zip(targets, indices, strict=True):
+                _set_submodule(model, target.name, config.build_layer(target.module, idx))
+            for name in save_names:
+                module = model.get_submodule(name)
+                self._originals_to_save[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                module.requires_grad_(True)
+        except BaseException:
+            _restore_base(model, self._originals_to_save, flags)
+            raise
+        self._requires_grad_before = flags
         self.base_model = model
         #: Kept only for methods that re-score during training (FISH with ``update_frequency``).
         self.calibration_data = calibration_data if self.drt_config.rescores_during_training else None
@@ -125,8 +262,12 @@ class DRTModel(nn.Module):
         self._backwards_since_update = 0
         self._update_watch = None
         self.drt_config.on_attach(self)
-        # ``forward`` advertises the wrapped model's signature, so the Trainer keeps the right columns.
-        self.forward = functools.update_wrapper(functools.partial(DRTModel.forward, self), model.forward)
+        self._register_state_dict_hook(_drop_tied_aliases)
+        self.register_load_state_dict_pre_hook(_restore_tied_aliases)
+        _LIVE_MODELS.add(self)
+        global _optimizer_hook
+        if _optimizer_hook is None:
+            _optimizer_hook = register_optimizer_step_pre_hook(_check_optimizer_holds_values)
 
     # -- delegation -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -162,17 +303,22 @@ class DRTModel(nn.Module):
         total = sum(p.numel() for p in self.parameters() if id(p) not in values)
         return trainable, total
 
-    def drt_statistics(self) -> dict[str, float]:
-        """Trained entries, overall density, ITOP exploration rate (dynamic methods) and per-layer densities."""
+    def drt_statistics(self, per_layer: bool = False) -> dict[str, float]:
+        """Trained entries d, overall density, the smallest and largest layer density, the ITOP exploration
+        rate (dynamic methods) and, with ``per_layer``, each layer's density (``drt/density/<name>``)."""
         layers = list(self.drt_layers())
         d = sum(layer.num_trainable for _, layer in layers)
-        total = sum(layer.base_layer.weight.numel() for _, layer in layers)
-        stats = {"drt/trainable": float(d), "drt/density": d / total}
-        rates = [(layer.exploration, layer.base_layer.weight.numel()) for _, layer in layers]
-        if all(rate is not None for rate, _ in rates):
-            stats["drt/itop_exploration"] = sum(rate * size for rate, size in rates) / total
-        for name, layer in layers:
-            stats[f"drt/density/{name}"] = layer.num_trainable / layer.base_layer.weight.numel()
+        sizes = [layer.base_layer.weight.numel() for _, layer in layers]
+        total = sum(sizes)
+        densities = [layer.num_trainable / size for (_, layer), size in zip(layers, sizes, strict=True)]
+        stats = {"drt/trainable": float(d), "drt/density": d / total if total else 0.0}
+        if densities:
+            stats.update({"drt/density_min": min(densities), "drt/density_max": max(densities)})
+        rates = [layer.exploration for _, layer in layers]
+        if layers and all(rate is not None for rate in rates):
+            stats["drt/itop_exploration"] = sum(r * n for r, n in zip(rates, sizes, strict=True)) / total
+        if per_layer:
+            stats.update({f"drt/density/{name}": v for (name, _), v in zip(layers, densities, strict=True)})
         return stats
 
     def print_trainable_parameters(self) -> None:
@@ -186,11 +332,30 @@ class DRTModel(nn.Module):
     def update_masks(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
         """Run the method's per-step policy; call once after each optimizer step.
 
-        Static methods do nothing. Returns values worth logging. With the Trainer, add
-        :class:`drt_peft.DRTCallback` instead.
+        Static methods do nothing. Methods that move ψ need the ``optimizer`` that holds the
+        trained values, so that its state moves with them. Returns values worth logging. With the
+        Trainer, add :class:`drt_peft.DRTCallback` instead.
         """
         self._backwards_since_update = 0
+        if self.drt_config.needs_optimizer:
+            self._check_update_optimizer(optimizer)
         return self.drt_config.on_step(self, step, optimizer)
+
+    def _check_update_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        method = type(self.drt_config).__name__
+        if optimizer is None:
+            raise ValueError(
+                f"optimizer=None: {method} needs the optimizer that trains the model (its state moves with the "
+                "trained entries, or its learning rate sets the step); call model.update_masks(step, optimizer)"
+            )
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, layer in self.drt_layers() if id(layer.drt_values) not in held]
+        if missing:
+            raise ValueError(
+                f"optimizer: the {type(optimizer).__name__} passed to update_masks does not hold the trained values "
+                f"of {missing[:3]}{' ...' if len(missing) > 3 else ''}; pass the optimizer built on "
+                "[p for p in model.parameters() if p.requires_grad] after get_drt_model"
+            )
 
     def expect_update_masks(self, every: int) -> None:
         """Warn once if more than ``2 · every`` backward passes run without :meth:`update_masks`.
@@ -224,19 +389,57 @@ class DRTModel(nn.Module):
         return self._replace_layers("merge")
 
     def unload(self) -> nn.Module:
-        """The plain model as it was before ``get_drt_model``: trained values and modules_to_save undone."""
-        model = self._replace_layers("unload")
-        with torch.no_grad():
-            for name, state in self._originals_to_save.items():
-                model.get_submodule(name).load_state_dict(state)
-        return model
+        """The plain model as it was before ``get_drt_model``: trained values and modules_to_save undone,
+        and every parameter's ``requires_grad`` as it was."""
+        _restore_base(self.base_model, self._originals_to_save, self._requires_grad_before)
+        return self.base_model
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write ``adapter_config.json``, ``adapter_model.safetensors`` and a model card (atomically)."""
+    def training_state_dict(self) -> dict[str, Tensor]:
+        """What resuming training needs beyond the frozen base: every trainable tensor and every DRT buffer
+        (ψ, ϑ, Θ(0) at ψ, exploration bitmap, frozen-weight scale, method state such as SNFS momentum)."""
+        trainable = {name for name, param in self.named_parameters() if param.requires_grad}
+        return {
+            key: value
+            for key, value in self.state_dict().items()
+            if key in trainable or key.rpartition(".")[2].startswith("drt_") or key.endswith("._extra_state")
+        }
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        state_dict: dict[str, Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write ``adapter_config.json``, ``adapter_model.safetensors`` and a model card (atomically).
+
+        Takes the keyword arguments the ``Trainer`` and PEFT pass: ``is_main_process`` (only the main
+        process writes), ``state_dict`` (the model's state dict as gathered by the caller, e.g. under
+        FSDP: trained tensors are read from it), ``safe_serialization`` (adapters are always safetensors;
+        ``False`` is refused) and ``selected_adapters`` (a DRT model has the one adapter ``"default"``).
+        ``save_embedding_layers`` and ``max_shard_size`` are accepted and have nothing to act on.
+        """
         from .checkpoint.io import save_adapter
 
-        save_adapter(self, save_directory, **kwargs)
+        unknown = sorted(set(kwargs) - {"save_embedding_layers", "max_shard_size", "push_to_hub", "token"})
+        if unknown:
+            raise TypeError(f"save_pretrained() got unexpected keyword arguments {unknown}")
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained(push_to_hub=True) is not supported; call model.push_to_hub(repo_id)")
+        if not safe_serialization:
+            raise ValueError(
+                "safe_serialization=False is not supported: drt_peft adapters are always written as safetensors "
+                "(set save_safetensors=True in TrainingArguments, the default)"
+            )
+        if selected_adapters not in (None, ["default"]):
+            raise ValueError(
+                f"selected_adapters={selected_adapters!r}: this DRT model has one adapter, 'default'; "
+                "pass None or ['default']"
+            )
+        save_adapter(self, save_directory, is_main_process=is_main_process, state_dict=state_dict)
 
     @classmethod
     def from_pretrained(
@@ -244,7 +447,10 @@ class DRTModel(nn.Module):
     ) -> DRTModel:
         """Load an adapter from a folder or Hub repo onto a freshly built ``model``.
 
-        Raises if the base's targeted weights differ from those the adapter was trained on.
+        ``hub_kwargs`` are those of ``huggingface_hub.hf_hub_download`` (``revision``, ``token``,
+        ``cache_dir``, ``subfolder``, ...); others raise ``TypeError``. Raises if the base's targeted
+        weights differ from those the adapter was trained on. Loading is all-or-nothing: if it fails,
+        ``model`` is left exactly as it was given.
         """
         from .checkpoint.io import load_adapter
 

@@ -76,3 +76,14 @@ def find_targets(model: nn.Module, target_modules: list[str] | str, exclude: Seq
             f"(excluding the output head and modules_to_save); supported modules include {candidates}"
         )
     return names
+
+
+def skipped_linear_modules(model: nn.Module) -> list[str]:
+    """Linear modules that ``"all-linear"`` leaves out because their type cannot be embedded (``nn.Linear``
+    subclasses such as quantized layers), with their type: ``"name (Type)"``."""
+    heads = _head_names(model)
+    return [
+        f"{name} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if isinstance(module, _LINEAR_TYPES) and type(module) not in SUPPORTED_TYPES and not _under(name, heads)
+    ]

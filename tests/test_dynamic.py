@@ -10,7 +10,7 @@ import torch
 from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert
 from torch import nn
 
-from drt_peft import DRTLayer, DRTModel, DRTTrainer, RigLConfig, SETConfig, get_drt_model
+from drt_peft import DRTCallback, DRTLayer, DRTModel, DRTTrainer, RigLConfig, SETConfig, get_drt_model
 from drt_peft.masks.dynamic import drop_and_grow
 
 
@@ -177,8 +177,9 @@ def test_rigl_grows_where_the_dense_gradient_is_largest() -> None:
 
 def test_rigl_without_the_update_hook_fails_clearly() -> None:
     model = get_drt_model(tiny_bert(), RigLConfig(density=0.2, update_frequency=1, t_end=5))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     with pytest.raises(RuntimeError, match="captured no dense gradient"):
-        model.update_masks(1, None)
+        model.update_masks(1, optimizer)
 
 
 def test_exploration_rate_counts_every_position_ever_trained() -> None:
@@ -194,21 +195,30 @@ def test_exploration_rate_counts_every_position_ever_trained() -> None:
     assert set(explored.nonzero().flatten().tolist()) == seen
 
 
-def test_drt_trainer_logs_densities_and_exploration(tmp_path) -> None:
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_drt_trainer_logs_densities_and_exploration(tmp_path, per_layer: bool) -> None:
     model = get_drt_model(tiny_bert(), SETConfig(density=0.2, update_frequency=2, drop_fraction=0.3))
     args = cpu_training_args(tmp_path, per_device_train_batch_size=8, max_steps=8, logging_steps=2, learning_rate=1e-2)
-    trainer = DRTTrainer(model=model, args=args, train_dataset=Parity(64))
+    callbacks = [DRTCallback(log_per_layer=True)] if per_layer else None
+    trainer = DRTTrainer(model=model, args=args, train_dataset=Parity(64), callbacks=callbacks)
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     rates = [entry["drt/itop_exploration"] for entry in logged]
     assert len(logged) == 4 and rates == sorted(rates) and rates[-1] > rates[0] > 0.19
     density = 0.2
     assert all(abs(entry["drt/density"] - density) < 0.01 for entry in logged)
-    assert any(key.startswith("drt/density/bert.encoder.layer.0") for key in logged[0])
+    assert all(entry["drt/density_min"] <= entry["drt/density"] <= entry["drt/density_max"] for entry in logged)
+    per_layer_keys = [key for key in logged[0] if key.startswith("drt/density/")]
+    if per_layer:  # one key per embedded layer, on request only
+        assert len(per_layer_keys) == len(list(model.drt_layers()))
+        assert any(key.startswith("drt/density/bert.encoder.layer.0") for key in per_layer_keys)
+    else:
+        assert per_layer_keys == []
 
 
 def test_missing_update_hook_warns_once() -> None:
     model = get_drt_model(tiny_bert(), SETConfig(density=0.2, update_frequency=2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     g = torch.Generator().manual_seed(6)
     model.train()
     with pytest.warns(UserWarning, match=r"model\.update_masks\(step, optimizer\) has not been called for 5 backward"):
@@ -218,7 +228,7 @@ def test_missing_update_hook_warns_once() -> None:
         warnings.simplefilter("error")
         for step in range(1, 8):  # with the hook, and past the warning point: silent
             model(**random_bert_batch(g)).loss.backward()
-            model.update_masks(step, None)
+            model.update_masks(step, optimizer)
 
 
 def test_t_end_beyond_the_trainer_length_is_refused(tmp_path) -> None:

@@ -9,7 +9,9 @@ renamed into place, so an interrupted save leaves the previous adapter loadable.
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
@@ -30,12 +33,13 @@ if TYPE_CHECKING:
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = "1"
+_TMP_PREFIX = ".tmp-"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX, suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -48,15 +52,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Delete temporary files that an interrupted :func:`atomic_write_bytes` of ``names`` left in ``folder``."""
+    for name in names:
+        for stale in glob.glob(os.path.join(glob.escape(os.fspath(folder)), f"{_TMP_PREFIX}*{glob.escape(name)}")):
+            try:
+                os.unlink(stale)
+            except FileNotFoundError:  # removed meanwhile by another process
+                pass
+
+
+_HUB_KWARGS = frozenset(inspect.signature(hf_hub_download).parameters) - {"repo_id", "filename"}
+
+
+def check_hub_kwargs(hub_kwargs: dict[str, Any]) -> None:
+    """Refuse keyword arguments that ``huggingface_hub.hf_hub_download`` does not take (typos included)."""
+    unknown = sorted(set(hub_kwargs) - _HUB_KWARGS)
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword arguments {unknown}; from_pretrained takes is_trainable and the arguments of "
+            f"huggingface_hub.hf_hub_download: {sorted(_HUB_KWARGS)}"
+        )
+
+
 def resolve_file(path_or_repo: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str:
     """``filename`` inside a local folder, or downloaded from the Hub repo ``path_or_repo``."""
+    check_hub_kwargs(hub_kwargs)
     if os.path.isdir(path_or_repo):
         file = os.path.join(path_or_repo, filename)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file} does not exist; is {path_or_repo} a drt_peft adapter folder?")
         return file
-    from huggingface_hub import hf_hub_download
-
     try:
         return hf_hub_download(str(path_or_repo), filename, **hub_kwargs)
     except Exception as err:
@@ -105,17 +131,44 @@ def model_card(model: DRTModel) -> str:
     )
 
 
-def save_adapter(model: DRTModel, save_directory: str | os.PathLike, is_main_process: bool = True) -> None:
-    """Write the adapter of ``model`` into ``save_directory`` (see module docstring)."""
+def _check_finite(layers: list[tuple[str, Any]], values: list[torch.Tensor]) -> None:
+    bad = [name for (name, _), value in zip(layers, values, strict=True) if not bool(torch.isfinite(value).all())]
+    if bad:
+        raise ValueError(
+            f"refusing to save: the trained values of {len(bad)} layer(s) are not finite (NaN or inf): {bad[:5]}"
+            f"{' ...' if len(bad) > 5 else ''}; training diverged (lower the learning rate, clip gradients, or "
+            "train half-precision bases with float32 adapter values); the adapter on disk is left as it was"
+        )
+
+
+def save_adapter(
+    model: DRTModel,
+    save_directory: str | os.PathLike,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the adapter of ``model`` into ``save_directory`` (see module docstring).
+
+    ``state_dict``, when given, is the model's state dict gathered by the caller (FSDP, DeepSpeed):
+    the trained values and ``modules_to_save`` are read from it instead of the live modules.
+    Non-finite trained values are refused before anything is written.
+    """
     if not is_main_process:
         return
     config = model.drt_config
     layers = list(model.drt_layers())
+
+    def live(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        full = f"base_model.{key}"
+        return (state_dict[full] if state_dict is not None and full in state_dict else tensor).detach().cpu()
+
+    values = [live(f"{name}.drt_values", layer.drt_values).reshape(-1) for name, layer in layers]
+    _check_finite(layers, values)
     tensors: dict[str, torch.Tensor] = {
         "drt_counts": torch.tensor([layer.num_trainable for _, layer in layers], dtype=torch.int64),
     }
     if not config.values_from_base:
-        tensors["drt_values"] = torch.cat([layer.drt_values.detach().reshape(-1).cpu() for _, layer in layers])
+        tensors["drt_values"] = torch.cat(values)
     for i, (_, layer) in enumerate(layers):
         for key, value in layer.adapter_tensors().items():
             tensors[f"drt_layer.{i}.{key}"] = value.detach().cpu().contiguous()
@@ -137,7 +190,7 @@ def save_adapter(model: DRTModel, save_directory: str | os.PathLike, is_main_pro
         tensors["drt_biases"] = torch.cat([b.detach().reshape(-1).cpu() for b in biases])
     for name in model.modules_to_save:
         for key, value in model.base_model.get_submodule(name).state_dict().items():
-            tensors[f"modules_to_save.{name}.{key}"] = value.detach().cpu().contiguous()
+            tensors[f"modules_to_save.{name}.{key}"] = live(f"{name}.{key}", value).contiguous()
     metadata = {
         "format": "pt",
         "drt_peft_format": FORMAT_VERSION,
@@ -147,6 +200,7 @@ def save_adapter(model: DRTModel, save_directory: str | os.PathLike, is_main_pro
         "drt_checksum": _checksum(tensors),
     }
     os.makedirs(save_directory, exist_ok=True)
+    remove_stale_temporaries(save_directory, ("README.md", WEIGHTS_NAME, CONFIG_NAME))
     atomic_write_bytes(os.path.join(save_directory, "README.md"), model_card(model).encode())
     atomic_write_bytes(os.path.join(save_directory, WEIGHTS_NAME), safetensors_bytes(tensors, metadata))
     config.save_pretrained(save_directory)
@@ -205,7 +259,8 @@ def _decode_indices(tensors: dict[str, torch.Tensor], file: str) -> list[torch.T
 def load_adapter(
     base_model: torch.nn.Module, model_id: str | os.PathLike, is_trainable: bool = False, **hub_kwargs: Any
 ) -> DRTModel:
-    """Build a :class:`DRTModel` on ``base_model`` from the adapter in ``model_id``."""
+    """Build a :class:`DRTModel` on ``base_model`` from the adapter in ``model_id``; all-or-nothing: on any
+    failure ``base_model`` is left as it was given."""
     from ..model import DRTModel
 
     file = resolve_file(model_id, WEIGHTS_NAME, **hub_kwargs)
@@ -213,6 +268,21 @@ def load_adapter(
     config = _stored_config(file, metadata, model_id, **hub_kwargs)
     stored = None if config.indices_from_seed else _decode_indices(tensors, file)
     model = DRTModel(base_model, config, indices=stored)
+    try:
+        _load_into(model, tensors, metadata, file)
+    except BaseException:
+        model.unload()
+        raise
+    if not is_trainable:
+        model.requires_grad_(False)
+        model.drt_config.inference_mode = True
+        model.eval()
+    return model
+
+
+def _load_into(model: DRTModel, tensors: dict[str, torch.Tensor], metadata: dict[str, str], file: str) -> None:
+    """Check the freshly built ``model`` against the adapter file and copy its tensors in."""
+    config = model.drt_config
     layers = list(model.drt_layers())
     if _targets_checksum(name for name, _ in layers) != metadata["drt_targets"]:
         raise ValueError(f"{file} was saved for other target modules than target_modules selects on this model")
@@ -241,9 +311,50 @@ def load_adapter(
         for name in model.modules_to_save:
             prefix = f"modules_to_save.{name}."
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            model.base_model.get_submodule(name).load_state_dict(state)
-    if not is_trainable:
-        model.requires_grad_(False)
-        model.drt_config.inference_mode = True
-        model.eval()
-    return model
+            module = model.base_model.get_submodule(name)
+            expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            found = {k: tuple(v.shape) for k, v in state.items()}
+            if found != expected:
+                raise ValueError(
+                    f"{file}: modules_to_save entry {name!r} was saved with tensors {found} but this model's "
+                    f"{name} has {expected} (e.g. another number of labels); build the base model as it was when "
+                    "the adapter was saved"
+                )
+            module.load_state_dict(state)
+
+
+TRAINING_STATE_NAME = "drt_training_state.safetensors"
+
+
+def save_training_state(model: DRTModel, save_directory: str | os.PathLike) -> None:
+    """Write :meth:`DRTModel.training_state_dict` (what resuming needs beyond the adapter) atomically."""
+    tensors = {key: value.detach().cpu().contiguous() for key, value in model.training_state_dict().items()}
+    metadata = {
+        "format": "pt",
+        "drt_peft_format": FORMAT_VERSION,
+        "drt_config": model.drt_config.to_json(),
+        "drt_checksum": _checksum(tensors),
+    }
+    os.makedirs(save_directory, exist_ok=True)
+    remove_stale_temporaries(save_directory, (TRAINING_STATE_NAME,))
+    atomic_write_bytes(os.path.join(save_directory, TRAINING_STATE_NAME), safetensors_bytes(tensors, metadata))
+
+
+def load_training_state(model: DRTModel, checkpoint_dir: str | os.PathLike) -> None:
+    """Restore what :func:`save_training_state` wrote in ``checkpoint_dir`` into ``model``, in place.
+
+    Refuses a state from another method or another base (the config's fingerprint), and tensors the
+    model does not have; ψ may differ from the model's current one (its derived state follows).
+    """
+    file = os.path.join(checkpoint_dir, TRAINING_STATE_NAME)
+    tensors, metadata = read_adapter_file(file)
+    saved = DRTConfig.from_dict(json.loads(metadata["drt_config"]), source=file)
+    ours = model.drt_config
+    if type(saved) is not type(ours) or saved.base_model_fingerprint != ours.base_model_fingerprint:
+        raise ValueError(
+            f"{file} belongs to a {saved.method_name!r} run on the base {saved.base_model_fingerprint}, but this "
+            f"model is {ours.method_name!r} on {ours.base_model_fingerprint}; resume with the model it was saved from"
+        )
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{file} holds tensors this model does not have: {result.unexpected_keys[:5]}")

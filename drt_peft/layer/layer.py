@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -166,6 +166,52 @@ class DRTLayer(nn.Module):
 
     def set_extra_state(self, state: Tensor) -> None:
         self.frozen_scale = float(state)
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped module's attributes (``weight``, ``bias``, ``in_features``, ``kernel_size``, ...), so model
+        code that reads them keeps working. ``weight`` is the base module's tensor: its dtype, device and shape
+        are the layer's; for Θ itself use :meth:`effective_weight`."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "_cache") or name.startswith("drt_"):
+                raise
+            return getattr(self.base_layer, name)
+
+    def _restore_frozen(self) -> None:
+        """Write back what the current ψ displaced: Θ(0) at ψ (freeze) or zeros (dense prune buffer)."""
+        with torch.no_grad():
+            if self.mode == "freeze":
+                self.base_layer.weight.view(-1).index_copy_(0, self.drt_indices, self.drt_base_values)
+            elif not self.sparse_kernels:
+                self.drt_effective.view(-1)[self.drt_indices] = 0
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Loading another ψ (a checkpoint, a Trainer resume) first returns the current ψ to χ·Θ(0), resizes the
+        tensors shaped like ψ (methods that move d between layers) and drops the kernels built for the old ψ,
+        so the effective weight, the sparse kernels and :meth:`merge` follow the loaded mask."""
+        incoming = state_dict.get(prefix + "drt_indices")
+        if incoming is not None:
+            self._restore_frozen()
+            if incoming.shape != self.drt_indices.shape:
+                for name in ("drt_indices", "drt_base_values"):
+                    if name in self._buffers:
+                        self._buffers[name] = self._buffers[name].new_empty(incoming.shape)
+                self.drt_values.data = self.drt_values.data.new_empty(incoming.shape)
+            self.drt_values.grad = None
+            self._cache.clear()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def adapter_tensors(self) -> dict[str, Tensor]:
         """Tensors beyond ψ and ϑ that a subclass stores in the adapter file (none here)."""

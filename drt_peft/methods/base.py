@@ -99,6 +99,10 @@ class DynamicConfig(DRTConfig):
                 "dynamic methods use 'unstructured'"
             )
 
+    @property
+    def needs_optimizer(self) -> bool:
+        return True
+
     def on_attach(self, model: Any, step: int = 0) -> None:
         for _, layer in model.drt_layers():
             layer.track_exploration()

@@ -69,6 +69,10 @@ class FISHConfig(DataDrivenConfig):
     def rescores_during_training(self) -> bool:
         return bool(self.update_frequency)
 
+    @property
+    def needs_optimizer(self) -> bool:
+        return bool(self.update_frequency)
+
     def on_attach(self, model: DRTModel, step: int = 0) -> None:
         if self.update_frequency:
             model.expect_update_masks(self.update_frequency)

@@ -43,6 +43,10 @@ class FreezeNetConfig(SNIPConfig):
                 "pruned entries are already zero"
             )
 
+    @property
+    def needs_optimizer(self) -> bool:
+        return bool(self.frozen_weight_decay)  # the decay per step is lr · frozen_weight_decay
+
     def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
         if not self.frozen_weight_decay:
             return {}
