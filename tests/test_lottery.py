@@ -160,12 +160,15 @@ def test_trainer_drives_the_rounds_of_a_bert(tmp_path, config_class) -> None:
     rows = [{k: v[i] for k, v in batch.items()} for i in range(8)]
     args = cpu_training_args(tmp_path / "trainer", max_steps=3, per_device_train_batch_size=4)
     model = tiny_bert()
-    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    def accuracy(prediction) -> dict[str, float]:
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:4], compute_metrics=accuracy)
     config = config_class(density=0.5, one_shot=True, rewind_step=1, modules_to_save=["classifier"])
     ticket = find_lottery_ticket(model, config, trainer=trainer, output_dir=tmp_path / "imp", verbose=False)
     state = json.loads((tmp_path / "imp" / "lottery_state.json").read_text())
     assert [r["density"] for r in state["rounds"]] == [1.0, 0.5]
-    assert all("train_loss" in r["metrics"] for r in state["rounds"])
+    assert all({"eval_loss", "eval_accuracy"} <= set(r["metrics"]) for r in state["rounds"])  # the Trainer's own
     d = sum(layer.num_trainable for _, layer in ticket.drt_layers())
     total = sum(layer.weight_shape.numel() for _, layer in ticket.drt_layers())
     assert d == round(0.5 * total)
