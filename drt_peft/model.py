@@ -166,6 +166,11 @@ def _forward_class(cls: type[DRTModel], wrapped: type[nn.Module]) -> type[DRTMod
 _FORWARD_CLASSES: dict[tuple[type, type], type] = {}
 
 
+def _new_specialised(cls: type[DRTModel], wrapped: type[nn.Module]) -> DRTModel:
+    """Unpickling: an empty instance of the class :func:`_forward_class` makes (it has no importable name)."""
+    return nn.Module.__new__(_forward_class(cls, wrapped))
+
+
 class DRTModel(nn.Module):
     """A model whose targeted weights train only at d positions (Θ = ψ·ϑ + χ·Θ(0)).
 
@@ -185,6 +190,12 @@ class DRTModel(nn.Module):
         if model is None or cls._wraps_class is not None:  # copies, or already specialised
             return super().__new__(cls)
         return super().__new__(_forward_class(cls, type(model)))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        reduced = super().__reduce_ex__(protocol)
+        if self._wraps_class is None:
+            return reduced
+        return (_new_specialised, (type(self).__mro__[1], self._wraps_class), *reduced[2:])
 
     def __init__(
         self,

@@ -197,3 +197,13 @@ def test_drt_layers_expose_the_wrapped_module_attributes() -> None:
     assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride) == (4, 6, (3, 3), (2, 2))
     with pytest.raises(AttributeError):
         conv.no_such_attribute  # noqa: B018
+
+
+def test_drt_models_pickle_and_copy(tmp_path) -> None:
+    model = get_drt_model(tiny_bert(), RandomConfig(density=0.2))
+    batch = random_bert_batch(torch.Generator().manual_seed(0))
+    torch.save(model, tmp_path / "model.pt")
+    for clone in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(model)):
+        assert type(clone) is type(model) and type(clone).__name__ == "DRTModel[BertForSequenceClassification]"
+        with torch.no_grad():
+            assert torch.equal(clone(**batch).logits, model(**batch).logits)

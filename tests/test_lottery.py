@@ -160,6 +160,7 @@ def test_trainer_drives_the_rounds_of_a_bert(tmp_path, config_class) -> None:
     rows = [{k: v[i] for k, v in batch.items()} for i in range(8)]
     args = cpu_training_args(tmp_path / "trainer", max_steps=3, per_device_train_batch_size=4)
     model = tiny_bert()
+
     def accuracy(prediction) -> dict[str, float]:
         return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
