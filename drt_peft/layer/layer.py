@@ -14,6 +14,7 @@ from .ops import (
     DenseProduct,
     LinearOp,
     SampledWeightFunction,
+    compute_dtype,
     csr_pattern,
     sddmm_dtype,
     weight_op,
@@ -250,11 +251,11 @@ class DRTLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         product = self._product()
         bias = self.base_layer.bias
-        if not torch.is_grad_enabled() or not (self.drt_values.requires_grad or x.requires_grad):
-            return product.forward(x, bias)
-        dtype = self.base_layer.weight.dtype
+        dtype = compute_dtype(self.base_layer.weight.dtype, x.device.type)
         if x.dtype != dtype:
             x = x.to(dtype)
+        if not torch.is_grad_enabled() or not (self.drt_values.requires_grad or x.requires_grad):
+            return product.forward(x, bias)
         if not self.drt_indices.numel() and not self.capture_dense_grad:
             # No trained entry: autograd of the plain product yields the input and bias gradients and,
             # since the weight does not require grad, no weight gradient and no sampled product.
@@ -263,8 +264,17 @@ class DRTLayer(nn.Module):
         return SampledWeightFunction.apply(x, self.drt_values, bias, product, self.op, self._pattern(dtype), sink)
 
     def accumulate_dense_grad(self, grad: Tensor) -> None:
-        """Add a dense weight gradient to :attr:`dense_grad` (called from the backward when capturing)."""
-        self.dense_grad = grad.detach().clone() if self.dense_grad is None else self.dense_grad.add_(grad)
+        """Add a dense weight gradient to :attr:`dense_grad` (called from the backward when capturing).
+
+        :attr:`dense_grad` has the weight's dtype, as the weight's own ``.grad`` would, also when the
+        products ran in autocast's lower precision.
+        """
+        grad = grad.detach()
+        if self.dense_grad is not None:
+            self.dense_grad.add_(grad)
+        else:
+            dtype = self.base_layer.weight.dtype
+            self.dense_grad = grad.clone() if grad.dtype == dtype else grad.to(dtype)
 
     def merge(self) -> nn.Module:
         """The base module with Θ as its weight (prune mode: the sparse weight, zeros included)."""

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..seeding import generator
 from .layer import DRTLayer
+from .ops import autocast_forward
 
 
 def hadamard(x: Tensor) -> Tensor:
@@ -137,7 +138,7 @@ class ProjectedLayer(DRTLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.base_layer.weight
-        return self.op.forward(x, weight + self.project(self.theta), self.base_layer.bias)
+        return autocast_forward(self.op, x, weight + self.project(self.theta), self.base_layer.bias)
 
     def extra_repr(self) -> str:
         if not self.attached:

@@ -1,0 +1,231 @@
+"""Mixed precision: every DRT layer trains under autocast, with gradients close to a float32 run.
+
+CPU autocast runs bfloat16 and float16 here; CUDA autocast goes through the same code (the layers
+read the autocast state of the input's device).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert, tiny_convnet, tiny_gpt2
+from torch import nn
+from transformers import Trainer
+from transformers.pytorch_utils import Conv1D
+
+from drt_peft import (
+    DRTConfig,
+    FixedClassifierConfig,
+    IntrinsicDimensionConfig,
+    RandomConfig,
+    SupermaskConfig,
+    get_drt_model,
+)
+from drt_peft.layer import DRTLayer
+from drt_peft.layer.dct import DCTSparseLayer
+from drt_peft.layer.fixed_classifier import FixedClassifierLayer
+from drt_peft.layer.partly_pruned import PartlyPrunedLayer
+from drt_peft.layer.projected import ProjectedLayer, share_projection
+from drt_peft.layer.supermask import SupermaskLayer
+
+AMP_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _modules() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    torch.manual_seed(0)
+    return {
+        "linear": (nn.Linear(40, 30), (3, 5, 40)),
+        "conv1d": (Conv1D(30, 40), (3, 5, 40)),
+        "conv2d": (nn.Conv2d(4, 6, 3, padding=1), (2, 4, 7, 7)),
+        "grouped_conv2d": (nn.Conv2d(4, 8, 3, padding=1, groups=2), (2, 4, 7, 7)),
+    }
+
+
+def _indices(numel: int, fraction: float, seed: int = 1) -> torch.Tensor:
+    k = max(1, int(fraction * numel))
+    return torch.randperm(numel, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def _partly_pruned(module: nn.Module) -> DRTLayer:
+    numel = module.weight.numel()
+    order = torch.randperm(numel, generator=torch.Generator().manual_seed(3))
+    layer = PartlyPrunedLayer(module, order[: numel // 5].sort().values, train_bias=True)
+    layer.prune(order[numel // 5 : numel // 2].sort().values)
+    return layer
+
+
+def _supermask(variant: str) -> Callable[[nn.Module], DRTLayer]:
+    def build(module: nn.Module) -> DRTLayer:
+        layer = SupermaskLayer(module, _indices(module.weight.numel(), 0.3), variant, train_bias=True)
+        layer.seed_scores(0, "layer")
+        return layer.train()
+
+    return build
+
+
+def _projected(module: nn.Module) -> DRTLayer:
+    layer = ProjectedLayer(module, train_bias=True)
+    share_projection([("layer", layer)], 16, seed=0)
+    with torch.no_grad():
+        layer.drt_values.normal_(0, 1, generator=torch.Generator().manual_seed(4))
+    return layer
+
+
+def _fixed_classifier(module: nn.Module) -> DRTLayer:
+    layer = FixedClassifierLayer(module, train_bias=True, temperature=1.5)
+    layer.draw_fixed_weight(0, "layer")
+    return layer
+
+
+#: name → (builder, module kinds it supports); "prune_csr" is at the CSR kernels' density.
+LAYERS: dict[str, tuple[Callable[[nn.Module], DRTLayer], tuple[str, ...]]] = {
+    "freeze": (lambda m: DRTLayer(m, _indices(m.weight.numel(), 0.2), "freeze", True), tuple(_modules())),
+    "prune": (lambda m: DRTLayer(m, _indices(m.weight.numel(), 0.2), "prune", True), tuple(_modules())),
+    "prune_csr": (lambda m: DRTLayer(m, _indices(m.weight.numel(), 0.02), "prune", True), ("linear", "conv1d")),
+    "partly_pruned": (_partly_pruned, tuple(_modules())),
+    "dct_sparse": (lambda m: DCTSparseLayer(m, _indices(m.weight.numel(), 0.02), True), ("linear", "conv1d")),
+    "supermask_top_k": (_supermask("top_k"), tuple(_modules())),
+    "supermask_signed": (_supermask("signed"), tuple(_modules())),
+    "supermask_bernoulli": (_supermask("bernoulli"), tuple(_modules())),
+    "projected": (_projected, tuple(_modules())),
+    "fixed_classifier": (_fixed_classifier, ("linear",)),
+}
+CASES = [(layer, kind) for layer, (_, kinds) in LAYERS.items() for kind in kinds]
+
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value, reference = value.detach().double(), reference.detach().double()
+    return float((value - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def _trainable(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in layer.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("amp_dtype", AMP_DTYPES)
+@pytest.mark.parametrize(("layer_name", "kind"), CASES)
+def test_layers_train_under_autocast_with_float32_gradients(
+    layer_name: str, kind: str, amp_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module, shape = _modules()[kind]
+    build, _ = LAYERS[layer_name]
+    layer = build(module)
+    reference = copy.deepcopy(layer)
+    if layer_name == "prune_csr" or layer_name == "dct_sparse":
+        assert layer.sparse_kernels
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    x_ref = x.clone().requires_grad_(True)
+    out_ref = reference(x_ref)
+    # ∂L/∂y correlated with y, so that scalar gradients (the fixed classifier's α: Σ ∂L/∂y · y/α) are sums
+    # without heavy cancellation, which no half-precision forward could reproduce to bf16 accuracy
+    noise = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(5))
+    grad = out_ref.detach() + 0.5 * out_ref.detach().std() * noise
+    (out_ref * grad).sum().backward()
+
+    samples_gradient = type(layer) in (DRTLayer, PartlyPrunedLayer, DCTSparseLayer)
+    if samples_gradient and kind != "grouped_conv2d":
+
+        def refuse(*args: object) -> None:
+            raise AssertionError("a dense weight gradient was formed")
+
+        monkeypatch.setattr(layer.op, "grad_weight", refuse)
+    x_amp = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=amp_dtype):
+        out = layer(x_amp)
+        plain = copy.deepcopy(module)(x)
+    assert out.dtype == plain.dtype == amp_dtype  # what the plain module returns under autocast
+    (out.float() * grad).sum().backward()
+
+    tolerance = 4 * torch.finfo(amp_dtype).eps
+    assert _relative_error(out, out_ref) < tolerance
+    assert x_amp.grad.dtype == torch.float32
+    assert _relative_error(x_amp.grad, x_ref.grad) < tolerance
+    trained, expected = _trainable(layer), _trainable(reference)
+    assert trained.keys() == expected.keys() and trained
+    for name, param in trained.items():
+        assert param.grad is not None and param.grad.dtype == param.dtype == torch.float32, name
+        assert _relative_error(param.grad, expected[name].grad) < tolerance, name
+    assert layer.base_layer.weight.grad is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_captured_dense_gradient_under_autocast_has_the_weight_dtype(kind: str) -> None:
+    module, shape = _modules()[kind]
+    layer = DRTLayer(module, _indices(module.weight.numel(), 0.2), "prune", True)
+    reference = copy.deepcopy(layer)
+    layer.capture_dense_grad = reference.capture_dense_grad = True
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    reference(x).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert layer.dense_grad.dtype == torch.float32
+    assert _relative_error(layer.dense_grad, reference.dense_grad) < 0.03
+    assert _relative_error(layer.drt_values.grad, reference.drt_values.grad) < 0.03
+
+
+def _model_cases() -> list[tuple[str, Callable[[], nn.Module], DRTConfig]]:
+    convs = ["conv1", "depthwise", "conv2", "fc"]
+    return [
+        ("bert_freeze", tiny_bert, RandomConfig(density=0.1)),
+        ("bert_prune_csr", tiny_bert, RandomConfig(density=0.02, mode="prune", bias="all")),
+        ("gpt2_prune_csr", tiny_gpt2, RandomConfig(density=0.02, mode="prune")),
+        ("gpt2_freeze", tiny_gpt2, RandomConfig(density=0.1, bias="all")),
+        ("convnet_freeze", tiny_convnet, RandomConfig(density=0.2, target_modules=convs)),
+        ("convnet_prune", tiny_convnet, RandomConfig(density=0.2, mode="prune", target_modules=convs)),
+        ("bert_supermask", tiny_bert, SupermaskConfig(density=0.5)),
+        ("bert_intrinsic_dimension", tiny_bert, IntrinsicDimensionConfig(num_trainable=64)),
+        ("bert_fixed_classifier", tiny_bert, FixedClassifierConfig(modules_to_save=["pooler"])),
+    ]
+
+
+def _loss(model: nn.Module, name: str, g: torch.Generator) -> torch.Tensor:
+    if name.startswith("convnet"):
+        x, y = torch.randn(4, 2, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+        return nn.functional.cross_entropy(model(x).float(), y)
+    batch = random_bert_batch(g)
+    if name.startswith("gpt2"):
+        batch["labels"] = batch["input_ids"]
+    return model(**batch).loss
+
+
+def _without_dropout(model: nn.Module) -> nn.Module:
+    """Train mode (the supermask trains its scores only there) with the same function in both runs."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model.train()
+
+
+@pytest.mark.parametrize(("name", "factory", "config"), _model_cases(), ids=[case[0] for case in _model_cases()])
+def test_models_train_under_autocast_like_float32(name: str, factory: Callable, config: DRTConfig) -> None:
+    amp = _without_dropout(get_drt_model(factory(), config))
+    reference = _without_dropout(get_drt_model(factory(), config))
+    _loss(reference, name, torch.Generator().manual_seed(0)).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _loss(amp, name, torch.Generator().manual_seed(0))
+    loss.backward()
+    expected = dict(reference.named_parameters())
+    trained = [(n, p) for n, p in amp.named_parameters() if p.requires_grad]
+    assert trained and all(p.grad.dtype == p.dtype == torch.float32 for _, p in trained)
+    # over all trained tensors at once: some layers' gradients are ~1e-7 in a tiny random BERT, pure rounding
+    grads = torch.cat([p.grad.reshape(-1) for _, p in trained])
+    reference_grads = torch.cat([expected[n].grad.reshape(-1) for n, _ in trained])
+    assert _relative_error(grads, reference_grads) < 0.05
+
+
+@pytest.mark.parametrize(("mode", "density"), [("freeze", 0.1), ("prune", 0.02)])
+def test_trainer_with_bf16_on_cpu(mode: str, density: float, tmp_path) -> None:
+    model = get_drt_model(tiny_bert(), RandomConfig(density=density, mode=mode, modules_to_save=["classifier"]))
+    before = {name: layer.drt_values.detach().clone() for name, layer in model.drt_layers()}
+    args = cpu_training_args(tmp_path, bf16=True, per_device_train_batch_size=8, max_steps=3, learning_rate=1e-2)
+    trainer = Trainer(model=model, args=args, train_dataset=Parity(24))
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    for name, layer in model.drt_layers():
+        assert layer.drt_values.dtype == torch.float32
+        assert not torch.equal(layer.drt_values, before[name]), name
