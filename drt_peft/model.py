@@ -112,7 +112,10 @@ class DRTModel(nn.Module):
         for param in model.parameters():
             param.requires_grad_(False)
         for target, idx in zip(targets, indices, strict=True):
-            _set_submodule(model, target.name, config.build_layer(target.module, idx))
+            layer = config.build_layer(target.module, idx)
+            if config.autocast_adapter_dtype:
+                layer.upcast_adapter_tensors()
+            _set_submodule(model, target.name, layer)
         self._originals_to_save = {}
         for name in save_names:
             module = model.get_submodule(name)

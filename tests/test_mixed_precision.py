@@ -1,36 +1,44 @@
-"""Mixed precision: every DRT layer trains under autocast, with gradients close to a float32 run.
+"""Mixed precision and dtypes: autocast training, float32 adapter values on half-precision bases.
 
 CPU autocast runs bfloat16 and float16 here; CUDA autocast goes through the same code (the layers
-read the autocast state of the input's device).
+read the autocast state of the input's device). Half-precision bases are float16 where CPU kernels
+have it (tiny BERT trains in float16 on CPU).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert, tiny_convnet, tiny_gpt2
+from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert, tiny_convnet, tiny_gpt2, train_steps
+from safetensors import safe_open
 from torch import nn
 from transformers import Trainer
 from transformers.pytorch_utils import Conv1D
 
 from drt_peft import (
     DRTConfig,
+    DRTModel,
     FixedClassifierConfig,
     IntrinsicDimensionConfig,
+    LotteryTicketConfig,
     RandomConfig,
     SupermaskConfig,
     get_drt_model,
 )
+from drt_peft.checkpoint.io import WEIGHTS_NAME
 from drt_peft.layer import DRTLayer
 from drt_peft.layer.dct import DCTSparseLayer
 from drt_peft.layer.fixed_classifier import FixedClassifierLayer
 from drt_peft.layer.partly_pruned import PartlyPrunedLayer
 from drt_peft.layer.projected import ProjectedLayer, share_projection
 from drt_peft.layer.supermask import SupermaskLayer
+from drt_peft.lottery import STATE_NAME, _load_state
 
 AMP_DTYPES = [torch.bfloat16, torch.float16]
 
@@ -229,3 +237,105 @@ def test_trainer_with_bf16_on_cpu(mode: str, density: float, tmp_path) -> None:
     for name, layer in model.drt_layers():
         assert layer.drt_values.dtype == torch.float32
         assert not torch.equal(layer.drt_values, before[name]), name
+
+
+# -- float32 adapter values on half-precision bases --------------------------------------------
+
+
+def _half_bert() -> nn.Module:
+    return tiny_bert().half()
+
+
+def test_float16_base_trains_float32_values_with_adamw() -> None:
+    batches = [random_bert_batch(torch.Generator().manual_seed(i), size=2) for i in range(2)]
+    model = get_drt_model(_half_bert(), RandomConfig(density=0.1))
+    train_steps(model, batches, lr=1e-2)
+    for name, layer in model.drt_layers():
+        assert layer.base_layer.weight.dtype == layer.drt_base_values.dtype == torch.float16, name
+        assert layer.drt_values.dtype == torch.float32, name
+        assert torch.isfinite(layer.drt_values).all(), name
+    # opting out keeps the values in the base dtype (where AdamW's eps=1e-8 underflows in float16)
+    kept = get_drt_model(_half_bert(), RandomConfig(density=0.1, autocast_adapter_dtype=False))
+    assert all(layer.drt_values.dtype == torch.float16 for _, layer in kept.drt_layers())
+
+
+def test_float32_trainable_tensors_of_the_layer_subclasses_on_a_float16_base() -> None:
+    supermask = get_drt_model(_half_bert(), SupermaskConfig(density=0.5))
+    projected = get_drt_model(_half_bert(), IntrinsicDimensionConfig(num_trainable=64))
+    fixed = get_drt_model(_half_bert(), FixedClassifierConfig())
+    for model in (supermask, projected, fixed):
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert trained and all(p.dtype == torch.float32 for p in trained.values()), type(model.drt_config)
+        losses = train_steps(model, [random_bert_batch(torch.Generator().manual_seed(0), size=2)] * 2, lr=1e-2)
+        assert all(math.isfinite(loss) for loss in losses), type(model.drt_config)
+        assert all(torch.isfinite(p).all() for p in trained.values()), type(model.drt_config)
+    opted_out = get_drt_model(_half_bert(), SupermaskConfig(density=0.5, autocast_adapter_dtype=False))
+    assert all(layer.scores.dtype == torch.float16 for _, layer in opted_out.drt_layers())
+
+
+def test_update_indices_merge_and_unload_stay_exact_with_float32_values_on_a_float16_base() -> None:
+    base = _half_bert()
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_drt_model(base, RandomConfig(density=0.1))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_steps(model, [random_bert_batch(torch.Generator().manual_seed(0), size=2)])
+    name, layer = next(iter(model.drt_layers()))
+    loss = _loss(model, "bert", torch.Generator().manual_seed(1))
+    loss.backward()
+    optimizer.step()
+    kept_values = layer.drt_values.detach()[::2].clone()
+    grown = torch.tensor(
+        [i for i in range(layer.base_layer.weight.numel()) if i not in set(layer.drt_indices.tolist())]
+    )
+    indices = torch.cat([layer.drt_indices[::2], grown[:5]]).sort().values
+    layer.update_indices(indices, optimizer)
+    assert layer.drt_values.dtype == torch.float32
+    assert optimizer.state[layer.drt_values]["exp_avg"].dtype == torch.float32
+    flat_original = original[f"{name}.weight"].reshape(-1)
+    where = torch.searchsorted(indices, grown[:5])
+    assert torch.equal(layer.drt_values.detach()[where], flat_original[grown[:5]].float())  # grown at Θ(0), exactly
+    assert torch.isin(kept_values, layer.drt_values.detach()).all()
+    merged = copy.deepcopy(model).merge_and_unload()
+    for layer_name, drt in model.drt_layers():
+        weight = merged.get_submodule(layer_name).weight.reshape(-1)
+        assert torch.equal(weight[drt.drt_indices], drt.drt_values.detach().half()), layer_name
+        off = torch.ones_like(weight, dtype=torch.bool)
+        off[drt.drt_indices] = False
+        assert torch.equal(weight[off], original[f"{layer_name}.weight"].reshape(-1)[off]), layer_name
+    restored = model.unload().state_dict()
+    assert all(torch.equal(restored[k], original[k]) for k in original)
+
+
+def test_values_are_saved_in_their_dtype_and_loaded_into_the_layers_dtype(tmp_path) -> None:
+    batch = random_bert_batch(torch.Generator().manual_seed(0), size=2)
+    model = get_drt_model(_half_bert(), RandomConfig(density=0.1))
+    train_steps(model, [batch])
+    model.save_pretrained(tmp_path / "float32")
+    with safe_open(os.path.join(tmp_path / "float32", WEIGHTS_NAME), framework="pt") as handle:
+        assert handle.get_tensor("drt_values").dtype == torch.float32
+    loaded = DRTModel.from_pretrained(_half_bert(), tmp_path / "float32")
+    for (_, a), (_, b) in zip(model.drt_layers(), loaded.drt_layers(), strict=True):
+        assert b.drt_values.dtype == torch.float32 and torch.equal(a.drt_values, b.drt_values)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=batch["input_ids"]).logits, model(input_ids=batch["input_ids"]).logits)
+
+
+def test_autocast_adapter_dtype_is_a_validated_config_field(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"autocast_adapter_dtype='no' must be True or False"):
+        RandomConfig(density=0.1, autocast_adapter_dtype="no")
+    config = RandomConfig(density=0.1, autocast_adapter_dtype=False)
+    config.save_pretrained(tmp_path)
+    assert DRTConfig.from_pretrained(tmp_path) == config
+    old = config.to_dict()
+    del old["autocast_adapter_dtype"]  # configs written before the field existed
+    assert DRTConfig.from_dict(old).autocast_adapter_dtype is True
+
+
+def test_a_lottery_search_recorded_before_the_field_existed_resumes(tmp_path) -> None:
+    config = LotteryTicketConfig(density=0.5)
+    recorded = config.to_dict()
+    del recorded["autocast_adapter_dtype"]
+    (tmp_path / STATE_NAME).write_text(json.dumps({"config": recorded, "densities": [0.5], "rounds": []}))
+    assert _load_state(str(tmp_path), config, [0.5])["config"] == recorded
+    with pytest.raises(ValueError, match=r"fields \['autocast_adapter_dtype'\] differ"):
+        _load_state(str(tmp_path), LotteryTicketConfig(density=0.5, autocast_adapter_dtype=False), [0.5])

@@ -56,6 +56,14 @@ class DRTLayer(nn.Module):
     with no trained entry (d = 0, e.g. norm/bias-only training) runs the plain product under
     autograd: input and bias gradients only, no sampled product. With ``train_bias`` the base bias
     is kept aside (``drt_base_bias``) so :meth:`unload` restores it too.
+
+    Dtypes: the products run in :func:`~drt_peft.layer.ops.compute_dtype`, the weight's dtype or,
+    under ``torch.autocast``, autocast's (the input is cast to it, the output has it, as with a
+    plain module); the CSR kernels run in the values' dtype with autocast disabled. ϑ may be
+    stored in another dtype than the weight (float32 on a half-precision base,
+    :meth:`upcast_adapter_tensors`): it is cast to the weight's dtype where it is written into Θ,
+    and its gradient is computed (SDDMM in float32) and returned in its own dtype.
+    ``drt_base_values`` always has the weight's dtype, so :meth:`unload` is exact.
     """
 
     def __init__(self, base_layer: nn.Module, indices: Tensor, mode: str, train_bias: bool = False) -> None:
@@ -160,6 +168,20 @@ class DRTLayer(nn.Module):
         if not factor > 0:
             raise ValueError(f"decay factor={factor!r} must be > 0 (lr · frozen_weight_decay must stay below 1)")
         self.frozen_scale *= factor
+
+    def upcast_adapter_tensors(self) -> None:
+        """Store the layer's own float16/bfloat16 Parameters in float32 (``autocast_adapter_dtype``).
+
+        These are the tensors the layer trains (ϑ, a subclass's scores); the base module's
+        parameters and the frozen ``drt_base_values`` keep the weight's dtype. Every product casts
+        ϑ to the weight's dtype where it is used (:meth:`_materialised`, :meth:`effective_weight`) or
+        computes its gradient in float32 (the SDDMM), so training works the same, only with
+        float32 optimizer updates and states. Call it before the optimizer is built.
+        """
+        for param in self.parameters(recurse=False):
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+        self._cache.clear()
 
     def get_extra_state(self) -> Tensor:
         """:attr:`frozen_scale` as a tensor, so state dicts stay tensor-only (safetensors, Trainer checkpoints)."""
