@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base_weights import fingerprint, seeded_init_
+from .base_weights import BaseProbe, fingerprint, seeded_init_
 from .config import DRTConfig
 from .layer import DRTLayer, weight_op
 from .masks import LossFn, Target, compute_indices
@@ -56,6 +56,32 @@ def _check_untied(model: nn.Module, targets: list[Target]) -> None:
             )
 
 
+def _check_other_dtype(
+    config: DRTConfig, found: str, stored: BaseProbe | None, probe: BaseProbe, names: list[str]
+) -> None:
+    """Accept a base whose fingerprint differs only if it holds the same weights in another dtype.
+
+    The exact fingerprint decides for bases of the same dtypes and for adapters saved without a
+    probe; otherwise the adapter's probe ``stored`` must agree with this base's ``probe``.
+    """
+    mismatch = (
+        "the adapter stores no base probe, so only the exact fingerprint can be checked"
+        if stored is None
+        else "the dtypes are the same, so the weights differ"
+        if stored.same_dtypes(probe)
+        else stored.mismatch(probe, names)
+    )
+    if mismatch is None:
+        return
+    raise ValueError(
+        f"base model mismatch: this adapter was made on a base whose targeted weights have "
+        f"base_model_fingerprint={config.base_model_fingerprint!r}, but the given model's are {found!r} "
+        f"({mismatch}; base_model_name_or_path={config.base_model_name_or_path!r}). The same targeted weights "
+        f"and target_modules are needed, in the same dtype, or in any floating dtype for adapters saved with "
+        f"a base probe (which save_pretrained writes)"
+    )
+
+
 class DRTModel(nn.Module):
     """A model whose targeted weights train only at d positions (Θ = ψ·ϑ + χ·Θ(0)).
 
@@ -63,6 +89,11 @@ class DRTModel(nn.Module):
     Hugging Face ``Trainer``, a plain PyTorch loop or ``accelerate``. The only trainable tensors
     are each layer's ``drt_values`` (d entries), the targeted biases with ``bias="all"``, and the
     ``modules_to_save``.
+
+    A config with ``base_model_fingerprint`` set is checked against the targeted weights: they
+    must have that exact fingerprint or, given the ``base_probe`` saved with the adapter (which
+    :func:`~drt_peft.checkpoint.io.load_adapter` passes), be the same weights in another dtype.
+    ``indices`` gives ψ per layer instead of computing it (loading a saved adapter).
     """
 
     def __init__(
@@ -73,6 +104,7 @@ class DRTModel(nn.Module):
         loss_fn: LossFn | None = None,
         *,
         indices: list[Tensor] | None = None,
+        base_probe: BaseProbe | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model, DRTModel):
@@ -87,13 +119,10 @@ class DRTModel(nn.Module):
         if config.base_init == "seeded":
             seeded_init_(targets, model, config.seed)
         found = fingerprint(targets)
+        #: The probe of the targeted Θ(0) (see :class:`~drt_peft.base_weights.BaseProbe`), saved with the adapter.
+        self.base_probe = BaseProbe.of(targets, config.seed)
         if config.base_model_fingerprint not in (None, found):
-            raise ValueError(
-                f"base model mismatch: this adapter was made on a base whose targeted weights have "
-                f"base_model_fingerprint={config.base_model_fingerprint!r}, but the given model's are {found!r} "
-                f"(base_model_name_or_path={config.base_model_name_or_path!r}; same weights, dtype and "
-                f"target_modules are needed)"
-            )
+            _check_other_dtype(config, found, base_probe, self.base_probe, [t.name for t in targets])
         model_config = getattr(model, "config", None)
         name_or_path = getattr(model_config, "name_or_path", None) or None
         self.drt_config = dataclasses.replace(

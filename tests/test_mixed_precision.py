@@ -1,4 +1,4 @@
-"""Mixed precision and dtypes: autocast training, float32 adapter values on half-precision bases.
+"""Mixed precision and dtypes: autocast training, float32 adapter values on half bases, the fingerprint across dtypes.
 
 CPU autocast runs bfloat16 and float16 here; CUDA autocast goes through the same code (the layers
 read the autocast state of the input's device). Half-precision bases are float16 where CPU kernels
@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert, tiny_convnet, tiny_gpt2, train_steps
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer
 from transformers.pytorch_utils import Conv1D
@@ -31,14 +32,17 @@ from drt_peft import (
     SupermaskConfig,
     get_drt_model,
 )
-from drt_peft.checkpoint.io import WEIGHTS_NAME
+from drt_peft.base_weights import BaseProbe
+from drt_peft.checkpoint.io import WEIGHTS_NAME, _checksum
 from drt_peft.layer import DRTLayer
 from drt_peft.layer.dct import DCTSparseLayer
 from drt_peft.layer.fixed_classifier import FixedClassifierLayer
+from drt_peft.layer.ops import weight_op
 from drt_peft.layer.partly_pruned import PartlyPrunedLayer
 from drt_peft.layer.projected import ProjectedLayer, share_projection
 from drt_peft.layer.supermask import SupermaskLayer
 from drt_peft.lottery import STATE_NAME, _load_state
+from drt_peft.masks import Target
 
 AMP_DTYPES = [torch.bfloat16, torch.float16]
 
@@ -319,6 +323,13 @@ def test_values_are_saved_in_their_dtype_and_loaded_into_the_layers_dtype(tmp_pa
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=batch["input_ids"]).logits, model(input_ids=batch["input_ids"]).logits)
 
+    opted_out = get_drt_model(tiny_bert(), RandomConfig(density=0.1, autocast_adapter_dtype=False))
+    train_steps(opted_out, [batch])
+    opted_out.save_pretrained(tmp_path / "opted_out")
+    onto_half = DRTModel.from_pretrained(_half_bert(), tmp_path / "opted_out")  # float32 values, float16 layer
+    for (_, a), (_, b) in zip(opted_out.drt_layers(), onto_half.drt_layers(), strict=True):
+        assert b.drt_values.dtype == torch.float16 and torch.equal(a.drt_values.detach().half(), b.drt_values)
+
 
 def test_autocast_adapter_dtype_is_a_validated_config_field(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"autocast_adapter_dtype='no' must be True or False"):
@@ -329,6 +340,88 @@ def test_autocast_adapter_dtype_is_a_validated_config_field(tmp_path) -> None:
     old = config.to_dict()
     del old["autocast_adapter_dtype"]  # configs written before the field existed
     assert DRTConfig.from_dict(old).autocast_adapter_dtype is True
+
+
+# -- the base fingerprint across dtypes ---------------------------------------------------------
+
+
+def _saved(tmp_path, factory: Callable[[], nn.Module], config: DRTConfig, name: str = "adapter"):
+    model = get_drt_model(factory(), config)
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.mark.parametrize("factory", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
+def test_an_adapter_loads_on_the_same_weights_in_another_dtype(factory: Callable, tmp_path) -> None:
+    model, folder = _saved(tmp_path, factory, RandomConfig(density=0.1))
+    ids = random_bert_batch(torch.Generator().manual_seed(0))["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        loaded = DRTModel.from_pretrained(factory().to(dtype), folder)
+        with torch.no_grad():
+            logits = loaded(input_ids=ids).logits
+        assert logits.dtype == dtype
+        coarser = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+        assert _relative_error(logits, expected) < 8 * coarser, dtype
+    # bfloat16 and float16 both round the float32 weights: a bf16-saved adapter loads on the float16 copy
+    DRTModel.from_pretrained(factory().bfloat16(), folder).save_pretrained(tmp_path / "bf16")
+    DRTModel.from_pretrained(factory().half(), tmp_path / "bf16")
+
+
+def test_seeded_and_convolutional_bases_load_across_dtypes(tmp_path) -> None:
+    convs = ["conv1", "depthwise", "conv2", "fc"]
+    _, folder = _saved(tmp_path, tiny_convnet, RandomConfig(density=0.2, target_modules=convs), "convnet")
+    DRTModel.from_pretrained(tiny_convnet().bfloat16(), folder)
+    _, seeded = _saved(tmp_path, tiny_bert, RandomConfig(density=0.1, base_init="seeded", seed=5), "seeded")
+    DRTModel.from_pretrained(tiny_bert(seed=3).half(), seeded)  # Θ(0) regenerated from the seed, in float16
+
+
+def test_other_weights_are_refused_in_any_dtype(tmp_path) -> None:
+    _, folder = _saved(tmp_path, tiny_bert, RandomConfig(density=0.1))
+    for other in (tiny_bert(seed=1), tiny_bert(seed=1).bfloat16(), tiny_bert(seed=1).half()):
+        with pytest.raises(ValueError, match=r"base model mismatch: .*base_model_fingerprint='sha256:"):
+            DRTModel.from_pretrained(other, folder)
+    changed = tiny_bert()
+    with torch.no_grad():
+        changed.bert.encoder.layer[0].intermediate.dense.weight[3, :4] *= 1.001
+    with pytest.raises(ValueError, match=r"the dtypes are the same, so the weights differ"):
+        DRTModel.from_pretrained(changed, folder)
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.0\.attention\.self\.query has the probed value"):
+        DRTModel.from_pretrained(tiny_bert(seed=1).bfloat16(), folder)
+
+
+def test_adapters_without_a_probe_keep_the_exact_check(tmp_path) -> None:
+    _, folder = _saved(tmp_path, tiny_bert, RandomConfig(density=0.1))
+    file = os.path.join(folder, WEIGHTS_NAME)
+    with safe_open(file, framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if not k.startswith("drt_base_probe")}
+    del metadata["drt_base_probe_dtypes"]
+    metadata["drt_checksum"] = _checksum(tensors)
+    save_file(tensors, file, metadata)  # as written before the probe existed
+    DRTModel.from_pretrained(tiny_bert(), folder)
+    with pytest.raises(ValueError, match=r"the adapter stores no base probe, so only the exact fingerprint"):
+        DRTModel.from_pretrained(tiny_bert().bfloat16(), folder)
+    config = json.loads(metadata["drt_config"])
+    with pytest.raises(ValueError, match=r"base model mismatch"):  # a config alone carries no probe
+        get_drt_model(tiny_bert().half(), DRTConfig.from_dict(config))
+
+
+def test_probe_tolerates_rounding_only() -> None:
+    module = nn.Linear(64, 64)
+    targets = [Target("layer", module, weight_op(module))]
+    probe = BaseProbe.of(targets, seed=0)
+    assert probe.values.shape == (1, 32)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        copy_ = copy.deepcopy(module).to(dtype)
+        assert probe.mismatch(BaseProbe.of([Target("layer", copy_, weight_op(copy_))], seed=0), ["layer"]) is None
+    nudged = copy.deepcopy(module).bfloat16()
+    with torch.no_grad():
+        nudged.weight.mul_(1.05)  # every value off by 5%: beyond bfloat16's rounding
+    reason = probe.mismatch(BaseProbe.of([Target("layer", nudged, weight_op(nudged))], seed=0), ["layer"])
+    assert reason is not None and "layer has the probed value" in reason
 
 
 def test_a_lottery_search_recorded_before_the_field_existed_resumes(tmp_path) -> None:
