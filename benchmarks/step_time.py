@@ -24,6 +24,7 @@ from _report import command, machine, write_report
 from transformers import BertConfig, BertForSequenceClassification
 
 from drt_peft import MagnitudeConfig, RandomConfig, get_drt_model
+from drt_peft.base_weights import PROBE_BYTES_PER_LAYER
 from drt_peft.recipes.text_classification import optimizer_state_bytes
 
 ENCODER_LINEAR = (
@@ -81,7 +82,8 @@ def _build(args: argparse.Namespace) -> tuple[list[Run], dict]:
     ):
         model = get_peft_model(_base(args), config)
         runs.append(Run(name, model, _optimizer(model), model.save_pretrained))
-    return runs, {"d": d, "rank": rank, "D": sum(layer.weight_shape.numel() for _, layer in drt_random.drt_layers())}
+    layers = [layer for _, layer in drt_random.drt_layers()]
+    return runs, {"d": d, "rank": rank, "D": sum(layer.weight_shape.numel() for layer in layers), "layers": len(layers)}
 
 
 def _step(run: Run, batch: dict) -> float:
@@ -131,7 +133,7 @@ def main() -> None:
 
     full_time = statistics.median(runs[0].times)
     lora_time = statistics.median(next(r for r in runs if r.name.startswith("PEFT LoRA")).times)
-    d = sizes["d"]
+    d, probe = sizes["d"], PROBE_BYTES_PER_LAYER * sizes["layers"]
     rows = []
     for run in runs:
         median = statistics.median(run.times)
@@ -160,8 +162,8 @@ def main() -> None:
             **sizes,
         },
         "bounds": {
-            "adapter_random_max": 4 * d + 4096,
-            "adapter_magnitude_max": 6 * d + 4096,
+            "adapter_random_max": 4 * d + 4096 + probe,
+            "adapter_magnitude_max": 6 * d + 4096 + probe,
             "optimizer_state_drt": 8 * d,
         },
         "rows": rows,
@@ -189,8 +191,9 @@ def _markdown(result: dict) -> str:
     b = result["bounds"]
     lines += [
         "",
-        f"Bounds: DRT optimizer state 8·d = {b['optimizer_state_drt']:,} bytes; adapter ≤ 4·d + 4 KB = "
-        f"{b['adapter_random_max']:,} bytes (random mask), ≤ 6·d + 4 KB = {b['adapter_magnitude_max']:,} "
+        f"Bounds: DRT optimizer state 8·d = {b['optimizer_state_drt']:,} bytes; adapter ≤ 4·d + 4 KB + "
+        f"{PROBE_BYTES_PER_LAYER} B per targeted layer (the base probe) = {b['adapter_random_max']:,} bytes "
+        f"(random mask), ≤ 6·d + 4 KB + {PROBE_BYTES_PER_LAYER} B per layer = {b['adapter_magnitude_max']:,} "
         "bytes (magnitude mask).",
         "",
     ]

@@ -173,6 +173,15 @@ class DRTConfig:
         },
     )
     inference_mode: bool = field(default=False, metadata={"help": "Whether the adapter is loaded for inference."})
+    autocast_adapter_dtype: bool = field(
+        default=True,
+        metadata={
+            "help": "On a float16/bfloat16 base, store the tensors the DRT layers train (`drt_values`, supermask "
+            "scores, the projection's ϑ) in float32 and cast them to the weight's dtype where they are used, so "
+            "optimizer updates and states keep their precision (as PEFT's `autocast_adapter_dtype`). False keeps "
+            "them in the base weight's dtype. The frozen base values stay in the weight's dtype either way."
+        },
+    )
 
     def __post_init__(self) -> None:
         if type(self) is DRTConfig or not self.method_name:
@@ -218,6 +227,8 @@ class DRTConfig:
             raise ValueError("target_modules=None: name the modules to embed, or use 'all-linear'")
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            raise ValueError(f"autocast_adapter_dtype={self.autocast_adapter_dtype!r} must be True or False")
 
     def _restrict(self, reason: str, **allowed: str | tuple[str, ...]) -> None:
         """Refuse shared fields this method cannot honour: ``field=value`` (or a tuple of values) each."""

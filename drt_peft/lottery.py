@@ -134,8 +134,10 @@ def _load_state(output_dir: str, config: LotteryTicketConfig, densities: list[fl
     with open(path) as handle:
         state = json.load(handle)
     keep = ("base_model_fingerprint", "base_model_name_or_path", "revision")
+    # a field missing from a record written before it existed has its default (e.g. autocast_adapter_dtype)
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
     mine = {k: v for k, v in config.to_dict().items() if k not in keep}
-    theirs = {k: v for k, v in state.get("config", {}).items() if k not in keep}
+    theirs = {k: v for k, v in {**defaults, **state.get("config", {})}.items() if k not in keep}
     if mine != theirs:
         changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         raise ValueError(

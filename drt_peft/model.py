@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .base_weights import fingerprint, seeded_init_
+from .base_weights import BaseProbe, fingerprint, seeded_init_
 from .config import DRTConfig
 from .layer import DRTLayer, weight_op
 from .masks import LossFn, Target, compute_indices
@@ -171,6 +171,32 @@ def _new_specialised(cls: type[DRTModel], wrapped: type[nn.Module]) -> DRTModel:
     return nn.Module.__new__(_forward_class(cls, wrapped))
 
 
+def _check_other_dtype(
+    config: DRTConfig, found: str, stored: BaseProbe | None, probe: BaseProbe, names: list[str]
+) -> None:
+    """Accept a base whose fingerprint differs only if it holds the same weights in another dtype.
+
+    The exact fingerprint decides for bases of the same dtypes and for adapters saved without a
+    probe; otherwise the adapter's probe ``stored`` must agree with this base's ``probe``.
+    """
+    mismatch = (
+        "the adapter stores no base probe, so only the exact fingerprint can be checked"
+        if stored is None
+        else "the dtypes are the same, so the weights differ"
+        if stored.same_dtypes(probe)
+        else stored.mismatch(probe, names)
+    )
+    if mismatch is None:
+        return
+    raise ValueError(
+        f"base model mismatch: this adapter was made on a base whose targeted weights have "
+        f"base_model_fingerprint={config.base_model_fingerprint!r}, but the given model's are {found!r} "
+        f"({mismatch}; base_model_name_or_path={config.base_model_name_or_path!r}). The same targeted weights "
+        f"and target_modules are needed, in the same dtype, or in any floating dtype for adapters saved with "
+        f"a base probe (which save_pretrained writes)"
+    )
+
+
 class DRTModel(nn.Module):
     """A model whose targeted weights train only at d positions (Θ = ψ·ϑ + χ·Θ(0)).
 
@@ -182,6 +208,11 @@ class DRTModel(nn.Module):
     The instance's class is a subclass named after the wrapped model's class
     (``DRTModel[BertForSequenceClassification]``) whose ``forward`` has the wrapped signature, so
     the ``Trainer`` finds the label names and reports ``eval_loss`` and metrics as on the plain model.
+
+    A config with ``base_model_fingerprint`` set is checked against the targeted weights: they
+    must have that exact fingerprint or, given the ``base_probe`` saved with the adapter (which
+    :func:`~drt_peft.checkpoint.io.load_adapter` passes), be the same weights in another dtype.
+    ``indices`` gives ψ per layer instead of computing it (loading a saved adapter).
     """
 
     _wraps_class: type[nn.Module] | None = None
@@ -205,6 +236,7 @@ class DRTModel(nn.Module):
         loss_fn: LossFn | None = None,
         *,
         indices: list[Tensor] | None = None,
+        base_probe: BaseProbe | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model, DRTModel):
@@ -229,13 +261,10 @@ class DRTModel(nn.Module):
         if config.base_init == "seeded":
             seeded_init_(targets, model, config.seed)
         found = fingerprint(targets)
+        #: The probe of the targeted Θ(0) (see :class:`~drt_peft.base_weights.BaseProbe`), saved with the adapter.
+        self.base_probe = BaseProbe.of(targets, config.seed)
         if config.base_model_fingerprint not in (None, found):
-            raise ValueError(
-                f"base model mismatch: this adapter was made on a base whose targeted weights have "
-                f"base_model_fingerprint={config.base_model_fingerprint!r}, but the given model's are {found!r} "
-                f"(base_model_name_or_path={config.base_model_name_or_path!r}; same weights, dtype and "
-                f"target_modules are needed)"
-            )
+            _check_other_dtype(config, found, base_probe, self.base_probe, [t.name for t in targets])
         model_config = getattr(model, "config", None)
         name_or_path = getattr(model_config, "name_or_path", None) or None
         self.drt_config = dataclasses.replace(
@@ -257,7 +286,10 @@ class DRTModel(nn.Module):
             for param in flags:
                 param.requires_grad_(False)
             for target, idx in zip(targets, indices, strict=True):
-                _set_submodule(model, target.name, config.build_layer(target.module, idx))
+                layer = config.build_layer(target.module, idx)
+                if config.autocast_adapter_dtype:
+                    layer.upcast_adapter_tensors()
+                _set_submodule(model, target.name, layer)
             for name in save_names:
                 module = model.get_submodule(name)
                 self._originals_to_save[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}

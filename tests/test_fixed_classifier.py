@@ -97,8 +97,9 @@ def test_save_load_holds_no_head_matrix_and_merge_is_identical(tmp_path) -> None
     model.save_pretrained(tmp_path)
     with safe_open(os.path.join(tmp_path, "adapter_model.safetensors"), framework="pt") as handle:
         stored = {k: handle.get_tensor(k) for k in handle.keys()}
-    assert set(stored) == {"drt_counts", "drt_values", "drt_layer.0.temperature"}
-    assert max(t.numel() for t in stored.values()) == 1  # α and a count: no W, no head weight
+    probe = {"drt_base_probe_numels", "drt_base_probe_stats", "drt_base_probe_values"}  # 36 numbers of Θ(0)
+    assert set(stored) == {"drt_counts", "drt_values", "drt_layer.0.temperature"} | probe
+    assert max(t.numel() for k, t in stored.items() if k not in probe) == 1  # α and a count: no W, no head weight
     assert torch.equal(stored["drt_layer.0.temperature"], model.base_model.classifier.temperature.detach())
     assert DRTConfig.from_pretrained(tmp_path) == model.drt_config
 

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import Trainer
 
 from drt_peft import DRTCallback, DRTConfig, DRTModel, SupermaskConfig, get_drt_model
+from drt_peft.base_weights import PROBE_BYTES_PER_LAYER
 from drt_peft.checkpoint.io import WEIGHTS_NAME
 from drt_peft.layer.supermask import SupermaskLayer
 from drt_peft.masks.selection import top_k_mask
@@ -123,9 +124,9 @@ def test_save_load_gives_identical_outputs_and_stores_no_weight_values(variant: 
         keys = set(handle.keys())
     assert "drt_values" not in keys and not any(k.startswith("modules_to_save") for k in keys)
     total = sum(layer.scores.numel() for layer in _layers(model))
-    # the mask is at most a bitmap of D bits (+ 1 bit per kept weight for signs) and a header
+    # the mask is at most a bitmap of D bits (+ 1 bit per kept weight for signs), a header and the base probe
     signs = total // 8 if variant == "signed" else 0
-    assert os.path.getsize(file) < total // 8 + signs + 3000
+    assert os.path.getsize(file) < total // 8 + signs + 3000 + PROBE_BYTES_PER_LAYER * len(_layers(model))
 
     loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
     assert torch.equal(loaded(**inputs).logits, expected)

@@ -1,10 +1,12 @@
 """Adapter checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors`` + model card.
 
 The safetensors file is self-contained and is the commit point of a save: it holds ϑ (all
-layers' trained values concatenated, in the training dtype), ψ (omitted when the config
-regenerates it from the seed, otherwise in the smallest lossless encoding per layer), the
-config itself and checksums in its metadata. Every file is written to a temporary file and
-renamed into place, so an interrupted save leaves the previous adapter loadable.
+layers' trained values concatenated, in the dtype they trained in; loading casts them to the
+layer's), ψ (omitted when the config regenerates it from the seed, otherwise in the smallest
+lossless encoding per layer), the probe of the base weights
+(:class:`~drt_peft.base_weights.BaseProbe`, which lets the adapter load on the same base in
+another dtype), the config itself and checksums in its metadata. Every file is written to a
+temporary file and renamed into place, so an interrupted save leaves the previous adapter loadable.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from ..base_weights import BaseProbe
 from ..config import CONFIG_NAME, DRTConfig
 from .codec import CODECS, decode, encode_smallest
 
@@ -191,12 +194,15 @@ def save_adapter(
     for name in model.modules_to_save:
         for key, value in model.base_model.get_submodule(name).state_dict().items():
             tensors[f"modules_to_save.{name}.{key}"] = live(f"{name}.{key}", value).contiguous()
+    probe_tensors, probe_metadata = model.base_probe.to_tensors()
+    tensors.update(probe_tensors)
     metadata = {
         "format": "pt",
         "drt_peft_format": FORMAT_VERSION,
         "drt_config": config.to_json(),
         "drt_targets": _targets_checksum(name for name, _ in layers),
         "drt_index_checksum": indices_checksum(layer.drt_indices for _, layer in layers),
+        **probe_metadata,
         "drt_checksum": _checksum(tensors),
     }
     os.makedirs(save_directory, exist_ok=True)
@@ -267,7 +273,11 @@ def load_adapter(
     tensors, metadata = read_adapter_file(file)
     config = _stored_config(file, metadata, model_id, **hub_kwargs)
     stored = None if config.indices_from_seed else _decode_indices(tensors, file)
-    model = DRTModel(base_model, config, indices=stored)
+    try:
+        probe = BaseProbe.from_tensors(tensors, metadata)
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
+    model = DRTModel(base_model, config, indices=stored, base_probe=probe)
     try:
         _load_into(model, tensors, metadata, file)
     except BaseException:

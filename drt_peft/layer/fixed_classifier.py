@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..seeding import generator
 from .layer import DRTLayer
+from .ops import autocast_forward
 
 
 def random_orthogonal(rows: int, cols: int, g: torch.Generator) -> Tensor:
@@ -74,11 +75,11 @@ class FixedClassifierLayer(DRTLayer):
         return (self._fixed() * self.temperature.detach()).to(self.base_layer.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self._fixed()
-        if x.dtype != weight.dtype:
-            x = x.to(weight.dtype)
-        out = self.op.forward(x, weight, None) * self.temperature.to(weight.dtype)
-        return self.op.add_bias(out, self.base_layer.bias) if self.adds_bias else out
+        out = autocast_forward(self.op, x, self._fixed(), None)
+        # α scales in at least float32: its gradient, one sum over the whole output, loses digits in half precision
+        scale_dtype = torch.promote_types(out.dtype, self.temperature.dtype)
+        out = (out.to(scale_dtype) * self.temperature.to(scale_dtype)).to(out.dtype)
+        return self.op.add_bias(out, self.base_layer.bias.to(out.dtype)) if self.adds_bias else out
 
     def adapter_tensors(self) -> dict[str, Tensor]:
         """α; W is regenerated from the seed."""

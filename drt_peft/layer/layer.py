@@ -14,6 +14,7 @@ from .ops import (
     DenseProduct,
     LinearOp,
     SampledWeightFunction,
+    compute_dtype,
     csr_pattern,
     sddmm_dtype,
     weight_op,
@@ -55,6 +56,14 @@ class DRTLayer(nn.Module):
     with no trained entry (d = 0, e.g. norm/bias-only training) runs the plain product under
     autograd: input and bias gradients only, no sampled product. With ``train_bias`` the base bias
     is kept aside (``drt_base_bias``) so :meth:`unload` restores it too.
+
+    Dtypes: the products run in :func:`~drt_peft.layer.ops.compute_dtype`, the weight's dtype or,
+    under ``torch.autocast``, autocast's (the input is cast to it, the output has it, as with a
+    plain module); the CSR kernels run in the values' dtype with autocast disabled. ϑ may be
+    stored in another dtype than the weight (float32 on a half-precision base,
+    :meth:`upcast_adapter_tensors`): it is cast to the weight's dtype where it is written into Θ,
+    and its gradient is computed (SDDMM in float32) and returned in its own dtype.
+    ``drt_base_values`` always has the weight's dtype, so :meth:`unload` is exact.
     """
 
     def __init__(self, base_layer: nn.Module, indices: Tensor, mode: str, train_bias: bool = False) -> None:
@@ -159,6 +168,20 @@ class DRTLayer(nn.Module):
         if not factor > 0:
             raise ValueError(f"decay factor={factor!r} must be > 0 (lr · frozen_weight_decay must stay below 1)")
         self.frozen_scale *= factor
+
+    def upcast_adapter_tensors(self) -> None:
+        """Store the layer's own float16/bfloat16 Parameters in float32 (``autocast_adapter_dtype``).
+
+        These are the tensors the layer trains (ϑ, a subclass's scores); the base module's
+        parameters and the frozen ``drt_base_values`` keep the weight's dtype. Every product casts
+        ϑ to the weight's dtype where it is used (:meth:`_materialised`, :meth:`effective_weight`) or
+        computes its gradient in float32 (the SDDMM), so training works the same, only with
+        float32 optimizer updates and states. Call it before the optimizer is built.
+        """
+        for param in self.parameters(recurse=False):
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+        self._cache.clear()
 
     def get_extra_state(self) -> Tensor:
         """:attr:`frozen_scale` as a tensor, so state dicts stay tensor-only (safetensors, Trainer checkpoints)."""
@@ -296,11 +319,11 @@ class DRTLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         product = self._product()
         bias = self.base_layer.bias
-        if not torch.is_grad_enabled() or not (self.drt_values.requires_grad or x.requires_grad):
-            return product.forward(x, bias)
-        dtype = self.base_layer.weight.dtype
+        dtype = compute_dtype(self.base_layer.weight.dtype, x.device.type)
         if x.dtype != dtype:
             x = x.to(dtype)
+        if not torch.is_grad_enabled() or not (self.drt_values.requires_grad or x.requires_grad):
+            return product.forward(x, bias)
         if not self.drt_indices.numel() and not self.capture_dense_grad:
             # No trained entry: autograd of the plain product yields the input and bias gradients and,
             # since the weight does not require grad, no weight gradient and no sampled product.
@@ -309,8 +332,17 @@ class DRTLayer(nn.Module):
         return SampledWeightFunction.apply(x, self.drt_values, bias, product, self.op, self._pattern(dtype), sink)
 
     def accumulate_dense_grad(self, grad: Tensor) -> None:
-        """Add a dense weight gradient to :attr:`dense_grad` (called from the backward when capturing)."""
-        self.dense_grad = grad.detach().clone() if self.dense_grad is None else self.dense_grad.add_(grad)
+        """Add a dense weight gradient to :attr:`dense_grad` (called from the backward when capturing).
+
+        :attr:`dense_grad` has the weight's dtype, as the weight's own ``.grad`` would, also when the
+        products ran in autocast's lower precision.
+        """
+        grad = grad.detach()
+        if self.dense_grad is not None:
+            self.dense_grad.add_(grad)
+        else:
+            dtype = self.base_layer.weight.dtype
+            self.dense_grad = grad.clone() if grad.dtype == dtype else grad.to(dtype)
 
     def merge(self) -> nn.Module:
         """The base module with Θ as its weight (prune mode: the sparse weight, zeros included)."""

@@ -12,10 +12,18 @@ Training a DRT layer needs three products per step (survey §2.3):
 An :class:`WeightOp` knows these products for one module type (``nn.Linear``, transformers'
 ``Conv1D``, ``nn.Conv2d``) and how to view its weight as an ``[out, fan_in]`` matrix, which is the
 layout budgets and structures (rows, N:M along the inputs) are defined on.
+
+Mixed precision: a layer computes in :func:`compute_dtype` (autocast's dtype under
+``torch.autocast`` on the input's device, else the weight's) and casts its input to it; the
+products take the dtype of their input and cast the weight to it, as autocast does for a plain
+module. The backward of :class:`SampledWeightFunction` reproduces that dtype itself with
+autocast disabled (the autocast state of the forward is not active in the backward), so the same
+code serves CPU bfloat16 and CUDA float16/bfloat16 autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections.abc import Callable
@@ -27,6 +35,47 @@ from transformers.pytorch_utils import Conv1D
 
 # sampled_addmm has CPU kernels for these dtypes; others are computed in float32 and cast back.
 _SDDMM_DTYPES = (torch.float32, torch.float64)
+# The dtypes autocast casts to its lower precision (it leaves float64 alone).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. "meta")
+        return False
+
+
+def compute_dtype(weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype a layer's products run in for a weight of ``weight_dtype`` on ``device_type``.
+
+    While ``torch.autocast`` is enabled for ``device_type`` this is its dtype (bfloat16 or float16),
+    as a plain ``nn.Linear`` would compute; float64 weights, which autocast leaves alone, and every
+    weight outside autocast compute in their own dtype.
+    """
+    if weight_dtype in _AUTOCAST_ELIGIBLE and _autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight_dtype
+
+
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled for ``device_type`` (a no-op when it is not enabled).
+
+    The products below cast their operands themselves; autocast would cast the sparse operand of a
+    CSR product to a dtype its kernel lacks, and does not cover the gradient products.
+    """
+    return torch.autocast(device_type, enabled=False) if _autocast_enabled(device_type) else contextlib.nullcontext()
+
+
+def autocast_forward(op: WeightOp, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``op.forward`` with ``x``, ``weight`` and ``bias`` cast (differentiably) to :func:`compute_dtype`.
+
+    For layers whose weight gradient autograd forms (supermask, projection, fixed classifier): the
+    result has the dtype a plain module would return, under autocast or not, on any device.
+    """
+    dtype = compute_dtype(weight.dtype, x.device.type)
+    with no_autocast(x.device.type):
+        return op.forward(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 def _csr_structure(flat: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -77,16 +126,18 @@ def _row_major(tensor: Tensor, slot: int, dtype: torch.dtype) -> Tensor:
     return buffers[key][: tensor.numel()].view(tensor.shape).copy_(tensor)
 
 
-def sddmm(pattern: Tensor, a: Tensor, b: Tensor) -> Tensor:
+def sddmm(pattern: Tensor, a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``(a @ b)`` at the non-zeros of ``pattern``, in CSR order: the sampled dense-dense product.
 
-    Computes in ``pattern.dtype`` and returns ``a.dtype``. The CPU kernel reads ``a`` row-major
-    and ``b`` column-major and otherwise copies them itself, more slowly than the explicit
-    transposing copies made here.
+    Computes in ``pattern.dtype`` and returns ``dtype`` (default ``a.dtype``): the gradient of
+    float32 values from bfloat16 factors is computed and returned in float32, never rounded to
+    bfloat16 on the way. The CPU kernel reads ``a`` row-major and ``b`` column-major and otherwise
+    copies them itself, more slowly than the explicit transposing copies made here.
     """
     a_rows = _row_major(a, 0, pattern.dtype)
     b_cols = _row_major(b.t(), 1, pattern.dtype).t()
-    return torch.sparse.sampled_addmm(pattern, a_rows, b_cols, beta=0.0).values().to(a.dtype)
+    out = torch.sparse.sampled_addmm(pattern, a_rows, b_cols, beta=0.0).values()
+    return out.to(a.dtype if dtype is None else dtype)
 
 
 class WeightOp:
@@ -119,10 +170,11 @@ class WeightOp:
         """``(A, B)`` with ``A @ B`` = the dense weight gradient in :attr:`pattern_shape` layout."""
         raise NotImplementedError
 
-    def grad_values(self, grad_out: Tensor, x: Tensor, pattern: Tensor) -> Tensor:
-        """Gradient of the trained values: the weight gradient at the pattern's positions only."""
+    def grad_values(self, grad_out: Tensor, x: Tensor, pattern: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Gradient of the trained values: the weight gradient at the pattern's positions only, in ``dtype``
+        (default ``grad_out.dtype``)."""
         a, b = self.grad_weight_factors(grad_out, x)
-        return sddmm(pattern, a, b)
+        return sddmm(pattern, a, b, dtype or grad_out.dtype)
 
     def grad_weight(self, grad_out: Tensor, x: Tensor) -> Tensor:
         """The dense weight gradient, shaped like the weight (only for methods that need it)."""
@@ -205,10 +257,10 @@ class Conv2dOp(WeightOp):
         b = cols.permute(0, 2, 1).reshape(batch * positions, fan_in)
         return a, b
 
-    def grad_values(self, grad_out: Tensor, x: Tensor, pattern: Tensor) -> Tensor:
+    def grad_values(self, grad_out: Tensor, x: Tensor, pattern: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         if self.module.groups == 1:
-            return super().grad_values(grad_out, x, pattern)
-        return self.grad_weight(grad_out, x).reshape(-1)[_pattern_flat_indices(pattern)]
+            return super().grad_values(grad_out, x, pattern, dtype)
+        return self.grad_weight(grad_out, x).reshape(-1)[_pattern_flat_indices(pattern)].to(dtype or grad_out.dtype)
 
     def grad_weight(self, grad_out: Tensor, x: Tensor) -> Tensor:
         return torch.nn.grad.conv2d_weight(x, self.module.weight.shape, grad_out, **self._conv_args())
@@ -244,19 +296,28 @@ class DenseProduct:
     ``materialise()`` writes ϑ into M and returns it (cost ∝ d). It runs again for the input
     gradient, so the backward never relies on a weight buffer kept from the forward: under FSDP
     the gathered weight is freed after the forward and gathered afresh for the backward.
+
+    Both products compute in the dtype of their input (``x`` or ``grad_out``): M and the bias are
+    cast to it, as autocast casts a plain module's weight (a transient copy when they differ).
     """
 
     def __init__(self, op: WeightOp, materialise: Callable[[], Tensor], scale: float = 1.0) -> None:
         self.op, self.materialise, self.scale = op, materialise, scale
 
+    def _weight(self, dtype: torch.dtype) -> Tensor:
+        weight = self.materialise()
+        return weight if weight.dtype == dtype else weight.to(dtype)
+
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         if self.scale == 1.0:
-            return self.op.forward(x, self.materialise(), bias)
-        out = self.op.forward(x, self.materialise(), None) * self.scale
+            return self.op.forward(x, self._weight(x.dtype), bias)
+        out = self.op.forward(x, self._weight(x.dtype), None) * self.scale
         return out if bias is None else self.op.add_bias(out, bias)
 
     def grad_input(self, grad_out: Tensor, x: Tensor) -> Tensor:
-        grad = self.op.grad_input(grad_out, self.materialise(), x)
+        grad = self.op.grad_input(grad_out, self._weight(grad_out.dtype), x)
         return grad if self.scale == 1.0 else grad * self.scale
 
 
@@ -264,20 +325,25 @@ class CSRProduct:
     """The same products with a pruned Θ as CSR matrices of M (Θ viewed ``[out, fan_in]``) and Mᵀ.
 
     y = (M xᵀ)ᵀ + b and ∂L/∂x = (Mᵀ gyᵀ)ᵀ run on CPU sparse kernels, which beat dense products
-    below about 3% density for BERT-base shapes (``benchmarks/layer_kernels.py``).
+    below about 3% density for BERT-base shapes (``benchmarks/layer_kernels.py``). The kernels
+    run in the dtype of the values (they lack bfloat16 and float16), with autocast disabled; the
+    result is cast to the input's dtype, which is what a dense product would return.
     """
 
     def __init__(self, m: Tensor, mt: Tensor) -> None:
         self.m, self.mt = m, mt
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        out = (self.m @ x.reshape(-1, x.shape[-1]).t()).t()
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*x.shape[:-1], self.m.shape[0])
+        with no_autocast(x.device.type):
+            out = (self.m @ x.reshape(-1, x.shape[-1]).to(self.m.dtype).t()).t()
+            if bias is not None:
+                out = out + bias.to(out.dtype)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.m.shape[0])
 
     def grad_input(self, grad_out: Tensor, x: Tensor) -> Tensor:
-        return (self.mt @ grad_out.reshape(-1, grad_out.shape[-1]).t()).t().reshape(x.shape)
+        with no_autocast(grad_out.device.type):
+            grad = (self.mt @ grad_out.reshape(-1, grad_out.shape[-1]).to(self.mt.dtype).t()).t()
+        return grad.to(x.dtype).reshape(x.shape)
 
 
 class CSRLayout:
@@ -311,6 +377,13 @@ class SampledWeightFunction(torch.autograd.Function):
     changes ϑ, after the backward). When ``dense_sink`` is given (a layer capturing the dense
     gradient for a method that needs it, e.g. RigL at its update steps) the dense weight
     gradient is formed once, handed to ``dense_sink.accumulate_dense_grad`` and gathered at ψ.
+
+    Dtypes: every product computes in ``x``'s dtype, the compute dtype the caller chose
+    (:func:`compute_dtype`: autocast's dtype under ``torch.autocast``). The forward records it by
+    saving ``x``; the backward reproduces it with autocast disabled, whatever autocast state it runs
+    in, casting ``grad_out`` to it. The SDDMM computes in ``pattern``'s dtype (float32 for half
+    precision, see :func:`sddmm_dtype`); each gradient is returned in the dtype of its input
+    (ϑ, ``x``, bias), e.g. float32 ϑ trained through bfloat16 products get a float32 gradient.
     """
 
     @staticmethod
@@ -325,21 +398,27 @@ class SampledWeightFunction(torch.autograd.Function):
         dense_sink: object | None = None,
     ):
         ctx.product, ctx.op, ctx.pattern, ctx.dense_sink = product, op, pattern, dense_sink
-        ctx.has_bias = bias is not None
+        ctx.values_dtype = values.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x)
-        return product.forward(x, bias)
+        with no_autocast(x.device.type):
+            return product.forward(x, bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (x,) = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_x = ctx.product.grad_input(grad_out, x) if ctx.needs_input_grad[0] else None
-        grad_values = None
-        if ctx.dense_sink is not None:
-            dense = ctx.op.grad_weight(grad_out, x)
-            ctx.dense_sink.accumulate_dense_grad(dense)
-            grad_values = dense.reshape(-1)[ctx.dense_sink.drt_indices] if ctx.needs_input_grad[1] else None
-        elif ctx.needs_input_grad[1]:
-            grad_values = ctx.op.grad_values(grad_out, x, ctx.pattern)
-        grad_bias = ctx.op.grad_bias(grad_out) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        with no_autocast(x.device.type):
+            grad_out = grad_out.to(x.dtype).contiguous()
+            grad_x = ctx.product.grad_input(grad_out, x) if ctx.needs_input_grad[0] else None
+            grad_values = None
+            if ctx.dense_sink is not None:
+                dense = ctx.op.grad_weight(grad_out, x)
+                ctx.dense_sink.accumulate_dense_grad(dense)
+                if ctx.needs_input_grad[1]:
+                    grad_values = dense.reshape(-1)[ctx.dense_sink.drt_indices].to(ctx.values_dtype)
+            elif ctx.needs_input_grad[1]:
+                grad_values = ctx.op.grad_values(grad_out, x, ctx.pattern, ctx.values_dtype)
+            grad_bias = None
+            if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+                grad_bias = ctx.op.grad_bias(grad_out).to(ctx.bias_dtype)
         return grad_x, grad_values, grad_bias, None, None, None, None

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..seeding import generator
 from .layer import DRTLayer
+from .ops import autocast_forward
 
 
 def hadamard(x: Tensor) -> Tensor:
@@ -137,7 +138,7 @@ class ProjectedLayer(DRTLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.base_layer.weight
-        return self.op.forward(x, weight + self.project(self.theta), self.base_layer.bias)
+        return autocast_forward(self.op, x, weight + self.project(self.theta), self.base_layer.bias)
 
     def extra_repr(self) -> str:
         if not self.attached:
@@ -154,7 +155,7 @@ def share_projection(layers: Sequence[tuple[str, ProjectedLayer]], d: int, seed:
     if not layers or layers[0][1].attached:
         return
     owner = layers[0][1]
-    owner.drt_values = nn.Parameter(owner.base_layer.weight.new_zeros(d))
+    owner.drt_values = nn.Parameter(owner.drt_values.new_zeros(d))  # ϑ keeps the dtype chosen for the values
     n = 1 << (d - 1).bit_length()
     total = sum(layer.base_layer.weight.numel() for _, layer in layers)
     for name, layer in layers:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..masks.selection import top_k_mask
 from ..seeding import generator
 from .layer import DRTLayer
+from .ops import autocast_forward
 
 VARIANTS = ("top_k", "signed", "bernoulli")
 
@@ -30,12 +31,15 @@ class StraightThroughMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, source: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
         ctx.save_for_backward(weight)
+        ctx.source_dtype = source.dtype
         return weight * mask
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
         (weight,) = ctx.saved_tensors
-        return (grad * weight if ctx.needs_input_grad[0] else None), None, None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return (grad * weight).to(ctx.source_dtype), None, None
 
 
 def _sync_before_state_dict(module: SupermaskLayer, prefix: str, keep_vars: bool) -> None:
@@ -223,7 +227,7 @@ class SupermaskLayer(DRTLayer):
             mask = mask * self._signs()
         source = torch.sigmoid(self.scores) if self.variant == "bernoulli" else self.scores
         effective = StraightThroughMask.apply(source, weight, mask.view(weight.shape))
-        return self.op.forward(x, effective, self.base_layer.bias)
+        return autocast_forward(self.op, x, effective, self.base_layer.bias)
 
     def extra_repr(self) -> str:
         return f"variant={self.variant!r}, {super().extra_repr()}"
