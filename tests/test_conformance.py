@@ -206,7 +206,7 @@ def test_bf16_autocast_step(method: str, kind: str) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = spec.loss(model, batch)
     loss.backward()
-    trained = [p for p in model.parameters() if p.requires_grad]
+    trained = [p for p in model.parameters() if p.requires_grad and p.numel()]  # a layer may train no entry
     assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
     assert all(p.grad.dtype == p.dtype for p in trained)
 
