@@ -325,6 +325,8 @@ class SampledWeightFunction(torch.autograd.Function):
         dense_sink: object | None = None,
     ):
         ctx.product, ctx.op, ctx.pattern, ctx.dense_sink = product, op, pattern, dense_sink
+        # ψ as of this forward: the gradient of ϑ must match the values this forward used
+        ctx.indices = None if dense_sink is None else dense_sink.drt_indices
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x)
         return product.forward(x, bias)
@@ -338,7 +340,7 @@ class SampledWeightFunction(torch.autograd.Function):
         if ctx.dense_sink is not None:
             dense = ctx.op.grad_weight(grad_out, x)
             ctx.dense_sink.accumulate_dense_grad(dense)
-            grad_values = dense.reshape(-1)[ctx.dense_sink.drt_indices] if ctx.needs_input_grad[1] else None
+            grad_values = dense.reshape(-1)[ctx.indices] if ctx.needs_input_grad[1] else None
         elif ctx.needs_input_grad[1]:
             grad_values = ctx.op.grad_values(grad_out, x, ctx.pattern)
         grad_bias = ctx.op.grad_bias(grad_out) if ctx.has_bias and ctx.needs_input_grad[2] else None
