@@ -62,6 +62,59 @@ def test_update_indices_keeps_values_and_state_and_resets_grown(mode: str, optim
         assert torch.equal(layer.unload().weight, original)
 
 
+@pytest.mark.parametrize("mode", ["freeze", "prune"])
+@pytest.mark.parametrize("capture", [False, True])
+def test_resized_values_train_while_an_old_graph_is_alive(mode: str, capture: bool) -> None:
+    layer, _ = _layer(mode)
+    layer.capture_dense_grad = capture
+    optimizer = torch.optim.AdamW([layer.drt_values], lr=0.1)
+    x = torch.randn(3, 5)
+    kept_alive = layer(x).pow(2).sum()  # holds the gradient accumulator of ϑ at d = 6
+    kept_alive.backward()
+    optimizer.step()
+    for indices in ([0, 2, 4, 6, 8, 10, 12, 14, 16], [3, 4, 5]):  # d = 9, then d = 3
+        layer.update_indices(torch.tensor(indices), optimizer)
+        out = layer(x).pow(2).sum()
+        out.backward()
+        assert layer.drt_values.grad.shape == (len(indices),)
+        optimizer.step()
+        state = optimizer.state[layer.drt_values]
+        assert state["exp_avg"].shape == state["exp_avg_sq"].shape == (len(indices),)
+        kept_alive = out
+    weight = layer.effective_weight().detach().clone().requires_grad_(True)
+    (x @ weight.t() + layer.base_layer.bias).pow(2).sum().backward()
+    layer.drt_values.grad = None
+    layer(x).pow(2).sum().backward()
+    assert torch.allclose(layer.drt_values.grad, weight.grad.reshape(-1)[layer.drt_indices])
+
+
+def test_drop_and_grow_keeps_the_gradient_accumulator_ddp_hooks_into() -> None:
+    layer, _ = _layer("prune", d=8)
+    accumulator = torch.autograd.graph.get_gradient_edge(layer.drt_values).node  # DDP holds these from wrap time
+    fired = []
+    accumulator.register_hook(lambda *_: fired.append(True))
+    drop_and_grow(layer, 0.25, torch.rand(4, 5, generator=torch.Generator().manual_seed(0)), None)
+    layer(torch.randn(3, 5)).sum().backward()
+    assert fired, "a same-size update must not replace the accumulator (DDP would stop reducing ϑ)"
+
+
+def test_update_indices_fresh_restarts_kept_entries() -> None:
+    layer, original = _layer("freeze")
+    optimizer = torch.optim.AdamW([layer.drt_values], lr=0.1)
+    layer(torch.randn(3, 5)).sum().backward()
+    optimizer.step()
+    indices = layer.drt_indices.clone()
+    values, exp_avg = layer.drt_values.detach().clone(), optimizer.state[layer.drt_values]["exp_avg"].clone()
+    fresh = torch.tensor([True, False, False, False, False, True])
+    layer.update_indices(indices, optimizer, fresh=fresh)
+    assert torch.equal(layer.drt_values.detach()[fresh], original.reshape(-1)[indices[fresh]])
+    assert torch.equal(layer.drt_values.detach()[~fresh], values[~fresh])
+    state = optimizer.state[layer.drt_values]["exp_avg"]
+    assert (state[fresh] == 0).all() and torch.equal(state[~fresh], exp_avg[~fresh])
+    with pytest.raises(ValueError, match="fresh has shape"):
+        layer.update_indices(indices, optimizer, fresh=fresh[:3])
+
+
 def test_drop_and_grow_drops_smallest_and_grows_largest_scores() -> None:
     layer, _ = _layer("prune", d=8)
     with torch.no_grad():
@@ -325,3 +378,87 @@ def test_dsr_threshold_adapts_and_regrowth_follows_kept_counts() -> None:
         assert layer.num_trainable == keep.numel() + grow
     expected = 0.2 * (2 if dropped < 0.9 * 0.2 * d_total else 0.5 if dropped > 1.1 * 0.2 * d_total else 1)
     assert float(model.drt_dsr_threshold) == pytest.approx(expected)
+
+
+def _small_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=200,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+        num_labels=3,
+        attn_implementation="eager",
+    )
+    return BertForSequenceClassification(config)
+
+
+def _bert_batch(g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.randint(0, 200, (16, 12), generator=g),
+        "labels": torch.randint(0, 3, (16,), generator=g),
+    }
+
+
+@pytest.mark.parametrize("method", ["snfs", "dsr"])
+@pytest.mark.parametrize(
+    ("mode", "density"), [("freeze", 0.1), ("prune", 0.1), ("prune", 0.02)], ids=["freeze", "prune", "prune-csr"]
+)
+def test_redistributing_methods_train_on_while_layer_sizes_change(method: str, mode: str, density: float) -> None:
+    """SNFS and DSR change d per layer; the loop below keeps ``loss`` (so its graph) alive across each
+    update, as most loops do, and alternates train and eval mode: training must go on, d stay exact,
+    Adam's state follow ψ, and Θ differ from Θ(0) (freeze) or 0 (prune) only at ψ."""
+    from drt_peft import DSRConfig, SNFSConfig
+
+    g = torch.Generator().manual_seed(3)
+    common = {"density": density, "update_frequency": 2, "mode": mode, "target_modules": "all-linear"}
+    config = (
+        SNFSConfig(**common, drop_fraction=0.3, t_end=16)
+        if method == "snfs"
+        else DSRConfig(**common, drop_fraction=0.3, initial_threshold=1e-2)
+    )
+    base = _small_bert()
+    originals = {
+        name: module.weight.detach().clone() for name, module in base.named_modules() if isinstance(module, nn.Linear)
+    }
+    model = get_drt_model(base, config, calibration_data=[_bert_batch(g)])
+    layers = dict(model.drt_layers())
+    assert (mode == "prune" and density < 0.03) == any(layer.sparse_kernels for layer in layers.values())
+    d_total = sum(layer.num_trainable for layer in layers.values())
+    start_sizes = {name: layer.num_trainable for name, layer in layers.items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses, updates = [], 0
+    for step in range(1, 21):
+        model.train(step % 3 != 0)
+        loss = model(**_bert_batch(g)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        before = {name: layer.drt_indices.clone() for name, layer in layers.items()}
+        logs = model.update_masks(step, optimizer)
+        losses.append(loss.item())
+        updates += logs.get("drt/moved", 0) > 0
+        assert sum(layer.num_trainable for layer in layers.values()) == d_total, f"step {step}"
+        for name, layer in layers.items():
+            state = optimizer.state[layer.drt_values]
+            assert state["exp_avg"].shape == state["exp_avg_sq"].shape == layer.drt_values.shape, name
+            fresh = ~torch.isin(layer.drt_indices, before[name])
+            assert (state["exp_avg"][fresh] == 0).all() and (state["exp_avg_sq"][fresh] == 0).all(), name
+    assert updates >= 3 and all(math.isfinite(loss) for loss in losses)
+    assert any(layer.num_trainable != start_sizes[name] for name, layer in layers.items())
+    for name, layer in layers.items():
+        on = layer.get_mask()
+        effective = layer.effective_weight()
+        outside = originals[name][~on] if mode == "freeze" else torch.zeros_like(effective[~on])
+        assert torch.equal(effective[~on], outside), name
+        assert torch.equal(effective.reshape(-1)[layer.drt_indices], layer.drt_values.detach()), name
+        assert not torch.equal(effective[on], originals[name][on]), f"{name} did not train"
+        if mode == "freeze":
+            assert torch.equal(layer.base_layer.weight[~on], originals[name][~on]), name
+    unloaded = model.unload()
+    for name, weight in originals.items():
+        assert torch.equal(unloaded.get_submodule(name).weight, weight), name

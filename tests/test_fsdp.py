@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import random_bert_batch, tiny_bert
+from ranks import run_ranks
 
 from drt_peft import RandomConfig, get_drt_model
 
@@ -28,9 +27,6 @@ def _train(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> No
 def _worker(rank: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    # a rendezvous file instead of a TCP port: no port can be taken between choosing and binding it
-    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
-    torch.set_num_threads(1)
     model = get_drt_model(tiny_bert(), RandomConfig(density=0.2, modules_to_save=["classifier"]))
     for block in model.base_model.bert.encoder.layer:
         fully_shard(block)
@@ -39,12 +35,10 @@ def _worker(rank: int, out: str) -> None:
     values = {n: p.full_tensor().detach() for n, p in model.named_parameters() if p.requires_grad}
     if rank == 0:
         torch.save(values, f"{out}/fsdp.pt")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def test_fsdp_sharded_training_matches_one_process(tmp_path) -> None:
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    run_ranks(_worker, str(tmp_path))
     sharded = torch.load(tmp_path / "fsdp.pt")
     reference = get_drt_model(tiny_bert(), RandomConfig(density=0.2, modules_to_save=["classifier"]))
     both = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(_batches(0), _batches(1), strict=True)]

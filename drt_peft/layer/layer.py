@@ -35,6 +35,22 @@ def _checked_indices(indices: Tensor, weight: Tensor) -> Tensor:
     return indices
 
 
+def _set_values(param: nn.Parameter, values: Tensor) -> None:
+    """``param.data = values`` for ``values`` of any size, keeping ``param`` itself (the optimizer's key, its hooks).
+
+    Autograd checks each gradient that reaches a leaf against the shape recorded in the leaf's
+    gradient accumulator (its ``AccumulateGrad`` node), which the leaf reuses for as long as any
+    graph still holds it, e.g. a ``loss`` kept from the previous step. ``.data =`` drops that node
+    when the dtype or device changes but not when the shape does, so after a resize the next
+    backward would reject the new-sized gradient. A resize therefore passes through another dtype,
+    which makes the next forward build a fresh accumulator; the hooks live on the tensor and stay.
+    (DDP holds the accumulators it found at wrap time: under DDP, d per layer must not change.)
+    """
+    if values.shape != param.shape:
+        param.data = values.new_empty(0, dtype=torch.float64 if values.dtype != torch.float64 else torch.float32)
+    param.data = values
+
+
 class DRTLayer(nn.Module):
     """Wraps a module and trains only d entries of its weight.
 
@@ -229,7 +245,7 @@ class DRTLayer(nn.Module):
                 for name in ("drt_indices", "drt_base_values"):
                     if name in self._buffers:
                         self._buffers[name] = self._buffers[name].new_empty(incoming.shape)
-                self.drt_values.data = self.drt_values.data.new_empty(incoming.shape)
+                _set_values(self.drt_values, self.drt_values.data.new_empty(incoming.shape))
             self.drt_values.grad = None
             self._cache.clear()
         super()._load_from_state_dict(
@@ -245,20 +261,34 @@ class DRTLayer(nn.Module):
         if tensors:
             raise ValueError(f"{type(self).__name__} stores no extra adapter tensors, got {sorted(tensors)}")
 
-    def update_indices(self, indices: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def update_indices(
+        self, indices: Tensor, optimizer: torch.optim.Optimizer | None = None, *, fresh: Tensor | None = None
+    ) -> None:
         """Move ψ to ``indices`` (sorted, unique; any size) in place, keeping the same ``drt_values`` Parameter.
 
         Kept entries keep their value and optimizer state. Grown entries start at their current
         frozen value s·Θ(0) in freeze mode and at 0 in prune mode, with zero optimizer state
         (every state tensor shaped like ϑ, e.g. Adam's moments or SGD's momentum, is rebuilt);
         dropped entries return to Θ(0) (freeze) or 0 (prune) and their state is discarded. The
-        optimizer is not rebuilt (survey §6; Evci et al. 2020).
+        optimizer is not rebuilt (survey §6; Evci et al. 2020). ``fresh`` (boolean, one per entry
+        of ``indices``) marks entries that start afresh like grown ones even if trained now (an
+        entry dropped and grown again in one update).
+
+        When d changes, training goes on in the same loop: the Parameter keeps its identity, its
+        optimizer state is resized with it, and autograd is made to accept gradients of the new size.
         """
         weight = self.base_layer.weight
         indices = _checked_indices(indices, weight)
         old = self.drt_indices
         where = torch.searchsorted(old, indices).clamp(max=max(old.numel() - 1, 0))
         kept = old[where] == indices if old.numel() else torch.zeros_like(indices, dtype=torch.bool)
+        if fresh is not None:
+            fresh = fresh.to(device=kept.device, dtype=torch.bool)
+            if fresh.shape != indices.shape:
+                raise ValueError(
+                    f"fresh has shape {tuple(fresh.shape)}; it needs one entry per index, {indices.numel()}"
+                )
+            kept &= ~fresh
         kept_old = torch.zeros_like(old, dtype=torch.bool)
         kept_old[where[kept]] = True
         flat = weight.detach().view(-1)
@@ -281,8 +311,8 @@ class DRTLayer(nn.Module):
                     moved = tensor.new_zeros(indices.numel())
                     moved[kept] = tensor[where[kept]]
                     state[key] = moved
-        self.drt_values.data = values
         self.drt_values.grad = None
+        _set_values(self.drt_values, values)
         self.drt_indices = indices
         self._cache.clear()
         if hasattr(self, "drt_explored"):

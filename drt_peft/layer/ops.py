@@ -398,6 +398,8 @@ class SampledWeightFunction(torch.autograd.Function):
         dense_sink: object | None = None,
     ):
         ctx.product, ctx.op, ctx.pattern, ctx.dense_sink = product, op, pattern, dense_sink
+        # ψ as of this forward: the gradient of ϑ must match the values this forward used
+        ctx.indices = None if dense_sink is None else dense_sink.drt_indices
         ctx.values_dtype = values.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x)
@@ -415,7 +417,7 @@ class SampledWeightFunction(torch.autograd.Function):
                 dense = ctx.op.grad_weight(grad_out, x)
                 ctx.dense_sink.accumulate_dense_grad(dense)
                 if ctx.needs_input_grad[1]:
-                    grad_values = dense.reshape(-1)[ctx.dense_sink.drt_indices].to(ctx.values_dtype)
+                    grad_values = dense.reshape(-1)[ctx.indices].to(ctx.values_dtype)
             elif ctx.needs_input_grad[1]:
                 grad_values = ctx.op.grad_values(grad_out, x, ctx.pattern, ctx.values_dtype)
             grad_bias = None

@@ -31,8 +31,8 @@ def regrow(
     scores = grow_scores.detach().reshape(-1).to(device=kept.device, dtype=torch.float64, copy=True)
     scores[kept] = float("-inf")
     grown = torch.nonzero(top_k_mask(scores, grow)).flatten()
-    layer.update_indices(kept, optimizer)
-    layer.update_indices(torch.sort(torch.cat([kept, grown])).values, optimizer)
+    indices = torch.sort(torch.cat([kept, grown])).values
+    layer.update_indices(indices, optimizer, fresh=~torch.isin(indices, kept))
 
 
 def drop_and_grow(
