@@ -462,3 +462,33 @@ def test_redistributing_methods_train_on_while_layer_sizes_change(method: str, m
     unloaded = model.unload()
     for name, weight in originals.items():
         assert torch.equal(unloaded.get_submodule(name).weight, weight), name
+
+
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs", "dsr"])
+def test_a_non_finite_step_skips_the_mask_update_with_a_warning(method: str) -> None:
+    from drt_peft import DSRConfig, SNFSConfig
+
+    config = {
+        "set": SETConfig(density=0.2, update_frequency=1),
+        "rigl": RigLConfig(density=0.2, update_frequency=1, t_end=10),
+        "snfs": SNFSConfig(density=0.2, update_frequency=1, t_end=10),
+        "dsr": DSRConfig(density=0.2, update_frequency=1),
+    }[method]
+    model = get_drt_model(tiny_bert(), config)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    g = torch.Generator().manual_seed(0)
+    model(**random_bert_batch(g)).loss.backward()
+    optimizer.step()
+    name, layer = next(iter(model.drt_layers()))
+    with torch.no_grad():
+        layer.drt_values[0] = float("nan")
+        if method == "snfs":  # and a non-finite gradient, which must not reach the momentum
+            layer.dense_grad.view(-1)[0] = float("inf")
+    before = {n: other.drt_indices.clone() for n, other in model.drt_layers()}
+    with pytest.warns(UserWarning, match=rf"step 1: the trained values of 1 layer\(s\) are not finite .*'{name}'"):
+        logs = model.update_masks(1, optimizer)
+    assert logs == {} and all(torch.equal(before[n], other.drt_indices) for n, other in model.drt_layers())
+    if method == "snfs":
+        assert all(
+            torch.equal(other.drt_momentum, torch.zeros_like(other.drt_momentum)) for _, other in model.drt_layers()
+        )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,6 +46,22 @@ def drop_and_grow(
     if k:
         regrow(layer, smallest_magnitudes(layer, k), k, grow_scores, optimizer)
     return k
+
+
+def trained_values_finite(model: Any, step: int) -> bool:
+    """Whether every layer's trained values ϑ are finite; if not, warn, naming the layers.
+
+    A mask update ranks |ϑ| (and gradients): on NaN or inf it would move ψ at random and spread the
+    damage, so the dynamic methods skip the update of such a step and try again at the next one.
+    """
+    bad = [name for name, layer in model.drt_layers() if not bool(torch.isfinite(layer.drt_values).all())]
+    if bad:
+        warnings.warn(
+            f"step {step}: the trained values of {len(bad)} layer(s) are not finite (NaN or inf), e.g. {bad[:3]}; "
+            "the mask update of this step is skipped (lower the learning rate or clip gradients)",
+            stacklevel=3,
+        )
+    return not bad
 
 
 def capture_dense_gradients(layers: Iterable[DRTLayer], enabled: bool) -> None:

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch.distributed as dist
 
 from ..config import DRTConfig
+from ..masks.dynamic import trained_values_finite
 
 SCHEDULES = ("exponential", "linear")
 
@@ -121,6 +122,11 @@ class DynamicConfig(DRTConfig):
                 f"{type(self).__name__} moves trained entries between layers, which changes parameter sizes that "
                 "DDP and FSDP fix when they wrap the model; run it in one process, or use SETConfig / RigLConfig"
             )
+
+    def updates_at(self, model: Any, step: int) -> bool:
+        """Whether the mask moves after optimizer step ``step``: an update step whose trained values are all
+        finite (a non-finite step is skipped with a warning: :func:`~drt_peft.masks.dynamic.trained_values_finite`)."""
+        return self.is_update_step(step) and trained_values_finite(model, step)
 
     def is_update_step(self, step: int) -> bool:
         """Whether the mask changes after optimizer step ``step``."""

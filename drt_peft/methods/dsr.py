@@ -52,7 +52,7 @@ class DSRConfig(DynamicConfig):
             model.register_buffer("drt_dsr_threshold", torch.tensor(self.initial_threshold, dtype=torch.float64))
 
     def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
-        if not self.is_update_step(step):
+        if not self.updates_at(model, step):
             return {}
         self.require_single_process()
         named = list(model.drt_layers())

@@ -39,7 +39,7 @@ class RigLConfig(DynamicConfig):
 
     def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
         logs: dict[str, float] = {}
-        if self.is_update_step(step):
+        if self.updates_at(model, step):
             fraction = self.drop_fraction_at(step)
             moved = 0
             for name, layer in model.drt_layers():

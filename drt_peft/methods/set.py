@@ -32,7 +32,7 @@ class SETConfig(DynamicConfig):
     """
 
     def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
-        if not self.is_update_step(step):
+        if not self.updates_at(model, step):
             return {}
         moved = 0
         for name, layer in model.drt_layers():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,12 +55,17 @@ class SNFSConfig(DynamicConfig):
 
     def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
         layers = [layer for _, layer in model.drt_layers()]
+        if any(layer.dense_grad is None for layer in layers):
+            raise RuntimeError("SNFS found no dense gradient: call model.update_masks after every optimizer step")
+        grads = [all_reduce_(layer.dense_grad) for layer in layers]
+        if all(bool(torch.isfinite(grad).all()) for grad in grads):  # a non-finite step would poison m for good
+            for layer, grad in zip(layers, grads, strict=True):
+                layer.drt_momentum.mul_(self.momentum).add_(grad, alpha=1 - self.momentum)
+        else:
+            warnings.warn(f"step {step}: non-finite gradients; SNFS leaves its momentum as it was", stacklevel=2)
         for layer in layers:
-            if layer.dense_grad is None:
-                raise RuntimeError("SNFS found no dense gradient: call model.update_masks after every optimizer step")
-            layer.drt_momentum.mul_(self.momentum).add_(all_reduce_(layer.dense_grad), alpha=1 - self.momentum)
             layer.dense_grad = None
-        if not self.is_update_step(step):
+        if not self.updates_at(model, step):
             return {}
         self.require_single_process()
         fraction = self.drop_fraction_at(step)
