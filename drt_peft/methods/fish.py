@@ -11,6 +11,7 @@ import torch
 from ..config import register_method
 from ..masks import Scoring, Target, select_masks
 from ..masks.criteria.fisher import live_fisher_scores
+from ..masks.dynamic import trained_values_finite
 from .base import DataDrivenConfig
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ class FISHConfig(DataDrivenConfig):
     def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
         """Every ``update_frequency`` steps: the Fisher of the current Θ on the calibration data, a new ψ."""
         if not self.update_frequency or step == 0 or step % self.update_frequency:
+            return {}
+        if not trained_values_finite(model, step):
             return {}
         if model.calibration_data is None:
             raise ValueError(
