@@ -46,5 +46,5 @@ def test_a_hung_rank_fails_the_test_at_the_deadline() -> None:
     with pytest.raises(
         (mp.ProcessRaisedException, pytest.fail.Exception), match="rank 1: still running at the deadline"
     ):
-        run_ranks(_rank1_hangs, timeout=20)
-    assert time.monotonic() - start < 60
+        run_ranks(_rank1_hangs, timeout=6)
+    assert time.monotonic() - start < 30
