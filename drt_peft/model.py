@@ -294,17 +294,17 @@ class DRTModel(nn.Module):
                 module = model.get_submodule(name)
                 self._originals_to_save[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 module.requires_grad_(True)
-        except BaseException:
+            self._requires_grad_before = flags
+            self.base_model = model
+            #: Kept only for methods that re-score during training (FISH with ``update_frequency``).
+            self.calibration_data = calibration_data if self.drt_config.rescores_during_training else None
+            self.loss_fn = loss_fn
+            self._backwards_since_update = 0
+            self._update_watch = None
+            self.drt_config.on_attach(self)
+        except BaseException:  # all-or-nothing: the caller's model as it was given
             _restore_base(model, self._originals_to_save, flags)
             raise
-        self._requires_grad_before = flags
-        self.base_model = model
-        #: Kept only for methods that re-score during training (FISH with ``update_frequency``).
-        self.calibration_data = calibration_data if self.drt_config.rescores_during_training else None
-        self.loss_fn = loss_fn
-        self._backwards_since_update = 0
-        self._update_watch = None
-        self.drt_config.on_attach(self)
         self._register_state_dict_hook(_drop_tied_aliases)
         self.register_load_state_dict_pre_hook(_restore_tied_aliases)
         _LIVE_MODELS.add(self)

@@ -11,6 +11,8 @@ from transformers import (
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
@@ -36,6 +38,23 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, attn_implementation="eager")
     return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A two-layer Llama whose output head is tied to its token embeddings (as in SmolLM2)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config).eval()
 
 
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import Parity, cpu_training_args, tiny_bert, tiny_convnet, tiny_gpt2, tiny_vit
+from conftest import Parity, cpu_training_args, tiny_bert, tiny_convnet, tiny_gpt2, tiny_llama, tiny_vit
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from drt_peft import DRTModel, DRTTrainer, available_methods, get_drt_model
 from drt_peft.config import DRTConfig, config_class
@@ -28,22 +27,6 @@ from drt_peft.config import DRTConfig, config_class
 #: Small settings for fields a method may have, so every method runs in a few steps.
 SMALL: dict[str, Any] = {"update_frequency": 2, "t_end": 6, "num_batches": 1, "rounds": 2, "num_samples": 4}
 STEPS = 6
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def _token_batch(g: torch.Generator, labels: str) -> dict[str, torch.Tensor]:

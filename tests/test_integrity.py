@@ -207,3 +207,17 @@ def test_drt_models_pickle_and_copy(tmp_path) -> None:
         assert type(clone) is type(model) and type(clone).__name__ == "DRTModel[BertForSequenceClassification]"
         with torch.no_grad():
             assert torch.equal(clone(**batch).logits, model(**batch).logits)
+
+
+def test_a_failed_get_drt_model_leaves_the_model_as_it_was() -> None:
+    from drt_peft import DCTSparseConfig
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(1, 1, 3))  # the DCT path embeds the Linear, then refuses the conv
+    net[1].bias.requires_grad_(False)
+    flags = [p.requires_grad for p in net.parameters()]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(TypeError, match="cannot embed a Conv2d with a DCT path"):
+        get_drt_model(net, DCTSparseConfig(density=0.5, target_modules=["0", "1"]))
+    assert [type(m) for m in net] == [nn.Linear, nn.Conv2d]
+    assert [p.requires_grad for p in net.parameters()] == flags
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
