@@ -30,9 +30,9 @@ from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, 
 from torch import Tensor, nn
 
 from drt_peft import DRTModel, get_drt_model
+from drt_peft.apps.offline import rotten_tomatoes, smollm2_path, stratified_split
+from drt_peft.apps.recipes.text_classification import optimizer_state_bytes, train
 from drt_peft.config import config_class
-from drt_peft.offline import rotten_tomatoes, smollm2_path, stratified_split
-from drt_peft.recipes.text_classification import optimizer_state_bytes, train
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -83,7 +83,7 @@ def _data(quick: bool, max_length: int, train_size: int, test_size: int) -> tupl
     train_idx, test_idx = stratified_split(labels, test_size, seed=0)
     torch.manual_seed(0)
     if quick:
-        from drt_peft.offline import minilm_path
+        from drt_peft.apps.offline import minilm_path
 
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
         config = LlamaConfig(

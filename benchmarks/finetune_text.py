@@ -36,9 +36,9 @@ from _report import command, machine, parse_suite_args, peak_bytes, percent, res
 from torch import Tensor, nn
 
 from drt_peft import DRTModel, get_drt_model
+from drt_peft.apps.offline import minilm_path, rotten_tomatoes, stratified_split
+from drt_peft.apps.recipes.text_classification import accuracy, batches, optimizer_state_bytes, tokenize, train
 from drt_peft.config import config_class
-from drt_peft.offline import minilm_path, rotten_tomatoes, stratified_split
-from drt_peft.recipes.text_classification import accuracy, batches, optimizer_state_bytes, tokenize, train
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -41,8 +41,8 @@ def _model_and_batches(quick: bool, samples: int, batch_size: int):
     )
     from transformers.utils import logging
 
-    from drt_peft.offline import minilm_path, rotten_tomatoes
-    from drt_peft.recipes.text_classification import tokenize
+    from drt_peft.apps.offline import minilm_path, rotten_tomatoes
+    from drt_peft.apps.recipes.text_classification import tokenize
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()

@@ -35,8 +35,8 @@ from _report import command, machine, parse_suite_args, write_report
 from torch import Tensor, nn
 
 from drt_peft import get_drt_model
+from drt_peft.apps.offline import fashion_mnist, stratified_split
 from drt_peft.config import config_class
-from drt_peft.offline import fashion_mnist, stratified_split
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -24,8 +24,8 @@ from _report import command, machine, write_report
 from transformers import BertConfig, BertForSequenceClassification
 
 from drt_peft import MagnitudeConfig, RandomConfig, get_drt_model
+from drt_peft.apps.recipes.text_classification import optimizer_state_bytes
 from drt_peft.base_weights import PROBE_BYTES_PER_LAYER
-from drt_peft.recipes.text_classification import optimizer_state_bytes
 
 ENCODER_LINEAR = (
     r"bert\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from .masks import Target
 from .seeding import generator
+from .targeting import Target
 
 
 def seeded_init_(targets: Sequence[Target], model: nn.Module, seed: int) -> None:

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from .files import atomic_write_bytes, resolve_file
+
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
@@ -317,16 +319,12 @@ class DRTConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` into ``save_directory`` atomically."""
-        from .checkpoint.io import atomic_write_bytes
-
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json().encode())
 
     @classmethod
     def from_pretrained(cls: type[C], path: str | os.PathLike, **hub_kwargs: Any) -> C:
         """Read ``adapter_config.json`` from a folder (or a Hub repo id) and build the right subclass."""
-        from .checkpoint.io import resolve_file
-
         file = resolve_file(path, CONFIG_NAME, **hub_kwargs)
         try:
             with open(file, encoding="utf-8") as handle:

@@ -26,11 +26,13 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .checkpoint.io import atomic_write_bytes, indices_checksum
-from .masks import Target, select_masks
+from .checkpoint.io import indices_checksum
+from .files import atomic_write_bytes
+from .masks import select_masks
 from .masks.criteria.basic import lamp
 from .methods.lottery_ticket import LotteryTicketConfig
 from .model import DRTModel
+from .targeting import Target
 
 STATE_NAME = "lottery_state.json"
 REWIND_NAME = "rewind.safetensors"

@@ -17,8 +17,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .base_weights import BaseProbe, fingerprint, seeded_init_
 from .config import DRTConfig
 from .layer import DRTLayer, weight_op
-from .masks import LossFn, Target, compute_indices
-from .targeting import find_modules_to_save, find_targets, skipped_linear_modules
+from .masks import LossFn, compute_indices
+from .targeting import Target, find_modules_to_save, find_targets, skipped_linear_modules
 
 
 def get_drt_model(
@@ -211,7 +211,7 @@ class DRTModel(nn.Module):
 
     A config with ``base_model_fingerprint`` set is checked against the targeted weights: they
     must have that exact fingerprint or, given the ``base_probe`` saved with the adapter (which
-    :func:`~drt_peft.checkpoint.io.load_adapter` passes), be the same weights in another dtype.
+    :meth:`from_pretrained` passes), be the same weights in another dtype.
     ``indices`` gives ψ per layer instead of computing it (loading a saved adapter).
     """
 
@@ -495,9 +495,20 @@ class DRTModel(nn.Module):
         weights differ from those the adapter was trained on. Loading is all-or-nothing: if it fails,
         ``model`` is left exactly as it was given.
         """
-        from .checkpoint.io import load_adapter
+        from .checkpoint.io import read_adapter
 
-        return load_adapter(model, model_id, is_trainable=is_trainable, **hub_kwargs)
+        stored = read_adapter(model_id, **hub_kwargs)
+        loaded = cls(model, stored.config, indices=stored.indices, base_probe=stored.probe)
+        try:
+            stored.load_into(loaded)
+        except BaseException:
+            loaded.unload()  # all-or-nothing
+            raise
+        if not is_trainable:
+            loaded.requires_grad_(False)
+            loaded.drt_config.inference_mode = True
+            loaded.eval()
+        return loaded
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Save the adapter and upload it to ``repo_id``; see :func:`drt_peft.checkpoint.hub.push_to_hub`."""

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from .layer import SUPPORTED_TYPES
+from .layer import SUPPORTED_TYPES, WeightOp
 
 _LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A targeted module: its name in the model, the module and its :class:`WeightOp`."""
+
+    name: str
+    module: nn.Module
+    op: WeightOp
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
 
 
 def _matches(name: str, entry: str) -> bool:

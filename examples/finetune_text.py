@@ -20,8 +20,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Eval
 from transformers.utils import logging
 
 from drt_peft import DRTModel, DRTTrainer, MagnitudeConfig, RandomConfig, get_drt_model
-from drt_peft.offline import minilm_path, rotten_tomatoes, stratified_split
-from drt_peft.recipes.text_classification import accuracy, tokenize
+from drt_peft.apps.offline import minilm_path, rotten_tomatoes, stratified_split
+from drt_peft.apps.recipes.text_classification import accuracy, tokenize
 
 
 class Snippets(Dataset):

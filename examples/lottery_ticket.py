@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from drt_peft import LotteryTicketConfig, find_lottery_ticket
-from drt_peft.offline import fashion_mnist
+from drt_peft.apps.offline import fashion_mnist
 
 
 def main() -> None:

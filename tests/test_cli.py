@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from drt_peft.cli import main
+from drt_peft.apps.cli import main
 
 
 def test_bench_refuses_unknown_suites(capsys) -> None:

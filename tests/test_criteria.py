@@ -20,8 +20,9 @@ from drt_peft import (
 )
 from drt_peft.config import DRTConfig
 from drt_peft.layer import weight_op
-from drt_peft.masks import Scoring, Target, select_masks
+from drt_peft.masks import Scoring, select_masks
 from drt_peft.masks.scoring import score
+from drt_peft.targeting import Target
 
 
 def _mlp(bias: bool = True) -> nn.Sequential:

@@ -150,8 +150,9 @@ def test_freezenet_decay_through_the_trainer_callback(tmp_path) -> None:
 def test_fish_rescoring_during_training_uses_the_fisher_of_the_current_weights() -> None:
     import copy
 
-    from drt_peft.masks import Scoring, Target, select_masks
+    from drt_peft.masks import Scoring, select_masks
     from drt_peft.masks.criteria.fisher import fisher_scores, live_fisher_scores
+    from drt_peft.targeting import Target
 
     data = _text_batches()
     config = FISHConfig(density=0.1, num_samples=6, update_frequency=2, modules_to_save=["classifier"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import bz2
 import importlib.util
 
-from drt_peft import cli, demo
-from drt_peft.offline import rotten_tomatoes, stratified_split
+from drt_peft.apps import cli, demo
+from drt_peft.apps.offline import rotten_tomatoes, stratified_split
 
 
 def test_rotten_tomatoes_parsing_drops_plots_and_duplicates(tmp_path) -> None:

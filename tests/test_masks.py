@@ -8,9 +8,11 @@ from torch import nn
 
 from drt_peft import MagnitudeConfig, RandomConfig
 from drt_peft.layer import weight_op
-from drt_peft.masks import Target, compute_indices
+from drt_peft.masks import compute_indices
 from drt_peft.masks.budgets import apportion, layer_counts
-from drt_peft.masks.selection import nm_candidates, top_k_mask
+from drt_peft.masks.selection import nm_candidates
+from drt_peft.targeting import Target
+from drt_peft.topk import top_k_mask
 
 
 def _targets(*shapes: tuple[int, int], seed: int = 0) -> list[Target]:

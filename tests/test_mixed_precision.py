@@ -42,7 +42,7 @@ from drt_peft.layer.partly_pruned import PartlyPrunedLayer
 from drt_peft.layer.projected import ProjectedLayer, share_projection
 from drt_peft.layer.supermask import SupermaskLayer
 from drt_peft.lottery import STATE_NAME, _load_state
-from drt_peft.masks import Target
+from drt_peft.targeting import Target
 
 AMP_DTYPES = [torch.bfloat16, torch.float16]
 

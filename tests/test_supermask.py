@@ -16,7 +16,7 @@ from drt_peft import DRTCallback, DRTConfig, DRTModel, SupermaskConfig, get_drt_
 from drt_peft.base_weights import PROBE_BYTES_PER_LAYER
 from drt_peft.checkpoint.io import WEIGHTS_NAME
 from drt_peft.layer.supermask import SupermaskLayer
-from drt_peft.masks.selection import top_k_mask
+from drt_peft.topk import top_k_mask
 
 
 def _train(model: DRTModel, steps: int, lr: float = 0.05, seed: int = 0) -> None:

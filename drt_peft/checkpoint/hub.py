@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from huggingface_hub import CommitInfo, HfApi
 
-if TYPE_CHECKING:
-    from ..model import DRTModel
+
+class SavesPretrained(Protocol):
+    """Anything with ``save_pretrained(folder)``, such as :class:`~drt_peft.DRTModel`."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None: ...
 
 
 def push_to_hub(
-    model: DRTModel,
+    model: SavesPretrained,
     repo_id: str,
     *,
     private: bool | None = None,

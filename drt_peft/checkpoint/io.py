@@ -11,87 +11,48 @@ temporary file and renamed into place, so an interrupted save leaves the previou
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import inspect
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from ..base_weights import BaseProbe
 from ..config import CONFIG_NAME, DRTConfig
+from ..files import atomic_write_bytes, remove_stale_temporaries, resolve_file
 from .codec import CODECS, decode, encode_smallest
 
 if TYPE_CHECKING:
-    from ..model import DRTModel
+    from torch import nn
+
+    from ..layer import DRTLayer
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = "1"
-_TMP_PREFIX = ".tmp-"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX, suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+class AdapterModel(Protocol):
+    """What reading and writing checkpoints needs from a model; :class:`~drt_peft.DRTModel` is one."""
 
+    drt_config: DRTConfig
+    base_model: nn.Module
+    base_probe: BaseProbe
 
-def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> None:
-    """Delete temporary files that an interrupted :func:`atomic_write_bytes` of ``names`` left in ``folder``."""
-    for name in names:
-        for stale in glob.glob(os.path.join(glob.escape(os.fspath(folder)), f"{_TMP_PREFIX}*{glob.escape(name)}")):
-            try:
-                os.unlink(stale)
-            except FileNotFoundError:  # removed meanwhile by another process
-                pass
+    @property
+    def modules_to_save(self) -> list[str]: ...
 
+    def drt_layers(self) -> Iterator[tuple[str, DRTLayer]]: ...
 
-_HUB_KWARGS = frozenset(inspect.signature(hf_hub_download).parameters) - {"repo_id", "filename"}
+    def training_state_dict(self) -> dict[str, torch.Tensor]: ...
 
-
-def check_hub_kwargs(hub_kwargs: dict[str, Any]) -> None:
-    """Refuse keyword arguments that ``huggingface_hub.hf_hub_download`` does not take (typos included)."""
-    unknown = sorted(set(hub_kwargs) - _HUB_KWARGS)
-    if unknown:
-        raise TypeError(
-            f"unexpected keyword arguments {unknown}; from_pretrained takes is_trainable and the arguments of "
-            f"huggingface_hub.hf_hub_download: {sorted(_HUB_KWARGS)}"
-        )
-
-
-def resolve_file(path_or_repo: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str:
-    """``filename`` inside a local folder, or downloaded from the Hub repo ``path_or_repo``."""
-    check_hub_kwargs(hub_kwargs)
-    if os.path.isdir(path_or_repo):
-        file = os.path.join(path_or_repo, filename)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file} does not exist; is {path_or_repo} a drt_peft adapter folder?")
-        return file
-    try:
-        return hf_hub_download(str(path_or_repo), filename, **hub_kwargs)
-    except Exception as err:
-        raise FileNotFoundError(
-            f"{path_or_repo!r} is not a local folder and {filename} could not be fetched from the Hub: {err}"
-        ) from err
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -115,7 +76,7 @@ def _targets_checksum(names: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
-def model_card(model: DRTModel) -> str:
+def model_card(model: AdapterModel) -> str:
     """A README.md model card describing the adapter."""
     config = model.drt_config
     layers = list(model.drt_layers())
@@ -145,7 +106,7 @@ def _check_finite(layers: list[tuple[str, Any]], values: list[torch.Tensor]) -> 
 
 
 def save_adapter(
-    model: DRTModel,
+    model: AdapterModel,
     save_directory: str | os.PathLike,
     is_main_process: bool = True,
     state_dict: dict[str, torch.Tensor] | None = None,
@@ -262,36 +223,38 @@ def _decode_indices(tensors: dict[str, torch.Tensor], file: str) -> list[torch.T
     return indices
 
 
-def load_adapter(
-    base_model: torch.nn.Module, model_id: str | os.PathLike, is_trainable: bool = False, **hub_kwargs: Any
-) -> DRTModel:
-    """Build a :class:`DRTModel` on ``base_model`` from the adapter in ``model_id``; all-or-nothing: on any
-    failure ``base_model`` is left as it was given."""
-    from ..model import DRTModel
+@dataclass(frozen=True)
+class StoredAdapter:
+    """An adapter file read and validated: what building its model needs (config, ψ, base probe) and the
+    tensors :meth:`load_into` copies into that model."""
 
+    file: str
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    config: DRTConfig
+    #: ψ per layer, or None when the config regenerates it from the seed.
+    indices: list[torch.Tensor] | None
+    probe: BaseProbe | None
+
+    def load_into(self, model: AdapterModel) -> None:
+        """Check ``model`` (built from :attr:`config` and :attr:`indices`) against the file and copy its tensors in."""
+        _load_into(model, self.tensors, self.metadata, self.file)
+
+
+def read_adapter(model_id: str | os.PathLike, **hub_kwargs: Any) -> StoredAdapter:
+    """Read the adapter in the folder or Hub repo ``model_id``; corrupt or foreign files raise ``ValueError``."""
     file = resolve_file(model_id, WEIGHTS_NAME, **hub_kwargs)
     tensors, metadata = read_adapter_file(file)
     config = _stored_config(file, metadata, model_id, **hub_kwargs)
-    stored = None if config.indices_from_seed else _decode_indices(tensors, file)
+    indices = None if config.indices_from_seed else _decode_indices(tensors, file)
     try:
         probe = BaseProbe.from_tensors(tensors, metadata)
     except ValueError as err:
         raise ValueError(f"{file}: {err}") from None
-    model = DRTModel(base_model, config, indices=stored, base_probe=probe)
-    try:
-        _load_into(model, tensors, metadata, file)
-    except BaseException:
-        model.unload()
-        raise
-    if not is_trainable:
-        model.requires_grad_(False)
-        model.drt_config.inference_mode = True
-        model.eval()
-    return model
+    return StoredAdapter(file, tensors, metadata, config, indices, probe)
 
 
-def _load_into(model: DRTModel, tensors: dict[str, torch.Tensor], metadata: dict[str, str], file: str) -> None:
-    """Check the freshly built ``model`` against the adapter file and copy its tensors in."""
+def _load_into(model: AdapterModel, tensors: dict[str, torch.Tensor], metadata: dict[str, str], file: str) -> None:
     config = model.drt_config
     layers = list(model.drt_layers())
     if _targets_checksum(name for name, _ in layers) != metadata["drt_targets"]:
@@ -336,7 +299,7 @@ def _load_into(model: DRTModel, tensors: dict[str, torch.Tensor], metadata: dict
 TRAINING_STATE_NAME = "drt_training_state.safetensors"
 
 
-def save_training_state(model: DRTModel, save_directory: str | os.PathLike) -> None:
+def save_training_state(model: AdapterModel, save_directory: str | os.PathLike) -> None:
     """Write :meth:`DRTModel.training_state_dict` (what resuming needs beyond the adapter) atomically."""
     tensors = {key: value.detach().cpu().contiguous() for key, value in model.training_state_dict().items()}
     metadata = {
@@ -350,7 +313,7 @@ def save_training_state(model: DRTModel, save_directory: str | os.PathLike) -> N
     atomic_write_bytes(os.path.join(save_directory, TRAINING_STATE_NAME), safetensors_bytes(tensors, metadata))
 
 
-def load_training_state(model: DRTModel, checkpoint_dir: str | os.PathLike) -> None:
+def load_training_state(model: AdapterModel, checkpoint_dir: str | os.PathLike) -> None:
     """Restore what :func:`save_training_state` wrote in ``checkpoint_dir`` into ``model``, in place.
 
     Refuses a state from another method or another base (the config's fingerprint), and tensors the

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..masks.selection import top_k_mask
 from ..seeding import generator
+from ..topk import top_k_mask
 from .layer import DRTLayer
 from .ops import autocast_forward
 

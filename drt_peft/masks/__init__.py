@@ -9,15 +9,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ..targeting import Target
 from . import criteria  # noqa: F401  (registers the criteria)
 from .budgets import layer_counts, total_budget
-from .scoring import LossFn, Scoring, Target, register_criterion, score
+from .scoring import LossFn, Scoring, register_criterion, score
 from .selection import nm_candidates, select_rows, select_unstructured
 
 if TYPE_CHECKING:
     from ..config import DRTConfig
 
-__all__ = ["LossFn", "Scoring", "Target", "compute_indices", "register_criterion", "select_masks"]
+__all__ = ["LossFn", "Scoring", "compute_indices", "register_criterion", "select_masks"]
 
 
 def select_masks(

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..layer import DRTLayer
-from .selection import top_k_mask
+from ..topk import top_k_mask
 
 
 def smallest_magnitudes(layer: DRTLayer, k: int) -> Tensor:

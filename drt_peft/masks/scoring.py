@@ -9,26 +9,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..layer import WeightOp
+from ..targeting import Target
 
 if TYPE_CHECKING:
     from ..config import DRTConfig
 
 #: ``loss_fn(model, batch) -> scalar loss`` for models whose output carries no ``.loss``.
 LossFn = Callable[[nn.Module, Any], Tensor]
-
-
-@dataclass(frozen=True)
-class Target:
-    """A targeted module: its name in the model, the module and its :class:`WeightOp`."""
-
-    name: str
-    module: nn.Module
-    op: WeightOp
-
-    @property
-    def weight(self) -> Tensor:
-        return self.module.weight
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import register_method
-from ..masks import Scoring, Target, select_masks
+from ..masks import Scoring, select_masks
 from ..masks.criteria.fisher import live_fisher_scores
 from ..masks.dynamic import trained_values_finite
+from ..targeting import Target
 from .base import DataDrivenConfig
 
 if TYPE_CHECKING:

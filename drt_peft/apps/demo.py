@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from .config import DRTConfig, config_class
-from .model import DRTModel, get_drt_model
+from ..config import DRTConfig, config_class
+from ..model import DRTModel, get_drt_model
 from .offline import MissingResourceError, minilm_path, rotten_tomatoes, stratified_split
 from .recipes.text_classification import accuracy, optimizer_state_bytes, tokenize, train
 

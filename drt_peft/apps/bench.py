@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _benchmarks_dir(given: str | None) -> str:
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     candidates = [given] if given else [os.path.join(os.getcwd(), "benchmarks"), os.path.join(checkout, "benchmarks")]
     for folder in candidates:
         if folder and os.path.isfile(os.path.join(folder, SUITES["text"])):
