@@ -1,4 +1,4 @@
-"""From scratch on Fashion-MNIST: the survey's claims (METHODS.md §7) on LeNet-300-100 and a small ViT.
+"""From scratch on Fashion-MNIST: the survey's claims (its §8 conclusions) on LeNet-300-100 and a small ViT.
 
 Both networks start from a seeded random init. At densities 20, 10, 5, 2 and 1% (sparsities 80–99%)
 of their linear weights, every method trains the same number of epochs on a fixed stratified

@@ -1,6 +1,6 @@
 """Configuration of a DRT adapter: which weights train, how many, and what the rest become.
 
-Every method implements the survey's embedding (METHODS.md §1, eq. 7)
+Every method implements the survey's embedding (Wimmer et al., survey §2.2, eq. 7; docs/concepts.md)
 
     Θ = ψ·ϑ + χ·Θ(0)
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .files import atomic_write_bytes, resolve_file
+from .validation import check_choice, check_int
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -63,11 +64,6 @@ def config_class(method: str) -> type[DRTConfig]:
         return _METHODS[method]
     except KeyError:
         raise ValueError(f"unknown method {method!r}; registered methods: {available_methods()}") from None
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; use one of {list(allowed)}")
 
 
 def parse_structure(structure: str) -> tuple[int, int] | str:
@@ -203,14 +199,11 @@ class DRTConfig:
             isinstance(self.density, (int, float)) and not isinstance(self.density, bool) and 0 < self.density <= 1
         ):
             raise ValueError(f"density={self.density!r} is out of range; it must satisfy 0 < density <= 1")
-        if self.num_trainable is not None and (
-            not isinstance(self.num_trainable, int) or isinstance(self.num_trainable, bool) or self.num_trainable < 1
-        ):
-            raise ValueError(f"num_trainable={self.num_trainable!r} must be a positive integer")
-        _choice("mode", self.mode, MODES)
-        _choice("base_init", self.base_init, BASE_INITS)
-        _choice("budget", self.budget, BUDGETS)
-        _choice("bias", self.bias, BIASES)
+        check_int("num_trainable", self.num_trainable, optional=True)
+        check_choice("mode", self.mode, MODES)
+        check_choice("base_init", self.base_init, BASE_INITS)
+        check_choice("budget", self.budget, BUDGETS)
+        check_choice("bias", self.bias, BIASES)
         parse_structure(self.structure)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed={self.seed!r} must be an integer with 0 <= seed < 2**32")
@@ -232,7 +225,7 @@ class DRTConfig:
         if not isinstance(self.autocast_adapter_dtype, bool):
             raise ValueError(f"autocast_adapter_dtype={self.autocast_adapter_dtype!r} must be True or False")
 
-    def _restrict(self, reason: str, **allowed: str | tuple[str, ...]) -> None:
+    def allow_only(self, reason: str, **allowed: str | tuple[str, ...]) -> None:
         """Refuse shared fields this method cannot honour: ``field=value`` (or a tuple of values) each."""
         for name, values in allowed.items():
             values = values if isinstance(values, tuple) else (values,)
@@ -240,6 +233,12 @@ class DRTConfig:
             if value not in values:
                 choices = " or ".join(repr(v) for v in values)
                 raise ValueError(f"{name}={value!r} is not supported by {self.method_name!r}; use {choices}: {reason}")
+
+    @property
+    def stores_indices(self) -> bool:
+        """Whether checkpoints store ψ: the method selects entries (it has a criterion) and ψ is not a
+        function of the seed alone (:attr:`indices_from_seed`)."""
+        return bool(self.criterion) and not self.indices_from_seed
 
     @property
     def needs_optimizer(self) -> bool:

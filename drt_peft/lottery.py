@@ -26,10 +26,11 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .checkpoint.io import indices_checksum
+from .checkpoint.io import indices_checksum, under_prefix
 from .files import atomic_write_bytes
 from .masks import select_masks
 from .masks.criteria.basic import lamp
+from .masks.selection import indices_of
 from .methods.lottery_ticket import LotteryTicketConfig
 from .model import DRTModel
 from .targeting import Target
@@ -162,8 +163,7 @@ def _apply_rewind(drt: DRTModel, rewind: dict[str, torch.Tensor]) -> None:
         for name, layer in drt.drt_layers():
             layer.drt_values.copy_(rewind[f"drt.{name}"].to(layer.drt_values)[layer.drt_indices])
         for name in drt.modules_to_save:
-            prefix = f"save.{name}."
-            state = {k[len(prefix) :]: v for k, v in rewind.items() if k.startswith(prefix)}
+            state = under_prefix(rewind, f"save.{name}.")
             drt.base_model.get_submodule(name).load_state_dict(state)
 
 
@@ -179,7 +179,7 @@ def _next_indices(config: LotteryTicketConfig, drt: DRTModel, density: float) ->
         scores.append(score.masked_fill(~alive, float("-inf")))
         targets.append(Target(name, layer.base_layer, layer.op))
     masks = select_masks(targets, config, scores, density=density)
-    return [torch.nonzero(mask.reshape(-1)).flatten() for mask in masks]
+    return [indices_of(mask) for mask in masks]
 
 
 def _trainer_round(trainer: Any) -> TrainFn:

@@ -15,6 +15,27 @@ from .layer import SUPPORTED_TYPES, WeightOp
 _LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
+#: Normalisation layers recognised by type (subclasses included); others by a class name ending in "Norm".
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+
+
+def is_normalisation(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer: an instance of :data:`NORM_TYPES` or of a class whose name ends
+    in ``"Norm"`` (transformers' ``LlamaRMSNorm``, ``T5LayerNorm``, ...)."""
+    return isinstance(module, NORM_TYPES) or type(module).__name__.endswith("Norm")
+
+
 @dataclass(frozen=True)
 class Target:
     """A targeted module: its name in the model, the module and its :class:`WeightOp`."""

@@ -82,3 +82,11 @@ def test_the_library_never_imports_its_applications() -> None:
     library = {module for module in graph if not module.startswith("drt_peft.apps")}
     reaching = sorted(module for module in library if any(dep.startswith("drt_peft.apps") for dep in graph[module]))
     assert reaching == [], f"library modules importing drt_peft.apps: {reaching}"
+
+
+def test_every_registered_method_is_exported_at_the_top_level() -> None:
+    from drt_peft.config import config_class
+
+    exported = {getattr(drt_peft, name) for name in drt_peft.__all__}
+    missing = [m for m in drt_peft.available_methods() if config_class(m) not in exported]
+    assert missing == [], f"registered methods whose config drt_peft does not export: {missing}"

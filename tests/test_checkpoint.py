@@ -83,7 +83,7 @@ def test_adapter_file_size_bounds(config: DRTConfig, bytes_per_value: int, tmp_p
     probe = PROBE_BYTES_PER_LAYER * len(list(model.drt_layers()))  # the base probe (loading across dtypes)
     assert d > 3000
     assert size <= bytes_per_value * d + 4096 + probe, (size, d)
-    if config.indices_from_seed:
+    if not config.stores_indices:
         assert size <= 4 * d + 4096 + probe
 
 

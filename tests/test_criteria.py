@@ -20,7 +20,7 @@ from drt_peft import (
 )
 from drt_peft.config import DRTConfig
 from drt_peft.layer import weight_op
-from drt_peft.masks import Scoring, select_masks
+from drt_peft.masks import ScoringContext, select_masks
 from drt_peft.masks.scoring import score
 from drt_peft.targeting import Target
 
@@ -45,7 +45,7 @@ def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
 def _scores(config: DRTConfig, model: nn.Module, data=None, loss_fn=_loss) -> list[torch.Tensor]:
     targets = [Target(n, m, weight_op(m)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     select = functools.partial(select_masks, targets, config)
-    return score(config.criterion, Scoring(model, targets, config, data, loss_fn, select))
+    return score(config.criterion, ScoringContext(model, targets, config, data, loss_fn, select))
 
 
 def _flat_loss(model: nn.Module, batches: list, flat: torch.Tensor) -> torch.Tensor:

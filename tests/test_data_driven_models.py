@@ -150,7 +150,7 @@ def test_freezenet_decay_through_the_trainer_callback(tmp_path) -> None:
 def test_fish_rescoring_during_training_uses_the_fisher_of_the_current_weights() -> None:
     import copy
 
-    from drt_peft.masks import Scoring, select_masks
+    from drt_peft.masks import ScoringContext, select_masks
     from drt_peft.masks.criteria.fisher import fisher_scores, live_fisher_scores
     from drt_peft.targeting import Target
 
@@ -167,10 +167,12 @@ def test_fish_rescoring_during_training_uses_the_fisher_of_the_current_weights()
         optimizer.step()
         optimizer.zero_grad()
         if step == 2:  # the Fisher update_masks(2) will use, and the plain criterion on a merged copy
-            live = live_fisher_scores(Scoring(model, targets, config, data, None, None), [la for _, la in named])
+            live = live_fisher_scores(ScoringContext(model, targets, config, data, None, None), [la for _, la in named])
             plain = copy.deepcopy(model).merge_and_unload()
             plain_targets = [Target(n, plain.get_submodule(n), layer.op) for n, layer in named]
-            for a, b in zip(live, fisher_scores(Scoring(plain, plain_targets, config, data, None, None)), strict=True):
+            for a, b in zip(
+                live, fisher_scores(ScoringContext(plain, plain_targets, config, data, None, None)), strict=True
+            ):
                 assert torch.allclose(a, b, rtol=1e-5, atol=1e-12)
         logs = model.update_masks(step, optimizer)
         assert (logs == {}) == (step == 1)

@@ -163,7 +163,7 @@ def test_set_keeps_d_exact_is_deterministic_and_round_trips(tmp_path) -> None:
 
 
 def test_dynamic_config_bad_inputs() -> None:
-    with pytest.raises(ValueError, match="update_frequency=0 must be an integer >= 1"):
+    with pytest.raises(ValueError, match="update_frequency=0 must be a positive integer"):
         SETConfig(density=0.1, update_frequency=0)
     with pytest.raises(ValueError, match=r"drop_fraction=1\.0 must satisfy 0 < drop_fraction < 1"):
         SETConfig(density=0.1, drop_fraction=1.0)

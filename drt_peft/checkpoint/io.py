@@ -55,6 +55,11 @@ class AdapterModel(Protocol):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
 
 
+def under_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``tensors`` whose key starts with ``prefix``, keyed by the rest of the key."""
+    return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for key in sorted(tensors):
@@ -136,7 +141,7 @@ def save_adapter(
     for i, (_, layer) in enumerate(layers):
         for key, value in layer.adapter_tensors().items():
             tensors[f"drt_layer.{i}.{key}"] = value.detach().cpu().contiguous()
-    if not config.indices_from_seed:
+    if config.stores_indices:
         codes, blobs = [], []
         for _, layer in layers:
             codec, blob = encode_smallest(layer.drt_indices.cpu().numpy(), layer.base_layer.weight.numel())
@@ -246,7 +251,7 @@ def read_adapter(model_id: str | os.PathLike, **hub_kwargs: Any) -> StoredAdapte
     file = resolve_file(model_id, WEIGHTS_NAME, **hub_kwargs)
     tensors, metadata = read_adapter_file(file)
     config = _stored_config(file, metadata, model_id, **hub_kwargs)
-    indices = None if config.indices_from_seed else _decode_indices(tensors, file)
+    indices = _decode_indices(tensors, file) if config.stores_indices else None
     try:
         probe = BaseProbe.from_tensors(tensors, metadata)
     except ValueError as err:
@@ -272,8 +277,7 @@ def _load_into(model: AdapterModel, tensors: dict[str, torch.Tensor], metadata: 
         elif not config.values_from_base:
             raise ValueError(f"{file} holds no drt_values, but {config.method_name} adapters store them")
         for i, (_, layer) in enumerate(layers):
-            prefix = f"drt_layer.{i}."
-            layer.load_adapter_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            layer.load_adapter_tensors(under_prefix(tensors, f"drt_layer.{i}."))
         if "drt_frozen_scales" in tensors:
             for (_, layer), scale in zip(layers, tensors["drt_frozen_scales"].tolist(), strict=True):
                 layer.frozen_scale = scale
@@ -282,8 +286,7 @@ def _load_into(model: AdapterModel, tensors: dict[str, torch.Tensor], metadata: 
             for bias, value in zip(biases, tensors["drt_biases"].split([b.numel() for b in biases]), strict=True):
                 bias.copy_(value.reshape(bias.shape))
         for name in model.modules_to_save:
-            prefix = f"modules_to_save.{name}."
-            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            state = under_prefix(tensors, f"modules_to_save.{name}.")
             module = model.base_model.get_submodule(name)
             expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
             found = {k: tuple(v.shape) for k, v in state.items()}

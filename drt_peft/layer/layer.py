@@ -1,4 +1,4 @@
-"""The one layer every DRT method trains through: Θ = ψ·ϑ + χ·Θ(0) (METHODS.md §1, eq. 7)."""
+"""The one layer every DRT method trains through: Θ = ψ·ϑ + χ·Θ(0) (survey §2.2, eq. 7; docs/concepts.md)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ T = TypeVar("T")
 CSR_MAX_DENSITY = 0.03
 
 
-def _checked_indices(indices: Tensor, weight: Tensor) -> Tensor:
+def checked_indices(indices: Tensor, weight: Tensor) -> Tensor:
     indices = indices.to(device=weight.device, dtype=torch.int64)
     if indices.numel() > 1 and not bool((indices.diff() > 0).all()):
         raise ValueError("DRT indices must be sorted and unique")
@@ -96,7 +96,7 @@ class DRTLayer(nn.Module):
             base_layer.bias.requires_grad_(train_bias)
             if train_bias:  # the base bias, so that :meth:`unload` restores it after training
                 self.register_buffer("drt_base_bias", base_layer.bias.detach().clone(), persistent=False)
-        indices = _checked_indices(indices, weight)
+        indices = checked_indices(indices, weight)
         self.register_buffer("drt_indices", indices)
         initial = weight.detach().reshape(-1)[indices].clone()
         self.sparse_kernels = (
@@ -278,7 +278,7 @@ class DRTLayer(nn.Module):
         optimizer state is resized with it, and autograd is made to accept gradients of the new size.
         """
         weight = self.base_layer.weight
-        indices = _checked_indices(indices, weight)
+        indices = checked_indices(indices, weight)
         old = self.drt_indices
         where = torch.searchsorted(old, indices).clamp(max=max(old.numel() - 1, 0))
         kept = old[where] == indices if old.numel() else torch.zeros_like(indices, dtype=torch.bool)

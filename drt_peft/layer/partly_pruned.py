@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .layer import DRTLayer, _checked_indices
+from .layer import DRTLayer, checked_indices
 
 
 class PartlyPrunedLayer(DRTLayer):
@@ -27,7 +27,7 @@ class PartlyPrunedLayer(DRTLayer):
     def prune(self, pruned: Tensor) -> None:
         """Set the pruned entries to ``pruned`` (sorted flat indices outside ψ); the previous ones return to Θ(0)."""
         weight = self.base_layer.weight.detach().view(-1)
-        pruned = _checked_indices(pruned, self.base_layer.weight)
+        pruned = checked_indices(pruned, self.base_layer.weight)
         if bool(torch.isin(pruned, self.drt_indices).any()):
             raise ValueError("pruned entries must lie outside ψ (the trained entries)")
         with torch.no_grad():

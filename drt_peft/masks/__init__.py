@@ -6,19 +6,18 @@ import functools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
 from ..targeting import Target
 from . import criteria  # noqa: F401  (registers the criteria)
 from .budgets import layer_counts, total_budget
-from .scoring import LossFn, Scoring, register_criterion, score
-from .selection import nm_candidates, select_rows, select_unstructured
+from .scoring import LossFn, ScoringContext, register_criterion, score
+from .selection import indices_of, nm_candidates, select_rows, select_unstructured
 
 if TYPE_CHECKING:
     from ..config import DRTConfig
 
-__all__ = ["LossFn", "Scoring", "compute_indices", "register_criterion", "select_masks"]
+__all__ = ["LossFn", "ScoringContext", "compute_indices", "register_criterion", "select_masks"]
 
 
 def select_masks(
@@ -61,6 +60,6 @@ def compute_indices(
 ) -> list[Tensor]:
     """Sorted flat indices ψ_l (into each weight's own layout) of the trained entries of each target."""
     select = functools.partial(select_masks, targets, config)
-    scoring = Scoring(model, targets, config, calibration_data, loss_fn, select)
+    scoring = ScoringContext(model, targets, config, calibration_data, loss_fn, select)
     masks = select(score(config.criterion, scoring))
-    return [torch.nonzero(mask.reshape(-1)).flatten() for mask in masks]
+    return [indices_of(mask) for mask in masks]

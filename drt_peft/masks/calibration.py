@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .scoring import LossFn, Scoring
+from .scoring import LossFn, ScoringContext
 
 
-def target_density(scoring: Scoring) -> float:
+def target_density(scoring: ScoringContext) -> float:
     """The config's density, or ``num_trainable`` over the targets' size."""
     config = scoring.config
     if config.density is not None:
@@ -25,7 +25,7 @@ def target_density(scoring: Scoring) -> float:
     return config.num_trainable / sum(t.weight.numel() for t in scoring.targets)
 
 
-def calibration_batches(scoring: Scoring, limit: int | None = None) -> Iterator[Any]:
+def calibration_batches(scoring: ScoringContext, limit: int | None = None) -> Iterator[Any]:
     """Up to ``limit`` batches of ``calibration_data``; raises if there is none."""
     name = scoring.config.method_name
     if scoring.calibration_data is None:
@@ -110,7 +110,7 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
             model.set_attn_implementation(previous)
 
 
-def mean_gradients(scoring: Scoring, weights: Sequence[Tensor], limit: int | None) -> list[Tensor]:
+def mean_gradients(scoring: ScoringContext, weights: Sequence[Tensor], limit: int | None) -> list[Tensor]:
     """Mean over calibration batches of ∂L/∂w for each of ``weights`` (one backward per batch)."""
     sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     count = 0

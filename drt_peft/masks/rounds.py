@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from .calibration import target_density
-from .scoring import Scoring
+from .scoring import ScoringContext
 
 
-def schedule_densities(scoring: Scoring) -> list[float]:
+def schedule_densities(scoring: ScoringContext) -> list[float]:
     """Densities of rounds r = 1..k, from the structure's maximum m (1, or N/M for N:M) to the target d:
     exponential m·(d/m)^(r/k) or linear m − r(m − d)/k."""
     config = scoring.config
@@ -23,7 +23,7 @@ def schedule_densities(scoring: Scoring) -> list[float]:
     return [start - r * (start - final) / rounds for r in range(1, rounds + 1)]
 
 
-def prune_in_rounds(scoring: Scoring, score_round: Callable[[list[Tensor]], list[Tensor]]) -> list[Tensor]:
+def prune_in_rounds(scoring: ScoringContext, score_round: Callable[[list[Tensor]], list[Tensor]]) -> list[Tensor]:
     """Run :func:`schedule_densities`' rounds and return the last round's scores.
 
     Before each round the targeted weights are set to their values at entry times the previous

@@ -19,7 +19,7 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 @dataclass(frozen=True)
-class Scoring:
+class ScoringContext:
     """Everything a criterion may use. ``select(scores, density)`` applies the config's budget and
     structure to weight-shaped scores and returns boolean masks (iterative criteria prune with it)."""
 
@@ -31,7 +31,7 @@ class Scoring:
     select: Callable[[list[Tensor], float | None], list[Tensor]]
 
 
-Criterion = Callable[[Scoring], list[Tensor]]
+Criterion = Callable[[ScoringContext], list[Tensor]]
 
 _CRITERIA: dict[str, Criterion] = {}
 
@@ -51,7 +51,7 @@ def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
     return wrap
 
 
-def score(name: str, scoring: Scoring) -> list[Tensor]:
+def score(name: str, scoring: ScoringContext) -> list[Tensor]:
     """Scores of every target under the criterion ``name``, checked for shape and NaNs."""
     if name not in _CRITERIA:
         raise ValueError(f"unknown criterion {name!r}; registered: {sorted(_CRITERIA)}")

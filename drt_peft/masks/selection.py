@@ -15,6 +15,11 @@ from torch import Tensor
 from ..topk import top_k_mask
 
 
+def indices_of(mask: Tensor) -> Tensor:
+    """ψ of a boolean mask: the sorted flat indices of its True entries (in the tensor's own layout)."""
+    return torch.nonzero(mask.reshape(-1)).flatten()
+
+
 def nm_candidates(scores: Tensor, n: int, m: int, name: str) -> Tensor:
     """Mask of the ``n`` best entries in each block of ``m`` consecutive inputs of ``scores [out, fan_in]``."""
     rows, fan_in = scores.shape

@@ -14,11 +14,11 @@ from .lubana_dick import LubanaDickConfig
 from .magnitude import MagnitudeConfig
 from .norm_bias import NormBiasConfig
 from .prune_or_freeze import PruneOrFreezeConfig
-from .random import RandomConfig
+from .random_mask import RandomConfig
 from .rigl import RigLConfig
-from .set import SETConfig
 from .snfs import SNFSConfig
 from .snip import SNIPConfig
+from .sparse_evolutionary import SETConfig
 from .supermask import SupermaskConfig
 from .synflow import SynFlowConfig
 

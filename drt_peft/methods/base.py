@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from ..config import DRTConfig
 from ..masks.dynamic import trained_values_finite
+from ..validation import check_choice, check_int
 
 SCHEDULES = ("exponential", "linear")
 
@@ -24,8 +25,7 @@ class DataDrivenConfig(DRTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_batches is not None and (not isinstance(self.num_batches, int) or self.num_batches < 1):
-            raise ValueError(f"num_batches={self.num_batches!r} must be a positive integer or None (all batches)")
+        check_int("num_batches", self.num_batches, optional=True, hint=" (None: all batches)")
 
 
 @dataclass
@@ -49,10 +49,8 @@ class IterativeConfig(DRTConfig):
         super().__post_init__()
         if self.rounds is None:
             self.rounds = self.default_rounds
-        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
-            raise ValueError(f"rounds={self.rounds!r} must be a positive integer")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is not supported; use one of {list(SCHEDULES)}")
+        check_int("rounds", self.rounds)
+        check_choice("schedule", self.schedule, SCHEDULES)
 
 
 @dataclass
@@ -79,16 +77,10 @@ class DynamicConfig(DRTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (
-            not isinstance(self.update_frequency, int)
-            or isinstance(self.update_frequency, bool)
-            or self.update_frequency < 1
-        ):
-            raise ValueError(f"update_frequency={self.update_frequency!r} must be an integer >= 1")
+        check_int("update_frequency", self.update_frequency)
         if not isinstance(self.drop_fraction, (int, float)) or not 0 < self.drop_fraction < 1:
             raise ValueError(f"drop_fraction={self.drop_fraction!r} must satisfy 0 < drop_fraction < 1")
-        if self.t_end is not None and (not isinstance(self.t_end, int) or self.t_end < 1):
-            raise ValueError(f"t_end={self.t_end!r} must be a positive integer or None")
+        check_int("t_end", self.t_end, optional=True)
         if self.cosine_decay and self.t_end is None:
             raise ValueError(
                 f"t_end=None: {type(self).__name__}'s cosine decay α_t = α/2·(1 + cos(πt/t_end)) needs the last update "

@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import register_method
-from ..masks import Scoring, select_masks
+from ..masks import ScoringContext, select_masks
 from ..masks.criteria.fisher import live_fisher_scores
 from ..masks.dynamic import trained_values_finite
+from ..masks.selection import indices_of
 from ..targeting import Target
+from ..validation import check_choice, check_int
 from .base import DataDrivenConfig
 
 if TYPE_CHECKING:
@@ -58,14 +60,9 @@ class FISHConfig(DataDrivenConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ValueError(f"num_samples={self.num_samples!r} must be a positive integer")
-        if self.fisher_labels not in FISHER_LABELS:
-            raise ValueError(f"fisher_labels={self.fisher_labels!r} is not supported; use one of {list(FISHER_LABELS)}")
-        if self.update_frequency is not None and (
-            not isinstance(self.update_frequency, int) or self.update_frequency < 1
-        ):
-            raise ValueError(f"update_frequency={self.update_frequency!r} must be an integer >= 1 or None")
+        check_int("num_samples", self.num_samples)
+        check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
+        check_int("update_frequency", self.update_frequency, optional=True)
 
     @property
     def rescores_during_training(self) -> bool:
@@ -93,11 +90,11 @@ class FISHConfig(DataDrivenConfig):
         named = list(model.drt_layers())
         targets = [Target(name, layer.base_layer, layer.op) for name, layer in named]
         select = functools.partial(select_masks, targets, self)
-        scoring = Scoring(model, targets, self, model.calibration_data, model.loss_fn, select)
+        scoring = ScoringContext(model, targets, self, model.calibration_data, model.loss_fn, select)
         masks = select(live_fisher_scores(scoring, [layer for _, layer in named]))
         moved = 0
         for (_, layer), mask in zip(named, masks, strict=True):
-            indices = torch.nonzero(mask.reshape(-1)).flatten()
+            indices = indices_of(mask)
             moved += int((~torch.isin(indices, layer.drt_indices)).sum())
             layer.update_indices(indices, optimizer)
         return {"drt/moved": float(moved)}

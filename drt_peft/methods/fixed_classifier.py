@@ -43,7 +43,6 @@ class FixedClassifierConfig(DRTConfig):
         model = get_drt_model(vit_from_scratch, config)   # the ViT trains, its head is α·W·x
     """
 
-    indices_from_seed = True
     sized_by_density = False
 
     target_modules: list[str] | str | None = field(
@@ -65,7 +64,7 @@ class FixedClassifierConfig(DRTConfig):
                 "target_modules='all-linear' is not supported by 'fixed_classifier'; name the head, e.g. "
                 "['classifier'] ('all-linear' selects the backbone's layers and leaves heads out)"
             )
-        self._restrict(
+        self.allow_only(
             "the head's weight is replaced by a fixed orthogonal W regenerated from seed, and no entry of it trains",
             mode="freeze",
             base_init="pretrained",

@@ -38,11 +38,9 @@ class IntrinsicDimensionConfig(DRTConfig):
         model = get_drt_model(base_model, config)
     """
 
-    indices_from_seed = True
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._restrict(
+        self.allow_only(
             "ϑ is one global vector added to Θ(0) through a dense projection, with no per-layer mask",
             mode="freeze",
             budget="uniform",

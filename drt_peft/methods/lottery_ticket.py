@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..config import DRTConfig, register_method
+from ..validation import check_int
 
 if TYPE_CHECKING:
     from ..model import DRTModel
@@ -67,9 +68,8 @@ class LotteryTicketConfig(DRTConfig):
             )
         if not isinstance(self.prune_fraction, (int, float)) or not 0 < self.prune_fraction < 1:
             raise ValueError(f"prune_fraction={self.prune_fraction!r} must satisfy 0 < prune_fraction < 1")
-        if not isinstance(self.rewind_step, int) or isinstance(self.rewind_step, bool) or self.rewind_step < 0:
-            raise ValueError(f"rewind_step={self.rewind_step!r} must be an integer >= 0 (0 resets to Θ(0))")
-        self._restrict(
+        check_int("rewind_step", self.rewind_step, minimum=0, hint=" (0 resets to Θ(0))")
+        self.allow_only(
             "tickets keep the largest magnitudes, over all layers or per layer",
             budget=("global", "uniform"),
             structure="unstructured",

@@ -6,24 +6,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..config import DRTConfig, _choice, register_method
-from ..targeting import find_modules_to_save, find_targets
+from ..config import DRTConfig, register_method
+from ..targeting import NORM_TYPES, find_modules_to_save, find_targets, is_normalisation
+from ..validation import check_choice
 
 TRAIN_CHOICES = ("norm", "bias", "norm_and_bias")
-
-#: Normalisation layers recognised by type (subclasses included); others by a class name ending in "Norm".
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-)
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -34,7 +21,7 @@ def is_norm_layer(module: nn.Module) -> bool:
     (non-affine norms are skipped), and have no submodule holding parameters (so a composite
     module named ``...Norm`` never trains a layer inside it).
     """
-    if not (isinstance(module, NORM_TYPES) or type(module).__name__.endswith("Norm")):
+    if not is_normalisation(module):
         return False
     if "weight" not in dict(module.named_parameters(recurse=False)):
         return False
@@ -80,7 +67,6 @@ class NormBiasConfig(DRTConfig):
         model = get_drt_model(base_model, config)
     """
 
-    indices_from_seed = True
     sized_by_density = False
 
     train: str = field(
@@ -109,7 +95,7 @@ class NormBiasConfig(DRTConfig):
         return self.train in ("bias", "norm_and_bias")
 
     def __post_init__(self) -> None:
-        _choice("train", self.train, TRAIN_CHOICES)
+        check_choice("train", self.train, TRAIN_CHOICES)
         expected = "all" if self.trains_biases else "none"
         if self.bias is None:
             self.bias = expected
@@ -119,7 +105,7 @@ class NormBiasConfig(DRTConfig):
                 f"('all' for 'bias' and 'norm_and_bias', 'none' for 'norm')"
             )
         super().__post_init__()
-        self._restrict(
+        self.allow_only(
             "no entry of a weight matrix trains, so the weights stay as they are",
             mode="freeze",
             budget="uniform",

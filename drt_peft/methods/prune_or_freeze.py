@@ -38,7 +38,7 @@ class PruneOrFreezeConfig(LotteryTicketConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._restrict("the entries that moved away from zero stay frozen at Θ(0)", mode="freeze")
+        self.allow_only("the entries that moved away from zero stay frozen at Θ(0)", mode="freeze")
 
     def build_layer(self, module: nn.Module, indices: Tensor) -> PartlyPrunedLayer:
         return PartlyPrunedLayer(module, indices, self.bias == "all")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..config import DRTConfig, _choice, register_method
+from ..config import DRTConfig, register_method
 from ..layer.supermask import VARIANTS, SupermaskLayer
+from ..validation import check_choice
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -23,8 +24,9 @@ class SupermaskConfig(DRTConfig):
     ``seed``; ``"pretrained"`` searches a subnetwork of the base instead). The forward uses the
     mask m(s) of each layer's top-k scores, k = density·D per layer (``budget`` "uniform" or
     "erk"), and the backward is straight-through, ∂L/∂s = ∂L/∂W_eff ⊙ Θ(0) (Ramanujan et al.
-    2020, *What's Hidden in a Randomly Weighted Neural Network?*). In the survey's embedding
-    (METHODS.md §6) ψ is the mask, ϑ = Θ(0)[ψ] is never trained, and χ·Θ(0) is zero (prune mode).
+    2020, *What's Hidden in a Randomly Weighted Neural Network?*). In the survey's embedding (§2.2,
+    eq. 7) ψ is the mask, ϑ = Θ(0)[ψ] is never trained, and χ·Θ(0) is zero (prune mode); see
+    docs/methods/supermask.md.
 
     ``variant``: ``"top_k"`` (edge-popup); ``"signed"`` keeps the top-k of |s| and multiplies the
     kept weights by sign(s), so a weight can be kept, hidden or inverted (Koster et al. 2022,
@@ -76,8 +78,8 @@ class SupermaskConfig(DRTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice("variant", self.variant, VARIANTS)
-        self._restrict(
+        check_choice("variant", self.variant, VARIANTS)
+        self.allow_only(
             "weights outside the mask are zero, and each layer's mask is the top-k of its scores",
             mode="prune",
             budget=("uniform", "erk"),

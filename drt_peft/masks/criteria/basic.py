@@ -6,18 +6,18 @@ import torch
 from torch import Tensor
 
 from ...seeding import generator
-from ..scoring import Scoring, register_criterion
+from ..scoring import ScoringContext, register_criterion
 
 
 @register_criterion("random")
-def random_scores(scoring: Scoring) -> list[Tensor]:
+def random_scores(scoring: ScoringContext) -> list[Tensor]:
     """s ~ U(0, 1), drawn per layer from a CPU generator seeded by (seed, layer name)."""
     seed = scoring.config.seed
     return [torch.rand(t.weight.shape, generator=generator(seed, "scores", t.name)) for t in scoring.targets]
 
 
 @register_criterion("magnitude")
-def magnitude_scores(scoring: Scoring) -> list[Tensor]:
+def magnitude_scores(scoring: ScoringContext) -> list[Tensor]:
     """s = |Θ(0)|: the base (pretrained or seeded) magnitude."""
     return [t.weight.detach().abs().float() for t in scoring.targets]
 
@@ -37,6 +37,6 @@ def lamp(magnitudes: Tensor) -> Tensor:
 
 
 @register_criterion("lamp")
-def lamp_scores(scoring: Scoring) -> list[Tensor]:
+def lamp_scores(scoring: ScoringContext) -> list[Tensor]:
     """s = LAMP(|Θ(0)|): layer-adaptive magnitudes."""
     return [lamp(t.weight.detach().abs()) for t in scoring.targets]

@@ -16,10 +16,10 @@ from torch import Tensor
 from ...layer import DRTLayer
 from ..calibration import batch_loss, calibration_batches, scoring_mode, split_samples
 from ..dynamic import capture_dense_gradients
-from ..scoring import Scoring, register_criterion
+from ..scoring import ScoringContext, register_criterion
 
 
-def _negative_log_likelihood(scoring: Scoring, sample: object) -> Tensor:
+def _negative_log_likelihood(scoring: ScoringContext, sample: object) -> Tensor:
     """-log p(y|x) of one sample, y the true label or (``fisher_labels="predicted"``) the model's arg-max."""
     if scoring.config.fisher_labels == "true":
         return batch_loss(scoring.model, sample, scoring.loss_fn)
@@ -33,7 +33,7 @@ def _negative_log_likelihood(scoring: Scoring, sample: object) -> Tensor:
     return -log_probs.max(dim=-1).values.sum()
 
 
-def empirical_fisher(scoring: Scoring, gradients: Callable[[Tensor], Sequence[Tensor | None]]) -> list[Tensor]:
+def empirical_fisher(scoring: ScoringContext, gradients: Callable[[Tensor], Sequence[Tensor | None]]) -> list[Tensor]:
     """Mean over ``num_samples`` samples of the squared per-sample gradients that ``gradients(loss)`` returns."""
     sums = [torch.zeros_like(t.weight, dtype=torch.float32) for t in scoring.targets]
     count = 0
@@ -49,14 +49,14 @@ def empirical_fisher(scoring: Scoring, gradients: Callable[[Tensor], Sequence[Te
 
 
 @register_criterion("fisher")
-def fisher_scores(scoring: Scoring) -> list[Tensor]:
+def fisher_scores(scoring: ScoringContext) -> list[Tensor]:
     """Empirical Fisher of the plain targeted weights (before the layers are embedded)."""
     weights = [t.weight for t in scoring.targets]
     with scoring_mode(scoring.model, weights):
         return empirical_fisher(scoring, lambda loss: torch.autograd.grad(loss, weights, allow_unused=True))
 
 
-def live_fisher_scores(scoring: Scoring, layers: Sequence[DRTLayer]) -> list[Tensor]:
+def live_fisher_scores(scoring: ScoringContext, layers: Sequence[DRTLayer]) -> list[Tensor]:
     """Empirical Fisher of embedded layers, from the dense gradients they capture in their backward.
 
     Runs in eval mode and leaves every ``.grad`` untouched (``torch.autograd.grad``).

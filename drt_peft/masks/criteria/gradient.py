@@ -1,4 +1,4 @@
-"""Gradient-based criteria on calibration data (survey §5, METHODS.md §3).
+"""Gradient-based criteria on calibration data (survey §5; docs/methods/).
 
 g is the mean gradient of the loss over the calibration batches, taken for the targeted weights
 only (the other weights are held fixed), in eval mode.
@@ -28,32 +28,32 @@ from ..calibration import (
     scoring_mode,
 )
 from ..rounds import prune_in_rounds
-from ..scoring import Scoring, register_criterion
+from ..scoring import ScoringContext, register_criterion
 
 
-def _weights(scoring: Scoring) -> list[Tensor]:
+def _weights(scoring: ScoringContext) -> list[Tensor]:
     return [t.weight for t in scoring.targets]
 
 
-def _gradients(scoring: Scoring) -> list[Tensor]:
+def _gradients(scoring: ScoringContext) -> list[Tensor]:
     weights = _weights(scoring)
     with scoring_mode(scoring.model, weights):
         return mean_gradients(scoring, weights, scoring.config.num_batches)
 
 
 @register_criterion("snip")
-def snip_scores(scoring: Scoring) -> list[Tensor]:
+def snip_scores(scoring: ScoringContext) -> list[Tensor]:
     """s = |g ⊙ θ| (Lee et al. 2019)."""
     return [(g * w.detach()).abs() for g, w in zip(_gradients(scoring), _weights(scoring), strict=True)]
 
 
 @register_criterion("lubana_dick")
-def lubana_dick_scores(scoring: Scoring) -> list[Tensor]:
+def lubana_dick_scores(scoring: ScoringContext) -> list[Tensor]:
     """s = |g| · θ² (Lubana & Dick 2021)."""
     return [g.abs() * w.detach().float() ** 2 for g, w in zip(_gradients(scoring), _weights(scoring), strict=True)]
 
 
-def hessian_gradient_products(scoring: Scoring) -> list[Tensor]:
+def hessian_gradient_products(scoring: ScoringContext) -> list[Tensor]:
     """H g over the targeted weights: g from a first pass, then ∇(∇L · g) per batch, averaged."""
     weights = _weights(scoring)
     limit = scoring.config.num_batches
@@ -72,7 +72,7 @@ def hessian_gradient_products(scoring: Scoring) -> list[Tensor]:
 
 
 @register_criterion("grasp")
-def grasp_scores(scoring: Scoring) -> list[Tensor]:
+def grasp_scores(scoring: ScoringContext) -> list[Tensor]:
     """s = θ ⊙ (H g): keeping the largest keeps the lowest GraSP score −θ ⊙ (H g) (Wang et al. 2020)."""
     return [
         w.detach().float() * hg for w, hg in zip(_weights(scoring), hessian_gradient_products(scoring), strict=True)
@@ -80,7 +80,7 @@ def grasp_scores(scoring: Scoring) -> list[Tensor]:
 
 
 @register_criterion("grasp_abs")
-def grasp_abs_scores(scoring: Scoring) -> list[Tensor]:
+def grasp_abs_scores(scoring: ScoringContext) -> list[Tensor]:
     """s = |θ ⊙ (H g)| (Lubana & Dick 2021)."""
     return [
         (w.detach().float() * hg).abs()
@@ -89,7 +89,7 @@ def grasp_abs_scores(scoring: Scoring) -> list[Tensor]:
 
 
 @register_criterion("force")
-def force_scores(scoring: Scoring) -> list[Tensor]:
+def force_scores(scoring: ScoringContext) -> list[Tensor]:
     """Iterative SNIP / FORCE: |θ ⊙ g(θ ⊙ m)| re-scored on the masked network over ``rounds`` rounds."""
     weights = _weights(scoring)
 

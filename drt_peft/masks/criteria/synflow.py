@@ -11,9 +11,9 @@ the scores obey its conservation law: the sum of scores entering a layer equals 
 it, and every layer's total equals R. Transformers have parts that are not positive-linear;
 during scoring:
 
-- normalisation layers (``nn.LayerNorm``, ``nn.GroupNorm``, batch norms and any module whose class
-  name ends in ``Norm``, such as RMSNorm) are replaced by the identity, as the paper does with
-  batch norm;
+- normalisation layers (:func:`~drt_peft.targeting.is_normalisation`: layer, group, RMS, batch and
+  instance norms and any module whose class name ends in ``Norm``) are replaced by the identity, as
+  the paper does with batch norm;
 - dropout is off (eval mode);
 - attention keeps its softmax: with positive queries and keys it is a positive, row-normalised
   averaging, so flow still passes through values and output projections but the conservation
@@ -34,14 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...targeting import is_normalisation
 from ..calibration import scoring_mode
 from ..rounds import prune_in_rounds
-from ..scoring import Scoring, register_criterion
-
-
-def _is_norm(module: nn.Module) -> bool:
-    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-    return isinstance(module, norms) or type(module).__name__.endswith("Norm")
+from ..scoring import ScoringContext, register_criterion
 
 
 @contextlib.contextmanager
@@ -49,7 +45,7 @@ def positive_linear(model: nn.Module) -> Iterator[None]:
     """|θ| in float64 with norms replaced by identities; signs, dtypes and modules restored after."""
     swapped = []
     for name, module in list(model.named_modules()):
-        if name and _is_norm(module):
+        if name and is_normalisation(module):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             swapped.append((parent, child, module))
@@ -74,7 +70,7 @@ def positive_linear(model: nn.Module) -> Iterator[None]:
             setattr(parent, child, module)
 
 
-def _ones_input(scoring: Scoring) -> tuple[tuple, dict[str, Any]]:
+def _ones_input(scoring: ScoringContext) -> tuple[tuple, dict[str, Any]]:
     """Positional and keyword inputs of ones (see module docstring)."""
     model = scoring.model
     config = getattr(model, "config", None)
@@ -107,7 +103,7 @@ def _flow(output: Any) -> Tensor:
 
 
 @register_criterion("synflow")
-def synflow_scores(scoring: Scoring) -> list[Tensor]:
+def synflow_scores(scoring: ScoringContext) -> list[Tensor]:
     """Iterative SynFlow scores (∂R/∂θ) ⊙ θ on the positive-linear network."""
     weights = [t.weight for t in scoring.targets]
     args, kwargs = _ones_input(scoring)
