@@ -171,6 +171,37 @@ def _new_specialised(cls: type[DRTModel], wrapped: type[nn.Module]) -> DRTModel:
     return nn.Module.__new__(_forward_class(cls, wrapped))
 
 
+def _find_targets(model: nn.Module, config: DRTConfig) -> tuple[list[Target], list[str]]:
+    """The modules ``config`` embeds and the full names of its ``modules_to_save``, after the checks that
+    refuse what cannot be embedded (and a warning for linear modules ``"all-linear"`` leaves out)."""
+    modules = dict(model.named_modules())
+    save_names = find_modules_to_save(model, config.modules_to_save_for(model))
+    targets = [
+        Target(name, modules[name], weight_op(modules[name]))
+        for name in find_targets(model, config.target_modules, exclude=save_names)
+    ]
+    _check_embeddable(model, targets)
+    _check_untied(model, targets)
+    if config.target_modules == "all-linear":
+        skipped = skipped_linear_modules(model)
+        if skipped:
+            warnings.warn(
+                f"target_modules='all-linear' leaves out {len(skipped)} linear module(s) of types it cannot embed "
+                f"(subclasses of nn.Linear such as quantized layers): {skipped[:5]}"
+                f"{' ...' if len(skipped) > 5 else ''}; they stay frozen",
+                stacklevel=4,
+            )
+    return targets, save_names
+
+
+def _watch_optimizers(model: DRTModel) -> None:
+    """Have every optimizer's first step checked against ``model`` (see :func:`_check_optimizer_holds_values`)."""
+    global _optimizer_hook
+    _LIVE_MODELS.add(model)
+    if _optimizer_hook is None:
+        _optimizer_hook = register_optimizer_step_pre_hook(_check_optimizer_holds_values)
+
+
 def _check_other_dtype(
     config: DRTConfig, found: str, stored: BaseProbe | None, probe: BaseProbe, names: list[str]
 ) -> None:
@@ -241,38 +272,8 @@ class DRTModel(nn.Module):
         super().__init__()
         if isinstance(model, DRTModel):
             raise TypeError("model is already a DRTModel; call unload() or merge_and_unload() first")
-        modules = dict(model.named_modules())
-        save_names = find_modules_to_save(model, config.modules_to_save_for(model))
-        targets = [
-            Target(name, modules[name], weight_op(modules[name]))
-            for name in find_targets(model, config.target_modules, exclude=save_names)
-        ]
-        _check_embeddable(model, targets)
-        _check_untied(model, targets)
-        if config.target_modules == "all-linear":
-            skipped = skipped_linear_modules(model)
-            if skipped:
-                warnings.warn(
-                    f"target_modules='all-linear' leaves out {len(skipped)} linear module(s) of types it cannot embed "
-                    f"(subclasses of nn.Linear such as quantized layers): {skipped[:5]}"
-                    f"{' ...' if len(skipped) > 5 else ''}; they stay frozen",
-                    stacklevel=3,
-                )
-        if config.base_init == "seeded":
-            seeded_init_(targets, model, config.seed)
-        found = fingerprint(targets)
-        #: The probe of the targeted Θ(0) (see :class:`~drt_peft.base_weights.BaseProbe`), saved with the adapter.
-        self.base_probe = BaseProbe.of(targets, config.seed)
-        if config.base_model_fingerprint not in (None, found):
-            _check_other_dtype(config, found, base_probe, self.base_probe, [t.name for t in targets])
-        model_config = getattr(model, "config", None)
-        name_or_path = getattr(model_config, "name_or_path", None) or None
-        self.drt_config = dataclasses.replace(
-            config,
-            base_model_fingerprint=found,
-            base_model_name_or_path=config.base_model_name_or_path or name_or_path,
-            revision=config.revision or getattr(model_config, "_commit_hash", None),
-        )
+        targets, save_names = _find_targets(model, config)
+        self.drt_config = self._record_base(model, targets, config, base_probe)
         if indices is None and not config.criterion:
             # A method without a criterion selects no entries: its layers replace ψ (e.g. by a projection).
             indices = [torch.empty(0, dtype=torch.int64) for _ in targets]
@@ -280,6 +281,42 @@ class DRTModel(nn.Module):
             indices = compute_indices(model, targets, self.drt_config, calibration_data, loss_fn)
         elif len(indices) != len(targets):
             raise ValueError(f"the adapter has {len(indices)} layers but target_modules selects {len(targets)} here")
+        self._embed(model, targets, indices, save_names)
+        #: Kept only for methods that re-score during training (FISH with ``update_frequency``).
+        self.calibration_data = calibration_data if self.drt_config.rescores_during_training else None
+        self.loss_fn = loss_fn
+        self._register_state_dict_hook(_drop_tied_aliases)
+        self.register_load_state_dict_pre_hook(_restore_tied_aliases)
+        _watch_optimizers(self)
+
+    def _record_base(
+        self, model: nn.Module, targets: list[Target], config: DRTConfig, stored_probe: BaseProbe | None
+    ) -> DRTConfig:
+        """Fix Θ(0) (seeded re-initialisation), check it against the config's fingerprint (or, across dtypes, the
+        adapter's probe) and return the config with the base recorded; keeps this base's probe."""
+        if config.base_init == "seeded":
+            seeded_init_(targets, model, config.seed)
+        found = fingerprint(targets)
+        #: The probe of the targeted Θ(0) (see :class:`~drt_peft.base_weights.BaseProbe`), saved with the adapter.
+        self.base_probe = BaseProbe.of(targets, config.seed)
+        if config.base_model_fingerprint not in (None, found):
+            _check_other_dtype(config, found, stored_probe, self.base_probe, [t.name for t in targets])
+        model_config = getattr(model, "config", None)
+        return dataclasses.replace(
+            config,
+            base_model_fingerprint=found,
+            base_model_name_or_path=config.base_model_name_or_path
+            or getattr(model_config, "name_or_path", None)
+            or None,
+            revision=config.revision or getattr(model_config, "_commit_hash", None),
+        )
+
+    def _embed(self, model: nn.Module, targets: list[Target], indices: list[Tensor], save_names: list[str]) -> None:
+        """Replace the targets by DRT layers, freeze the rest, train the ``modules_to_save`` and attach the method.
+
+        All-or-nothing: if any step fails, ``model`` is put back as it was given.
+        """
+        config = self.drt_config
         flags = {param: param.requires_grad for param in model.parameters()}
         self._originals_to_save = {}
         try:
@@ -296,21 +333,12 @@ class DRTModel(nn.Module):
                 module.requires_grad_(True)
             self._requires_grad_before = flags
             self.base_model = model
-            #: Kept only for methods that re-score during training (FISH with ``update_frequency``).
-            self.calibration_data = calibration_data if self.drt_config.rescores_during_training else None
-            self.loss_fn = loss_fn
             self._backwards_since_update = 0
             self._update_watch = None
-            self.drt_config.on_attach(self)
-        except BaseException:  # all-or-nothing: the caller's model as it was given
+            config.on_attach(self)
+        except BaseException:
             _restore_base(model, self._originals_to_save, flags)
             raise
-        self._register_state_dict_hook(_drop_tied_aliases)
-        self.register_load_state_dict_pre_hook(_restore_tied_aliases)
-        _LIVE_MODELS.add(self)
-        global _optimizer_hook
-        if _optimizer_hook is None:
-            _optimizer_hook = register_optimizer_step_pre_hook(_check_optimizer_holds_values)
 
     # -- delegation -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
