@@ -302,12 +302,11 @@ class DRTModel(nn.Module):
         if config.base_model_fingerprint not in (None, found):
             _check_other_dtype(config, found, stored_probe, self.base_probe, [t.name for t in targets])
         model_config = getattr(model, "config", None)
+        name_or_path = getattr(model_config, "name_or_path", None) or None
         return dataclasses.replace(
             config,
             base_model_fingerprint=found,
-            base_model_name_or_path=config.base_model_name_or_path
-            or getattr(model_config, "name_or_path", None)
-            or None,
+            base_model_name_or_path=config.base_model_name_or_path or name_or_path,
             revision=config.revision or getattr(model_config, "_commit_hash", None),
         )
 
