@@ -124,6 +124,29 @@ def save_adapter(
     """
     if not is_main_process:
         return
+    tensors = _adapter_tensors(model, state_dict)
+    probe_tensors, probe_metadata = model.base_probe.to_tensors()
+    tensors.update(probe_tensors)
+    layers = list(model.drt_layers())
+    metadata = {
+        "format": "pt",
+        "drt_peft_format": FORMAT_VERSION,
+        "drt_config": model.drt_config.to_json(),
+        "drt_targets": _targets_checksum(name for name, _ in layers),
+        "drt_index_checksum": indices_checksum(layer.drt_indices for _, layer in layers),
+        **probe_metadata,
+        "drt_checksum": _checksum(tensors),
+    }
+    os.makedirs(save_directory, exist_ok=True)
+    remove_stale_temporaries(save_directory, ("README.md", WEIGHTS_NAME, CONFIG_NAME))
+    atomic_write_bytes(os.path.join(save_directory, "README.md"), model_card(model).encode())
+    atomic_write_bytes(os.path.join(save_directory, WEIGHTS_NAME), safetensors_bytes(tensors, metadata))
+    model.drt_config.save_pretrained(save_directory)
+
+
+def _adapter_tensors(model: AdapterModel, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Everything the adapter stores: ϑ, the layers' own tensors, ψ where it is not regenerable, the frozen
+    scales, trained biases and ``modules_to_save`` (from ``state_dict`` where given)."""
     config = model.drt_config
     layers = list(model.drt_layers())
 
@@ -142,15 +165,7 @@ def save_adapter(
         for key, value in layer.adapter_tensors().items():
             tensors[f"drt_layer.{i}.{key}"] = value.detach().cpu().contiguous()
     if config.stores_indices:
-        codes, blobs = [], []
-        for _, layer in layers:
-            codec, blob = encode_smallest(layer.drt_indices.cpu().numpy(), layer.base_layer.weight.numel())
-            codes.append(CODECS.index(codec))
-            blobs.append(blob)
-        tensors["drt_index_codecs"] = torch.tensor(codes, dtype=torch.uint8)
-        tensors["drt_index_lengths"] = torch.tensor([b.size for b in blobs], dtype=torch.int64)
-        tensors["drt_index_bytes"] = torch.from_numpy(np.concatenate(blobs))
-        tensors["drt_numels"] = torch.tensor([layer.base_layer.weight.numel() for _, layer in layers])
+        tensors.update(_encoded_indices([layer for _, layer in layers]))
     scales = [layer.frozen_scale for _, layer in layers]
     if any(scale != 1.0 for scale in scales):
         tensors["drt_frozen_scales"] = torch.tensor(scales, dtype=torch.float64)
@@ -160,22 +175,22 @@ def save_adapter(
     for name in model.modules_to_save:
         for key, value in model.base_model.get_submodule(name).state_dict().items():
             tensors[f"modules_to_save.{name}.{key}"] = live(f"{name}.{key}", value).contiguous()
-    probe_tensors, probe_metadata = model.base_probe.to_tensors()
-    tensors.update(probe_tensors)
-    metadata = {
-        "format": "pt",
-        "drt_peft_format": FORMAT_VERSION,
-        "drt_config": config.to_json(),
-        "drt_targets": _targets_checksum(name for name, _ in layers),
-        "drt_index_checksum": indices_checksum(layer.drt_indices for _, layer in layers),
-        **probe_metadata,
-        "drt_checksum": _checksum(tensors),
+    return tensors
+
+
+def _encoded_indices(layers: list[DRTLayer]) -> dict[str, torch.Tensor]:
+    """ψ of every layer in its smallest lossless encoding (see :mod:`~drt_peft.checkpoint.codec`)."""
+    codes, blobs = [], []
+    for layer in layers:
+        codec, blob = encode_smallest(layer.drt_indices.cpu().numpy(), layer.base_layer.weight.numel())
+        codes.append(CODECS.index(codec))
+        blobs.append(blob)
+    return {
+        "drt_index_codecs": torch.tensor(codes, dtype=torch.uint8),
+        "drt_index_lengths": torch.tensor([b.size for b in blobs], dtype=torch.int64),
+        "drt_index_bytes": torch.from_numpy(np.concatenate(blobs)),
+        "drt_numels": torch.tensor([layer.base_layer.weight.numel() for layer in layers]),
     }
-    os.makedirs(save_directory, exist_ok=True)
-    remove_stale_temporaries(save_directory, ("README.md", WEIGHTS_NAME, CONFIG_NAME))
-    atomic_write_bytes(os.path.join(save_directory, "README.md"), model_card(model).encode())
-    atomic_write_bytes(os.path.join(save_directory, WEIGHTS_NAME), safetensors_bytes(tensors, metadata))
-    config.save_pretrained(save_directory)
 
 
 def read_adapter_file(file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
