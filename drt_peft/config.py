@@ -184,6 +184,20 @@ class DRTConfig:
     def __post_init__(self) -> None:
         if type(self) is DRTConfig or not self.method_name:
             raise TypeError(f"DRTConfig is abstract; use a method config: {available_methods()}")
+        self._check_size()
+        check_choice("mode", self.mode, MODES)
+        check_choice("base_init", self.base_init, BASE_INITS)
+        check_choice("budget", self.budget, BUDGETS)
+        check_choice("bias", self.bias, BIASES)
+        parse_structure(self.structure)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed!r} must be an integer with 0 <= seed < 2**32")
+        self._check_modules()
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            raise ValueError(f"autocast_adapter_dtype={self.autocast_adapter_dtype!r} must be True or False")
+
+    def _check_size(self) -> None:
+        """Exactly one of ``density`` and ``num_trainable`` (neither for methods that decide what trains)."""
         if not self.sized_by_density:
             if self.density is not None or self.num_trainable is not None:
                 raise ValueError(
@@ -200,13 +214,12 @@ class DRTConfig:
         ):
             raise ValueError(f"density={self.density!r} is out of range; it must satisfy 0 < density <= 1")
         check_int("num_trainable", self.num_trainable, optional=True)
-        check_choice("mode", self.mode, MODES)
-        check_choice("base_init", self.base_init, BASE_INITS)
-        check_choice("budget", self.budget, BUDGETS)
-        check_choice("bias", self.bias, BIASES)
-        parse_structure(self.structure)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed={self.seed!r} must be an integer with 0 <= seed < 2**32")
+
+    def _check_modules(self) -> None:
+        """``target_modules`` is ``"all-linear"``, a valid regular expression or a list of names (stored as a list),
+        and ``modules_to_save`` a list of names or None."""
+        if self.target_modules is None:
+            raise ValueError("target_modules=None: name the modules to embed, or use 'all-linear'")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             try:
                 re.compile(self.target_modules)
@@ -214,16 +227,12 @@ class DRTConfig:
                 raise ValueError(
                     f"target_modules={self.target_modules!r} is not a valid regular expression: {err}"
                 ) from None
-        elif self.target_modules is not None and not isinstance(self.target_modules, str):
+        elif not isinstance(self.target_modules, str):
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
                 raise ValueError(f"target_modules={self.target_modules!r} must be a non-empty list of module names")
-        if self.target_modules is None:
-            raise ValueError("target_modules=None: name the modules to embed, or use 'all-linear'")
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
-        if not isinstance(self.autocast_adapter_dtype, bool):
-            raise ValueError(f"autocast_adapter_dtype={self.autocast_adapter_dtype!r} must be True or False")
 
     def allow_only(self, reason: str, **allowed: str | tuple[str, ...]) -> None:
         """Refuse shared fields this method cannot honour: ``field=value`` (or a tuple of values) each."""
