@@ -73,12 +73,7 @@ def find_lottery_ticket(
     state = _load_state(output_dir, config, densities)
     done = len(state["rounds"])
     say = print if verbose else (lambda *_: None)
-    say(
-        f"lottery ticket: {config.num_rounds} pruning round(s) of {config.prune_fraction:.0%} "
-        f"(⌈log({config.density:g}) / log({1 - config.prune_fraction:g})⌉, survey eq. 18) to density "
-        f"{config.density:g}: {len(densities)} trainings at densities {', '.join(f'{d:.4g}' for d in densities)}"
-        + (f"; resuming after round {done - 1} from {output_dir}" if done else "")
-    )
+    say(_plan(config, densities, done, output_dir))
     if done == len(densities):
         return DRTModel.from_pretrained(model, os.path.join(output_dir, "ticket"), is_trainable=True)
     rewind = _load_rewind(output_dir) if config.rewind_step and done else None
@@ -97,25 +92,8 @@ def find_lottery_ticket(
             _apply_rewind(drt, rewind)
         metrics = run(drt) or {}
         if r == 0 and config.rewind_step:
-            rewind = getattr(drt, "lottery_rewind", None)
-            if rewind is None:
-                raise RuntimeError(
-                    f"rewind_step={config.rewind_step} but the dense round never reached optimizer step "
-                    f"{config.rewind_step} through model.update_masks(step, optimizer) (or DRTCallback)"
-                )
-            atomic_write_bytes(os.path.join(output_dir, REWIND_NAME), safetensors_bytes(rewind))
-        folder = os.path.join(output_dir, "ticket") if final else _round_dir(output_dir, r)
-        drt.save_pretrained(folder)
-        layers = [layer for _, layer in drt.drt_layers()]
-        record = {
-            "round": r,
-            "density": densities[r],
-            "d": sum(layer.num_trainable for layer in layers),
-            "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-            "mask_checksum": indices_checksum(layer.drt_indices for layer in layers),
-        }
-        state["rounds"].append(record)
-        atomic_write_bytes(os.path.join(output_dir, STATE_NAME), json.dumps(state, indent=2).encode())
+            rewind = _keep_rewind(drt, config, output_dir)
+        record = _record_round(drt, r, densities[r], metrics, state, output_dir, final)
         say(f"round {r}: density {densities[r]:.4g}, d = {record['d']:,}, metrics {record['metrics']}")
         if final:
             return drt
@@ -123,6 +101,46 @@ def find_lottery_ticket(
         carried = config.carry_over(drt, indices)
         drt.unload()
     raise AssertionError("unreachable: the last round returns")
+
+
+def _plan(config: LotteryTicketConfig, densities: list[float], done: int, output_dir: str) -> str:
+    """The search announced up front: rounds, the eq. 18 count, the densities, where it resumes."""
+    return (
+        f"lottery ticket: {config.num_rounds} pruning round(s) of {config.prune_fraction:.0%} "
+        f"(⌈log({config.density:g}) / log({1 - config.prune_fraction:g})⌉, survey eq. 18) to density "
+        f"{config.density:g}: {len(densities)} trainings at densities {', '.join(f'{d:.4g}' for d in densities)}"
+        + (f"; resuming after round {done - 1} from {output_dir}" if done else "")
+    )
+
+
+def _keep_rewind(drt: DRTModel, config: LotteryTicketConfig, output_dir: str) -> dict[str, torch.Tensor]:
+    """Θ(k) as the dense round recorded it at step ``rewind_step``, written next to the rounds."""
+    rewind = getattr(drt, "lottery_rewind", None)
+    if rewind is None:
+        raise RuntimeError(
+            f"rewind_step={config.rewind_step} but the dense round never reached optimizer step "
+            f"{config.rewind_step} through model.update_masks(step, optimizer) (or DRTCallback)"
+        )
+    atomic_write_bytes(os.path.join(output_dir, REWIND_NAME), safetensors_bytes(rewind))
+    return rewind
+
+
+def _record_round(
+    drt: DRTModel, r: int, density: float, metrics: dict[str, Any], state: dict, output_dir: str, final: bool
+) -> dict[str, Any]:
+    """Save the round's adapter (the ticket, for the last round), then append the round to the state file."""
+    drt.save_pretrained(os.path.join(output_dir, "ticket") if final else _round_dir(output_dir, r))
+    layers = [layer for _, layer in drt.drt_layers()]
+    record = {
+        "round": r,
+        "density": density,
+        "d": sum(layer.num_trainable for layer in layers),
+        "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        "mask_checksum": indices_checksum(layer.drt_indices for layer in layers),
+    }
+    state["rounds"].append(record)
+    atomic_write_bytes(os.path.join(output_dir, STATE_NAME), json.dumps(state, indent=2).encode())
+    return record
 
 
 def _round_dir(output_dir: str, r: int) -> str:
