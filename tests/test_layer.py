@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from drt_peft import DRTLayer
-from drt_peft.layer.ops import SampledWeightFunction, csr_pattern, sddmm
+from drt_peft import DRTLayer, RandomConfig, get_drt_model
+from drt_peft.layer.ops import SampledWeightFunction, csr_pattern, sddmm, weight_op
 
 
 def _modules() -> dict[str, tuple[nn.Module, tuple[int, ...], int]]:
@@ -159,3 +159,22 @@ def test_decayed_frozen_entries_in_forward_and_backward(kind: str) -> None:
     assert torch.allclose(layer.drt_values.grad, dense_w.grad.reshape(-1)[indices])
     assert torch.allclose(x.grad, x_ref.grad)
     assert torch.equal(layer.unload().weight, original)
+
+
+class _ScaledLinear(nn.Linear):
+    """A Linear subclass that behaves like its base: embeddable once registered."""
+
+
+def test_a_new_module_type_is_one_registration(monkeypatch) -> None:
+    from drt_peft.layer import SUPPORTED_TYPES, register_weight_op
+    from drt_peft.layer.ops import LinearOp
+
+    net = nn.Sequential(_ScaledLinear(4, 3))
+    with pytest.raises(TypeError, match=r"cannot embed a _ScaledLinear; .*register_weight_op adds one"):
+        weight_op(net[0])
+    monkeypatch.setitem(SUPPORTED_TYPES, _ScaledLinear, LinearOp)  # what register_weight_op does, undone after
+    register_weight_op(_ScaledLinear, LinearOp)
+    model = get_drt_model(net, RandomConfig(density=0.5, target_modules=["0"]))
+    assert [name for name, _ in model.drt_layers()] == ["0"]
+    with pytest.raises(TypeError, match="must be a WeightOp subclass"):
+        register_weight_op(_ScaledLinear, object)

@@ -1,6 +1,6 @@
 """The DRT embedding layer and its compact products."""
 
 from .layer import DRTLayer
-from .ops import SUPPORTED_TYPES, WeightOp, weight_op
+from .ops import SUPPORTED_TYPES, WeightOp, register_weight_op, weight_op
 
-__all__ = ["SUPPORTED_TYPES", "DRTLayer", "WeightOp", "weight_op"]
+__all__ = ["SUPPORTED_TYPES", "DRTLayer", "WeightOp", "register_weight_op", "weight_op"]

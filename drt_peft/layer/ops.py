@@ -278,16 +278,39 @@ def _pattern_flat_indices(pattern: Tensor) -> Tensor:
     return rows * pattern.shape[1] + pattern.col_indices()
 
 
-SUPPORTED_TYPES: dict[type[nn.Module], type[WeightOp]] = {nn.Linear: LinearOp, Conv1D: Conv1DOp, nn.Conv2d: Conv2dOp}
+#: Module type → its :class:`WeightOp`; :func:`register_weight_op` adds one.
+SUPPORTED_TYPES: dict[type[nn.Module], type[WeightOp]] = {}
+
+
+def register_weight_op(module_type: type[nn.Module], op: type[WeightOp]) -> None:
+    """Make modules of exactly ``module_type`` embeddable, with ``op`` computing their products.
+
+    Matching is by exact type, not ``isinstance``: subclasses of ``nn.Linear`` include quantized
+    layers (whose weight is not a float matrix) and ``NonDynamicallyQuantizableLinear``, whose
+    weight ``nn.MultiheadAttention`` reads directly without calling the module, so an embedding
+    would silently never train. A subclass that does behave like its base is one registration.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type={module_type!r} must be an nn.Module subclass")
+    if not (isinstance(op, type) and issubclass(op, WeightOp)):
+        raise TypeError(f"op={op!r} must be a WeightOp subclass")
+    SUPPORTED_TYPES[module_type] = op
+
+
+for _type, _op in ((nn.Linear, LinearOp), (Conv1D, Conv1DOp), (nn.Conv2d, Conv2dOp)):
+    register_weight_op(_type, _op)
 
 
 def weight_op(module: nn.Module) -> WeightOp:
     """The :class:`WeightOp` for ``module``; raises for unsupported module types."""
-    for kind, op in SUPPORTED_TYPES.items():
-        if type(module) is kind:
-            return op(module)
-    names = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
-    raise TypeError(f"cannot embed a {type(module).__name__}; supported module types: {names}")
+    op = SUPPORTED_TYPES.get(type(module))
+    if op is None:
+        names = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+        raise TypeError(
+            f"cannot embed a {type(module).__name__}; supported module types: {names} "
+            "(drt_peft.layer.register_weight_op adds one)"
+        )
+    return op(module)
 
 
 class DenseProduct:
