@@ -90,3 +90,22 @@ def test_every_registered_method_is_exported_at_the_top_level() -> None:
     exported = {getattr(drt_peft, name) for name in drt_peft.__all__}
     missing = [m for m in drt_peft.available_methods() if config_class(m) not in exported]
     assert missing == [], f"registered methods whose config drt_peft does not export: {missing}"
+
+
+def package_graph() -> dict[str, set[str]]:
+    """:func:`import_graph` with each subpackage of ``drt_peft`` (``layer``, ``masks`` with its criteria, ...) as
+    one node, and each top-level module as its own."""
+    packages = {_module_name(path) for path in ROOT.glob("*/__init__.py")}
+
+    def node(module: str) -> str:
+        return next((name for name in packages if module == name or module.startswith(name + ".")), module)
+
+    graph: dict[str, set[str]] = {}
+    for module, deps in import_graph().items():
+        graph.setdefault(node(module), set()).update(node(dep) for dep in deps)
+    return {name: deps - {name} for name, deps in graph.items()}
+
+
+def test_the_packages_are_layered_too() -> None:
+    cycle = find_cycle(package_graph())
+    assert cycle is None, "import cycle between packages: " + " -> ".join(cycle)

@@ -14,7 +14,7 @@ from transformers import BertConfig, BertModel
 from drt_peft import DRTConfig, DRTModel, MagnitudeConfig, RandomConfig, get_drt_model
 from drt_peft.base_weights import PROBE_BYTES_PER_LAYER
 from drt_peft.checkpoint import io
-from drt_peft.checkpoint.codec import CODECS, decode, encode, encode_smallest
+from drt_peft.index_codecs import CODECS, decode, encode, encode_smallest
 
 
 def _trained(config: DRTConfig, batch: dict, factory=tiny_bert) -> DRTModel:

@@ -27,7 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..base_weights import BaseProbe
 from ..config import CONFIG_NAME, DRTConfig
 from ..files import atomic_write_bytes, remove_stale_temporaries, resolve_file
-from .codec import CODECS, decode, encode_smallest
+from ..index_codecs import CODECS, decode, encode_smallest
 
 if TYPE_CHECKING:
     from torch import nn
@@ -179,7 +179,7 @@ def _adapter_tensors(model: AdapterModel, state_dict: dict[str, torch.Tensor] | 
 
 
 def _encoded_indices(layers: list[DRTLayer]) -> dict[str, torch.Tensor]:
-    """ψ of every layer in its smallest lossless encoding (see :mod:`~drt_peft.checkpoint.codec`)."""
+    """ψ of every layer in its smallest lossless encoding (see :mod:`~drt_peft.index_codecs`)."""
     codes, blobs = [], []
     for layer in layers:
         codec, blob = encode_smallest(layer.drt_indices.cpu().numpy(), layer.base_layer.weight.numel())

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..index_codecs import CODECS, decode, encode_smallest
 from .layer import DRTLayer, checked_indices
 
 
@@ -37,8 +38,6 @@ class PartlyPrunedLayer(DRTLayer):
         self.drt_pruned = pruned
 
     def adapter_tensors(self) -> dict[str, Tensor]:
-        from ..checkpoint.codec import CODECS, encode_smallest
-
         codec, blob = encode_smallest(self.drt_pruned.cpu().numpy(), self.base_layer.weight.numel())
         return {
             "pruned_codec": torch.tensor([CODECS.index(codec), self.drt_pruned.numel()], dtype=torch.int64),
@@ -46,8 +45,6 @@ class PartlyPrunedLayer(DRTLayer):
         }
 
     def load_adapter_tensors(self, tensors: dict[str, Tensor]) -> None:
-        from ..checkpoint.codec import CODECS, decode
-
         if set(tensors) != {"pruned_codec", "pruned_bytes"}:
             raise ValueError(f"a partly pruned layer stores pruned_codec and pruned_bytes, got {sorted(tensors)}")
         code, count = tensors["pruned_codec"].tolist()
