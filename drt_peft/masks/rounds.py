@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from ..schedules import round_densities
 from .calibration import target_density
 from .scoring import ScoringContext
 
@@ -16,11 +16,8 @@ def schedule_densities(scoring: ScoringContext) -> list[float]:
     """Densities of rounds r = 1..k, from the structure's maximum m (1, or N/M for N:M) to the target d:
     exponential m·(d/m)^(r/k) or linear m − r(m − d)/k."""
     config = scoring.config
-    final, rounds = target_density(scoring), config.rounds
     start = config.nm[0] / config.nm[1] if config.nm else 1.0
-    if config.schedule == "exponential":
-        return [start * math.exp(math.log(final / start) * r / rounds) for r in range(1, rounds + 1)]
-    return [start - r * (start - final) / rounds for r in range(1, rounds + 1)]
+    return round_densities(start, target_density(scoring), config.rounds, config.schedule)
 
 
 def prune_in_rounds(scoring: ScoringContext, score_round: Callable[[list[Tensor]], list[Tensor]]) -> list[Tensor]:

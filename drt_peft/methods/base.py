@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -10,9 +9,8 @@ import torch.distributed as dist
 
 from ..config import DRTConfig
 from ..masks.dynamic import trained_values_finite
+from ..schedules import ROUND_SCHEDULES, cosine_decay
 from ..validation import check_choice, check_int
-
-SCHEDULES = ("exponential", "linear")
 
 
 @dataclass
@@ -50,7 +48,7 @@ class IterativeConfig(DRTConfig):
         if self.rounds is None:
             self.rounds = self.default_rounds
         check_int("rounds", self.rounds)
-        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("schedule", self.schedule, ROUND_SCHEDULES)
 
 
 @dataclass
@@ -105,7 +103,7 @@ class DynamicConfig(DRTConfig):
         """q_t: ``drop_fraction``, or with ``cosine_decay`` α/2 · (1 + cos(π t / t_end))."""
         if not self.cosine_decay:
             return self.drop_fraction
-        return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / self.t_end))
+        return cosine_decay(self.drop_fraction, step, self.t_end)
 
     def require_single_process(self) -> None:
         """Refuse to run across processes: for methods that move d between layers (SNFS, DSR)."""

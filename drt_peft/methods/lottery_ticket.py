@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..config import DRTConfig, register_method
+from ..schedules import lottery_densities, lottery_rounds
 from ..validation import check_int
 
 if TYPE_CHECKING:
@@ -82,14 +82,11 @@ class LotteryTicketConfig(DRTConfig):
     @property
     def num_rounds(self) -> int:
         """Pruning rounds to reach ``density`` (survey eq. 18); the search trains ``num_rounds + 1`` times."""
-        if self.one_shot or self.density >= 1:
-            return 1
-        return max(1, math.ceil(math.log(self.density) / math.log(1 - self.prune_fraction) - 1e-9))
+        return lottery_rounds(self.density, self.prune_fraction, self.one_shot)
 
     def round_densities(self) -> list[float]:
         """The density trained in each round: 1 (dense), (1 − p0), (1 − p0)², …, ending at ``density``."""
-        steps = [(1 - self.prune_fraction) ** r for r in range(1, self.num_rounds)]
-        return [1.0, *[max(d, self.density) for d in steps], self.density]
+        return lottery_densities(self.density, self.prune_fraction, self.one_shot)
 
     def carry_over(self, model: DRTModel, indices: list[Tensor]) -> list[Tensor] | None:
         """Per-layer state the next round inherits when ψ shrinks to ``indices`` (none: dropped entries are
