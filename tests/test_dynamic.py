@@ -12,7 +12,7 @@ from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert
 from torch import nn
 
 from drt_peft import DRTCallback, DRTLayer, DRTModel, DRTTrainer, RigLConfig, SETConfig, get_drt_model
-from drt_peft.masks.dynamic import drop_and_grow
+from drt_peft.masks.dynamic import regrow, smallest_magnitudes
 
 
 def _layer(mode: str, d: int = 6) -> tuple[DRTLayer, torch.Tensor]:
@@ -89,12 +89,12 @@ def test_resized_values_train_while_an_old_graph_is_alive(mode: str, capture: bo
     assert torch.allclose(layer.drt_values.grad, weight.grad.reshape(-1)[layer.drt_indices])
 
 
-def test_drop_and_grow_keeps_the_gradient_accumulator_ddp_hooks_into() -> None:
+def test_regrow_keeps_the_gradient_accumulator_ddp_hooks_into() -> None:
     layer, _ = _layer("prune", d=8)
     accumulator = torch.autograd.graph.get_gradient_edge(layer.drt_values).node  # DDP holds these from wrap time
     fired = []
     accumulator.register_hook(lambda *_: fired.append(True))
-    drop_and_grow(layer, 0.25, torch.rand(4, 5, generator=torch.Generator().manual_seed(0)), None)
+    regrow(layer, smallest_magnitudes(layer, 2), 2, torch.rand(4, 5, generator=torch.Generator().manual_seed(0)), None)
     layer(torch.randn(3, 5)).sum().backward()
     assert fired, "a same-size update must not replace the accumulator (DDP would stop reducing ϑ)"
 
@@ -116,14 +116,14 @@ def test_update_indices_fresh_restarts_kept_entries() -> None:
         layer.update_indices(indices, optimizer, fresh=fresh[:3])
 
 
-def test_drop_and_grow_drops_smallest_and_grows_largest_scores() -> None:
+def test_regrow_drops_smallest_and_grows_largest_scores() -> None:
     layer, _ = _layer("prune", d=8)
     with torch.no_grad():
         layer.drt_values.copy_(torch.tensor([5.0, -0.1, 3.0, 0.2, -4.0, 0.05, 2.0, 1.0]))
     before = layer.drt_indices.clone()
     scores = torch.arange(20, dtype=torch.float32).reshape(4, 5)
-    moved = drop_and_grow(layer, 0.25, scores, None)
-    assert moved == 2 and layer.num_trainable == 8
+    regrow(layer, smallest_magnitudes(layer, 2), 2, scores, None)
+    assert layer.num_trainable == 8
     dropped = set(before[[5, 1]].tolist())
     assert not dropped & set(layer.drt_indices.tolist())
     untrained_after_drop = [i for i in range(20) if i not in set(before.tolist()) - dropped]

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..layer import DRTLayer
 from ..topk import top_k_mask
+from .selection import indices_of
 
 
 def smallest_magnitudes(layer: DRTLayer, k: int) -> Tensor:
@@ -27,25 +28,16 @@ def regrow(
 
     Ties resolve to lower positions (deterministic on every process). A just-dropped entry may be
     grown again and then starts afresh like any grown entry (value s·Θ(0) or 0, zero optimizer
-    state), as in RigL.
+    state), as in RigL. Nothing to drop or grow leaves the layer untouched.
     """
+    if grow == 0 and not bool(dropped.any()):
+        return
     kept = layer.drt_indices[~dropped]
     scores = grow_scores.detach().reshape(-1).to(device=kept.device, dtype=torch.float64, copy=True)
     scores[kept] = float("-inf")
-    grown = torch.nonzero(top_k_mask(scores, grow)).flatten()
+    grown = indices_of(top_k_mask(scores, grow))
     indices = torch.sort(torch.cat([kept, grown])).values
     layer.update_indices(indices, optimizer, fresh=~torch.isin(indices, kept))
-
-
-def drop_and_grow(
-    layer: DRTLayer, fraction: float, grow_scores: Tensor, optimizer: torch.optim.Optimizer | None
-) -> int:
-    """Drop the round(fraction·d) trained entries of smallest |ϑ| and grow as many untrained entries
-    with the largest ``grow_scores``; d stays exact. Returns how many moved."""
-    k = round(fraction * layer.num_trainable)
-    if k:
-        regrow(layer, smallest_magnitudes(layer, k), k, grow_scores, optimizer)
-    return k
 
 
 def trained_values_finite(model: Any, step: int) -> bool:

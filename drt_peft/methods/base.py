@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 import torch.distributed as dist
+from torch import Tensor
 
+from .. import schedules
 from ..config import DRTConfig
-from ..masks.dynamic import trained_values_finite
-from ..schedules import ROUND_SCHEDULES, cosine_decay
+from ..masks.dynamic import regrow, smallest_magnitudes, trained_values_finite
+from ..schedules import ROUND_SCHEDULES
+from ..seeding import generator
 from ..validation import check_choice, check_int
+
+if TYPE_CHECKING:
+    from ..layer import DRTLayer
 
 
 @dataclass
@@ -99,11 +106,60 @@ class DynamicConfig(DRTConfig):
             layer.track_exploration()
         model.expect_update_masks(self.update_frequency)
 
+    def on_step(self, model: Any, step: int, optimizer: Any) -> dict[str, float]:
+        """Drop and grow (survey §6), the loop every dynamic method shares; the methods differ in its hooks.
+
+        After every step :meth:`observe` sees the model (SNFS's momentum). At an update step with
+        finite values, each layer drops the entries :meth:`drop` marks, grows as many in all as
+        :meth:`grow_counts` spreads over the layers (per layer what it dropped, unless a method
+        redistributes) where :meth:`grow_scores` is largest, and keeps its optimizer state aligned
+        (:func:`~drt_peft.masks.dynamic.regrow`); :meth:`after_update` then adapts the method's state
+        and says what to log. :meth:`after_step` runs last (RigL arms its dense gradient).
+        """
+        self.observe(model, step)
+        logs: dict[str, float] = {}
+        if self.updates_at(model, step):
+            dropped = self.drop(model, step)
+            layers = list(model.drt_layers())
+            for (name, layer), drop, grow in zip(layers, dropped, self.grow_counts(model, dropped), strict=True):
+                regrow(layer, drop, grow, self.grow_scores(name, layer, step), optimizer)
+            logs = {
+                "drt/moved": float(sum(int(drop.sum()) for drop in dropped)),
+                **self.after_update(model, step, dropped),
+            }
+        self.after_step(model, step)
+        return logs
+
+    def observe(self, model: Any, step: int) -> None:
+        """Called after every optimizer step, before any update (nothing by default)."""
+
+    def drop(self, model: Any, step: int) -> list[Tensor]:
+        """Per layer, a boolean over ψ of the entries to drop: by default the q_t fraction with the smallest |ϑ|."""
+        fraction = self.drop_fraction_at(step)
+        return [smallest_magnitudes(layer, round(fraction * layer.num_trainable)) for _, layer in model.drt_layers()]
+
+    def grow_counts(self, model: Any, dropped: list[Tensor]) -> list[int]:
+        """How many entries each layer grows: by default as many as it dropped, so d per layer stays."""
+        return [int(drop.sum()) for drop in dropped]
+
+    def grow_scores(self, name: str, layer: DRTLayer, step: int) -> Tensor:
+        """Weight-shaped scores; a layer grows where they are largest. By default uniform random draws from
+        ``(seed, step, layer)``, the same on every process."""
+        return torch.rand(layer.weight_shape, generator=generator(self.seed, f"grow:{step}", name))
+
+    def after_update(self, model: Any, step: int, dropped: list[Tensor]) -> dict[str, float]:
+        """Adapt the method's state after an update; return values worth logging (the drop fraction where it
+        decays)."""
+        return {"drt/drop_fraction": self.drop_fraction_at(step)} if self.cosine_decay else {}
+
+    def after_step(self, model: Any, step: int) -> None:
+        """Called last after every optimizer step (nothing by default)."""
+
     def drop_fraction_at(self, step: int) -> float:
         """q_t: ``drop_fraction``, or with ``cosine_decay`` α/2 · (1 + cos(π t / t_end))."""
         if not self.cosine_decay:
             return self.drop_fraction
-        return cosine_decay(self.drop_fraction, step, self.t_end)
+        return schedules.cosine_decay(self.drop_fraction, step, self.t_end)
 
     def require_single_process(self) -> None:
         """Refuse to run across processes: for methods that move d between layers (SNFS, DSR)."""

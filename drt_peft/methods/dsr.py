@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import register_method
 from ..masks.budgets import apportion
-from ..masks.dynamic import regrow
-from ..seeding import generator
 from .base import DynamicConfig
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from ..model import DRTModel
 
 
@@ -51,22 +51,26 @@ class DSRConfig(DynamicConfig):
         if not hasattr(model, "drt_dsr_threshold"):
             model.register_buffer("drt_dsr_threshold", torch.tensor(self.initial_threshold, dtype=torch.float64))
 
-    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
-        if not self.updates_at(model, step):
-            return {}
-        self.require_single_process()
-        named = list(model.drt_layers())
+    def drop(self, model: DRTModel, step: int) -> list[Tensor]:
+        """Every trained entry with |ϑ| < H, one threshold H for all layers."""
         threshold = float(model.drt_dsr_threshold)
-        dropped = [layer.drt_values.detach().abs() < threshold for _, layer in named]
+        return [layer.drt_values.detach().abs() < threshold for _, layer in model.drt_layers()]
+
+    def grow_counts(self, model: DRTModel, dropped: list[Tensor]) -> list[int]:
+        """All dropped entries, regrown across layers in proportion to each layer's kept entries."""
+        self.require_single_process()
+        layers = [layer for _, layer in model.drt_layers()]
+        kept = [layer.num_trainable - int(drop.sum()) for layer, drop in zip(layers, dropped, strict=True)]
+        caps = [layer.base_layer.weight.numel() - k for layer, k in zip(layers, kept, strict=True)]
+        return apportion(sum(int(drop.sum()) for drop in dropped), kept, caps)
+
+    def after_update(self, model: DRTModel, step: int, dropped: list[Tensor]) -> dict[str, float]:
+        """H doubles when fewer than (1 − δ) of the ``drop_fraction`` target were dropped, halves when more than
+        (1 + δ)."""
         total = sum(int(drop.sum()) for drop in dropped)
-        kept = [layer.num_trainable - int(drop.sum()) for (_, layer), drop in zip(named, dropped, strict=True)]
-        caps = [layer.base_layer.weight.numel() - k for (_, layer), k in zip(named, kept, strict=True)]
-        for (name, layer), drop, grow in zip(named, dropped, apportion(total, kept, caps), strict=True):
-            scores = torch.rand(layer.weight_shape, generator=generator(self.seed, f"grow:{step}", name))
-            regrow(layer, drop, grow, scores, optimizer)
-        target = self.drop_fraction * sum(layer.num_trainable for _, layer in named)
+        target = self.drop_fraction * sum(layer.num_trainable for _, layer in model.drt_layers())
         if total < (1 - self.tolerance) * target:
             model.drt_dsr_threshold.mul_(2)
         elif total > (1 + self.tolerance) * target:
             model.drt_dsr_threshold.div_(2)
-        return {"drt/moved": float(total), "drt/dsr_threshold": float(model.drt_dsr_threshold)}
+        return {"drt/dsr_threshold": float(model.drt_dsr_threshold)}

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..config import register_method
-from ..masks.dynamic import all_reduce_, capture_dense_gradients, drop_and_grow
+from ..masks.dynamic import all_reduce_, capture_dense_gradients
 from .base import DynamicConfig
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ..layer import DRTLayer
     from ..model import DRTModel
 
 
@@ -37,18 +40,15 @@ class RigLConfig(DynamicConfig):
         super().on_attach(model, step)
         capture_dense_gradients((layer for _, layer in model.drt_layers()), self.is_update_step(step + 1))
 
-    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
-        logs: dict[str, float] = {}
-        if self.updates_at(model, step):
-            fraction = self.drop_fraction_at(step)
-            moved = 0
-            for name, layer in model.drt_layers():
-                if layer.dense_grad is None:
-                    raise RuntimeError(
-                        f"RigL update at step {step}: layer {name} captured no dense gradient; call "
-                        "model.update_masks(step, optimizer) after every optimizer step (or use DRTCallback)"
-                    )
-                moved += drop_and_grow(layer, fraction, all_reduce_(layer.dense_grad).abs(), optimizer)
-            logs = {"drt/moved": float(moved), "drt/drop_fraction": fraction}
+    def grow_scores(self, name: str, layer: DRTLayer, step: int) -> Tensor:
+        """|∂L/∂Θ| of the update step, summed over processes."""
+        if layer.dense_grad is None:
+            raise RuntimeError(
+                f"RigL update at step {step}: layer {name} captured no dense gradient; call "
+                "model.update_masks(step, optimizer) after every optimizer step (or use DRTCallback)"
+            )
+        return all_reduce_(layer.dense_grad).abs()
+
+    def after_step(self, model: DRTModel, step: int) -> None:
+        """Form the dense gradient in the next backward only if the next step updates the mask."""
         capture_dense_gradients((layer for _, layer in model.drt_layers()), self.is_update_step(step + 1))
-        return logs

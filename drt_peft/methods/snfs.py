@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import register_method
 from ..masks.budgets import apportion
-from ..masks.dynamic import all_reduce_, capture_dense_gradients, regrow, smallest_magnitudes
+from ..masks.dynamic import all_reduce_, capture_dense_gradients
 from .base import DynamicConfig
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ..layer import DRTLayer
     from ..model import DRTModel
 
 
@@ -53,30 +56,32 @@ class SNFSConfig(DynamicConfig):
                 layer.register_buffer("drt_momentum", torch.zeros_like(layer.base_layer.weight, dtype=torch.float32))
         capture_dense_gradients((layer for _, layer in model.drt_layers()), True)
 
-    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
-        layers = [layer for _, layer in model.drt_layers()]
-        if any(layer.dense_grad is None for layer in layers):
+    def observe(self, model: DRTModel, step: int) -> None:
+        """m ← β·m + (1 − β)·∂L/∂Θ for every layer (summed over processes); a non-finite gradient is left out."""
+        layers = list(model.drt_layers())
+        if any(layer.dense_grad is None for _, layer in layers):
             raise RuntimeError("SNFS found no dense gradient: call model.update_masks after every optimizer step")
-        grads = [all_reduce_(layer.dense_grad) for layer in layers]
+        grads = [all_reduce_(layer.dense_grad) for _, layer in layers]
         if all(bool(torch.isfinite(grad).all()) for grad in grads):  # a non-finite step would poison m for good
-            for layer, grad in zip(layers, grads, strict=True):
+            for (_, layer), grad in zip(layers, grads, strict=True):
                 layer.drt_momentum.mul_(self.momentum).add_(grad, alpha=1 - self.momentum)
         else:
-            warnings.warn(f"step {step}: non-finite gradients; SNFS leaves its momentum as it was", stacklevel=2)
-        for layer in layers:
+            warnings.warn(f"step {step}: non-finite gradients; SNFS leaves its momentum as it was", stacklevel=3)
+        for _, layer in layers:
             layer.dense_grad = None
-        if not self.updates_at(model, step):
-            return {}
+
+    def grow_counts(self, model: DRTModel, dropped: list[Tensor]) -> list[int]:
+        """All dropped entries, regrown across layers in proportion to each layer's mean |m| over its kept ones."""
         self.require_single_process()
-        fraction = self.drop_fraction_at(step)
-        dropped = [smallest_magnitudes(layer, round(fraction * layer.num_trainable)) for layer in layers]
-        kept = [layer.drt_indices[~drop] for layer, drop in zip(layers, dropped, strict=True)]
+        layers = list(model.drt_layers())
+        kept = [layer.drt_indices[~drop] for (_, layer), drop in zip(layers, dropped, strict=True)]
         shares = [
             float(layer.drt_momentum.reshape(-1)[k].abs().mean()) if k.numel() else 0.0
-            for layer, k in zip(layers, kept, strict=True)
+            for (_, layer), k in zip(layers, kept, strict=True)
         ]
-        caps = [layer.drt_momentum.numel() - k.numel() for layer, k in zip(layers, kept, strict=True)]
-        total = sum(int(drop.sum()) for drop in dropped)
-        for layer, drop, grow in zip(layers, dropped, apportion(total, shares, caps), strict=True):
-            regrow(layer, drop, grow, layer.drt_momentum.abs(), optimizer)
-        return {"drt/moved": float(total), "drt/drop_fraction": fraction}
+        caps = [layer.drt_momentum.numel() - k.numel() for (_, layer), k in zip(layers, kept, strict=True)]
+        return apportion(sum(int(drop.sum()) for drop in dropped), shares, caps)
+
+    def grow_scores(self, name: str, layer: DRTLayer, step: int) -> Tensor:
+        """|m|: grow where the momentum of the dense gradient is largest."""
+        return layer.drt_momentum.abs()

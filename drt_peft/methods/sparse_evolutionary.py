@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import torch
 
 from ..config import register_method
-from ..masks.dynamic import drop_and_grow
-from ..seeding import generator
 from .base import DynamicConfig
-
-if TYPE_CHECKING:
-    from ..model import DRTModel
 
 
 @register_method("set")
@@ -30,12 +22,3 @@ class SETConfig(DynamicConfig):
         config = SETConfig(density=0.05, update_frequency=100, drop_fraction=0.3, mode="prune")
         model = get_drt_model(base_model, config)
     """
-
-    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
-        if not self.updates_at(model, step):
-            return {}
-        moved = 0
-        for name, layer in model.drt_layers():
-            scores = torch.rand(layer.weight_shape, generator=generator(self.seed, f"grow:{step}", name))
-            moved += drop_and_grow(layer, self.drop_fraction_at(step), scores, optimizer)
-        return {"drt/moved": float(moved)}
