@@ -280,6 +280,9 @@ class DRTConfig:
         """
         return self.modules_to_save
 
+    def check_training_length(self, max_steps: int) -> None:
+        """Refuse settings that do not fit a run of ``max_steps`` optimizer steps (none by default)."""
+
     def on_attach(self, model: Any, step: int = 0) -> None:
         """Called when the ``DRTModel`` is built or loaded (``step`` 0) and when training resumes at ``step``."""
 

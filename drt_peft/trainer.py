@@ -43,12 +43,8 @@ class DRTCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
         drt = unwrap_drt_model(model)
-        t_end = getattr(drt.drt_config, "t_end", None)
-        if t_end is not None and state.max_steps and t_end > state.max_steps:
-            raise ValueError(
-                f"t_end={t_end} is beyond the training length (max_steps={state.max_steps}); "
-                f"set t_end <= {state.max_steps}, e.g. 75% of the steps as in RigL"
-            )
+        if state.max_steps:
+            drt.drt_config.check_training_length(state.max_steps)
         drt.drt_config.on_attach(drt, state.global_step)
         return control
 

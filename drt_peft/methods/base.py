@@ -101,6 +101,13 @@ class DynamicConfig(DRTConfig):
     def needs_optimizer(self) -> bool:
         return True
 
+    def check_training_length(self, max_steps: int) -> None:
+        if self.t_end is not None and self.t_end > max_steps:
+            raise ValueError(
+                f"t_end={self.t_end} is beyond the training length (max_steps={max_steps}); "
+                f"set t_end <= {max_steps}, e.g. 75% of the steps as in RigL"
+            )
+
     def on_attach(self, model: Any, step: int = 0) -> None:
         for _, layer in model.drt_layers():
             layer.track_exploration()
