@@ -87,6 +87,12 @@ class TinyConvNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+def tiny_mlp(sizes: tuple[int, int, int] = (6, 8, 3), seed: int = 0) -> nn.Sequential:
+    """Linear → ReLU → Linear, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.ReLU(), nn.Linear(sizes[1], sizes[2]))
+
+
 def tiny_convnet(seed: int = 0) -> TinyConvNet:
     torch.manual_seed(seed)
     return TinyConvNet().eval()
@@ -106,9 +112,14 @@ def bert_batch() -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 64, (4, 12), generator=g), "labels": torch.tensor([0, 1, 1, 0])}
 
 
+def adamw(model: nn.Module, **kwargs: object) -> torch.optim.AdamW:
+    """AdamW over the model's trainable tensors (the d values, trained biases, modules_to_save)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **kwargs)
+
+
 def train_steps(model: nn.Module, batches: list[dict[str, torch.Tensor]], lr: float = 1e-2) -> list[float]:
     """AdamW over the trainable parameters, one step per batch, in train mode; returns the losses."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = adamw(model, lr=lr)
     model.train()
     losses = []
     for batch in batches:

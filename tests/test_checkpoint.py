@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2
+from conftest import adamw, tiny_bert, tiny_gpt2
 from transformers import BertConfig, BertModel
 
 from drt_peft import DRTConfig, DRTModel, MagnitudeConfig, RandomConfig, get_drt_model
@@ -19,7 +19,7 @@ from drt_peft.index_codecs import CODECS, decode, encode, encode_smallest
 
 def _trained(config: DRTConfig, batch: dict, factory=tiny_bert) -> DRTModel:
     model = get_drt_model(factory(), config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = adamw(model, lr=1e-2)
     model.train()
     for _ in range(2):
         model(**batch).loss.backward()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import Parity, cpu_training_args, tiny_bert, tiny_convnet, tiny_gpt2, tiny_llama, tiny_vit
+from conftest import Parity, adamw, cpu_training_args, tiny_bert, tiny_convnet, tiny_gpt2, tiny_llama, tiny_vit
 from torch import nn
 
 from drt_peft import DRTModel, DRTTrainer, available_methods, get_drt_model
@@ -131,7 +131,7 @@ def build(method: str, kind: str, seed: int = 0) -> tuple[DRTModel, nn.Module]:
 
 def train(model: DRTModel, kind: str, steps: int = STEPS, seed: int = 1) -> list[float]:
     spec = KINDS[kind]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = adamw(model, lr=1e-2)
     g = torch.Generator().manual_seed(seed)
     losses = []
     model.train()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Parity, cpu_training_args, tiny_bert, tiny_vit
+from conftest import Parity, adamw, cpu_training_args, tiny_bert, tiny_vit
 from transformers import Trainer
 
 from drt_peft import (
@@ -76,7 +76,7 @@ def test_text_model_all_modes_budgets_structures(method, mode, budget, structure
             assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) <= 2).all(), name
         if structure == "rows":
             assert ((mask.sum(1) == 0) | (mask.sum(1) == mask.shape[1])).all(), name
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = adamw(model, lr=1e-2)
     model.train()
     model(**data[0]).loss.backward()
     optimizer.step()
@@ -112,7 +112,7 @@ def test_freezenet_decays_frozen_entries_and_trains_the_rest(tmp_path) -> None:
     config = FreezeNetConfig(density=0.1, frozen_weight_decay=0.5, modules_to_save=["classifier"])
     data = _text_batches()
     model = get_drt_model(base, config, calibration_data=data)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.0)
+    optimizer = adamw(model, lr=0.1, weight_decay=0.0)
     model.train()
     for step in range(3):
         model(**data[step % 2]).loss.backward()
@@ -157,7 +157,7 @@ def test_fish_rescoring_during_training_uses_the_fisher_of_the_current_weights()
     data = _text_batches()
     config = FISHConfig(density=0.1, num_samples=6, update_frequency=2, modules_to_save=["classifier"])
     model = get_drt_model(tiny_bert(), config, calibration_data=data)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    optimizer = adamw(model, lr=5e-2)
     named = list(model.drt_layers())
     targets = [Target(n, layer.base_layer, layer.op) for n, layer in named]
     d = sum(layer.num_trainable for _, layer in named)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from conftest import random_bert_batch, tiny_bert
+from conftest import adamw, random_bert_batch, tiny_bert
 from ranks import run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
@@ -25,7 +25,7 @@ def _worker(rank: int, method: str, out: str) -> None:
         density=0.2, update_frequency=1, drop_fraction=0.3, t_end=10 * UPDATES
     )
     model = get_drt_model(tiny_bert(), config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = adamw(model, lr=1e-2)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     assert isinstance(wrapped, DistributedDataParallel)
     synced = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert
+from conftest import Parity, adamw, cpu_training_args, random_bert_batch, tiny_bert, tiny_mlp
 from torch import nn
 
 from drt_peft import DRTCallback, DRTLayer, DRTModel, DRTTrainer, RigLConfig, SETConfig, get_drt_model
@@ -132,7 +132,7 @@ def test_regrow_drops_smallest_and_grows_largest_scores() -> None:
 
 def _train_set(steps: int, seed: int = 0) -> tuple[DRTModel, list[dict]]:
     model = get_drt_model(tiny_bert(), SETConfig(density=0.2, update_frequency=2, drop_fraction=0.25, seed=seed))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = adamw(model, lr=1e-2)
     g = torch.Generator().manual_seed(4)
     logs = []
     model.train()
@@ -196,7 +196,7 @@ def test_rigl_cosine_schedule_and_bad_inputs() -> None:
 
 def test_rigl_grows_where_the_dense_gradient_is_largest() -> None:
     model = get_drt_model(tiny_bert(), RigLConfig(density=0.2, update_frequency=2, drop_fraction=0.5, t_end=6))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = adamw(model, lr=1e-2)
     layers = dict(model.drt_layers())
     g = torch.Generator().manual_seed(5)
     model.train()
@@ -231,7 +231,7 @@ def test_rigl_grows_where_the_dense_gradient_is_largest() -> None:
 
 def test_rigl_without_the_update_hook_fails_clearly() -> None:
     model = get_drt_model(tiny_bert(), RigLConfig(density=0.2, update_frequency=1, t_end=5))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    optimizer = adamw(model)
     with pytest.raises(RuntimeError, match="captured no dense gradient"):
         model.update_masks(1, optimizer)
 
@@ -293,9 +293,7 @@ def test_t_end_beyond_the_trainer_length_is_refused(tmp_path) -> None:
 
 
 def _mlp_model(config) -> tuple[DRTModel, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4))
-    model = get_drt_model(net, config)
+    model = get_drt_model(tiny_mlp((6, 10, 4)), config)
     return model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
 
 
@@ -431,7 +429,7 @@ def test_redistributing_methods_train_on_while_layer_sizes_change(method: str, m
     assert (mode == "prune" and density < 0.03) == any(layer.sparse_kernels for layer in layers.values())
     d_total = sum(layer.num_trainable for layer in layers.values())
     start_sizes = {name: layer.num_trainable for name, layer in layers.items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = adamw(model, lr=1e-2)
     losses, updates = [], 0
     for step in range(1, 21):
         model.train(step % 3 != 0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import random_bert_batch, tiny_bert
+from conftest import adamw, random_bert_batch, tiny_bert
 from ranks import run_ranks
 
 from drt_peft import RandomConfig, get_drt_model
@@ -17,7 +17,7 @@ def _batches(rank: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _train(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = adamw(model, lr=1e-2)
     for batch in batches:
         model(**batch).loss.backward()
         optimizer.step()

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import Parity, cpu_training_args, tiny_bert, tiny_gpt2
+from conftest import Parity, adamw, cpu_training_args, tiny_bert, tiny_gpt2
 from safetensors.torch import load_file
 from transformers import Trainer
 
@@ -44,7 +44,7 @@ def test_accelerate_prepared_loop_trains_the_values() -> None:
 
     accelerator = Accelerator(cpu=True)
     model = get_drt_model(tiny_bert(), RandomConfig(density=0.2, modules_to_save=["classifier"]))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = adamw(model, lr=1e-2)
     loader = torch.utils.data.DataLoader(Parity(32), batch_size=8)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     before = {name: layer.drt_values.detach().clone() for name, layer in model.drt_layers()}

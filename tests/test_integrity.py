@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_bert_batch, tiny_bert, tiny_convnet, train_steps
+from conftest import adamw, random_bert_batch, tiny_bert, tiny_convnet, train_steps
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -19,7 +19,7 @@ from drt_peft import DRTModel, RandomConfig, SETConfig, get_drt_model
 def _trained_set(mode: str, density: float, seed: int) -> DRTModel:
     """A SET model whose mask moved during training (so ψ differs from the one a fresh model draws)."""
     model = get_drt_model(tiny_bert(), SETConfig(density=density, mode=mode, update_frequency=1, seed=seed))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = adamw(model, lr=1e-2)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for step in range(1, 4):
@@ -107,7 +107,7 @@ def test_an_optimizer_built_before_get_drt_model_is_named_at_its_first_step() ->
     model(**random_bert_batch(torch.Generator().manual_seed(0))).loss.backward()
     with pytest.warns(UserWarning, match=r"built before get_drt_model and trains nothing of the adapter"):
         stale.step()
-    good = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    good = adamw(model, lr=1e-2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         good.step()

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import cpu_training_args, random_bert_batch, tiny_bert, tiny_vit
+from conftest import adamw, cpu_training_args, random_bert_batch, tiny_bert, tiny_mlp, tiny_vit
 from torch import nn
 from transformers import Trainer
 
@@ -16,11 +16,6 @@ from drt_peft import DRTModel, LotteryTicketConfig, PruneOrFreezeConfig, find_lo
 from drt_peft.masks.criteria.basic import lamp
 
 TARGETS = ["0", "2"]
-
-
-def _mlp(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
 class Recorder:
@@ -63,7 +58,7 @@ def test_round_count_follows_eq_18() -> None:
 
 
 def test_rounds_reset_survivors_to_init_and_nest(tmp_path) -> None:
-    model = _mlp()
+    model = tiny_mlp()
     init = {n: model.get_submodule(n).weight.detach().clone().reshape(-1) for n in TARGETS}
     config = LotteryTicketConfig(density=0.3, prune_fraction=0.5, target_modules=TARGETS)
     train = Recorder()
@@ -86,7 +81,7 @@ def test_rounds_reset_survivors_to_init_and_nest(tmp_path) -> None:
 def test_next_mask_keeps_largest_trained_magnitudes_globally(tmp_path) -> None:
     config = LotteryTicketConfig(density=0.5, one_shot=True, target_modules=TARGETS)
     train = Recorder()
-    find_lottery_ticket(_mlp(), config, train, output_dir=tmp_path, verbose=False)
+    find_lottery_ticket(tiny_mlp(), config, train, output_dir=tmp_path, verbose=False)
     trained = torch.cat([train.after_step[train.steps][n].abs() for n in TARGETS])
     k = round(0.5 * trained.numel())
     expected = torch.zeros_like(trained, dtype=torch.bool)
@@ -101,7 +96,7 @@ def test_next_mask_keeps_largest_trained_magnitudes_globally(tmp_path) -> None:
 def test_late_rewinding_restarts_from_step_k(tmp_path) -> None:
     config = LotteryTicketConfig(density=0.5, one_shot=True, rewind_step=2, target_modules=TARGETS)
     train = Recorder()
-    find_lottery_ticket(_mlp(), config, train, output_dir=tmp_path, verbose=False)
+    find_lottery_ticket(tiny_mlp(), config, train, output_dir=tmp_path, verbose=False)
     for name in TARGETS:
         rewound = train.after_step[2][name][train.indices[1][name]]
         torch.testing.assert_close(train.starts[1][name], rewound, rtol=0, atol=0)
@@ -111,33 +106,33 @@ def test_late_rewinding_restarts_from_step_k(tmp_path) -> None:
 def test_rewind_without_the_step_hook_is_an_error(tmp_path) -> None:
     config = LotteryTicketConfig(density=0.5, one_shot=True, rewind_step=50, target_modules=TARGETS)
     with pytest.raises(RuntimeError, match="never reached optimizer step 50"):
-        find_lottery_ticket(_mlp(), config, Recorder(steps=3), output_dir=tmp_path, verbose=False)
+        find_lottery_ticket(tiny_mlp(), config, Recorder(steps=3), output_dir=tmp_path, verbose=False)
 
 
 def test_interrupted_search_resumes_after_its_last_round(tmp_path) -> None:
     config = LotteryTicketConfig(density=0.2, prune_fraction=0.5, rewind_step=1, target_modules=TARGETS)
-    reference = find_lottery_ticket(_mlp(), config, Recorder(), output_dir=tmp_path / "a", verbose=False)
+    reference = find_lottery_ticket(tiny_mlp(), config, Recorder(), output_dir=tmp_path / "a", verbose=False)
     with pytest.raises(KeyboardInterrupt):
-        find_lottery_ticket(_mlp(), config, Recorder(fail_at_round=2), output_dir=tmp_path / "b", verbose=False)
+        find_lottery_ticket(tiny_mlp(), config, Recorder(fail_at_round=2), output_dir=tmp_path / "b", verbose=False)
     assert len(json.loads((tmp_path / "b" / "lottery_state.json").read_text())["rounds"]) == 2
     resumed_train = Recorder()
-    resumed = find_lottery_ticket(_mlp(), config, resumed_train, output_dir=tmp_path / "b", verbose=False)
+    resumed = find_lottery_ticket(tiny_mlp(), config, resumed_train, output_dir=tmp_path / "b", verbose=False)
     assert len(resumed_train.starts) == len(config.round_densities()) - 2
     for (_, a), (_, b) in zip(reference.drt_layers(), resumed.drt_layers(), strict=True):
         assert torch.equal(a.drt_indices, b.drt_indices)
         torch.testing.assert_close(a.drt_values, b.drt_values, rtol=0, atol=0)
     other = LotteryTicketConfig(density=0.2, prune_fraction=0.4, target_modules=TARGETS)
     with pytest.raises(ValueError, match=r"different config \(fields \['prune_fraction', 'rewind_step'\]"):
-        find_lottery_ticket(_mlp(), other, Recorder(), output_dir=tmp_path / "b", verbose=False)
+        find_lottery_ticket(tiny_mlp(), other, Recorder(), output_dir=tmp_path / "b", verbose=False)
 
 
 def test_final_ticket_saves_and_loads_like_any_adapter(tmp_path) -> None:
     config = LotteryTicketConfig(density=0.4, one_shot=True, target_modules=TARGETS)
-    ticket = find_lottery_ticket(_mlp(), config, Recorder(), output_dir=tmp_path, verbose=False)
+    ticket = find_lottery_ticket(tiny_mlp(), config, Recorder(), output_dir=tmp_path, verbose=False)
     x = torch.randn(4, 6)
-    loaded = DRTModel.from_pretrained(_mlp(), tmp_path / "ticket")
+    loaded = DRTModel.from_pretrained(tiny_mlp(), tmp_path / "ticket")
     torch.testing.assert_close(loaded(x), ticket(x), rtol=0, atol=0)
-    again = find_lottery_ticket(_mlp(), config, Recorder(fail_at_round=0), output_dir=tmp_path, verbose=False)
+    again = find_lottery_ticket(tiny_mlp(), config, Recorder(fail_at_round=0), output_dir=tmp_path, verbose=False)
     torch.testing.assert_close(again(x), ticket(x), rtol=0, atol=0)
 
 
@@ -190,7 +185,7 @@ def test_bad_config_values_are_named() -> None:
 
 
 def test_prune_or_freeze_partitions_dropped_weights_by_direction(tmp_path) -> None:
-    model = _mlp()
+    model = tiny_mlp()
     init = {n: model.get_submodule(n).weight.detach().clone() for n in TARGETS}
     config = PruneOrFreezeConfig(density=0.3, target_modules=TARGETS)
     train = Recorder()
@@ -208,7 +203,7 @@ def test_prune_or_freeze_partitions_dropped_weights_by_direction(tmp_path) -> No
         moved_toward_zero += int((~kept & toward_zero).sum())
     assert moved_toward_zero > 0
     x = torch.randn(4, 6)
-    loaded = DRTModel.from_pretrained(_mlp(), tmp_path / "ticket")
+    loaded = DRTModel.from_pretrained(tiny_mlp(), tmp_path / "ticket")
     torch.testing.assert_close(loaded(x), ticket(x), rtol=0, atol=0)
     restored = ticket.unload()
     for name in TARGETS:
@@ -223,7 +218,7 @@ def test_tickets_on_a_vision_transformer(tmp_path, config_class) -> None:
     batch = {"pixel_values": torch.randn(4, 1, 16, 16, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
 
     def train_fn(model: DRTModel) -> dict[str, float]:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        optimizer = adamw(model, lr=1e-2)
         for _ in range(2):
             loss = model(**batch).loss
             loss.backward()

@@ -15,7 +15,16 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert, tiny_convnet, tiny_gpt2, train_steps
+from conftest import (
+    Parity,
+    adamw,
+    cpu_training_args,
+    random_bert_batch,
+    tiny_bert,
+    tiny_convnet,
+    tiny_gpt2,
+    train_steps,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -281,7 +290,7 @@ def test_update_indices_merge_and_unload_stay_exact_with_float32_values_on_a_flo
     base = _half_bert()
     original = {k: v.clone() for k, v in base.state_dict().items()}
     model = get_drt_model(base, RandomConfig(density=0.1))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = adamw(model, lr=1e-2)
     train_steps(model, [random_bert_batch(torch.Generator().manual_seed(0), size=2)])
     name, layer = next(iter(model.drt_layers()))
     loss = _loss(model, "bert", torch.Generator().manual_seed(1))

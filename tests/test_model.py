@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_convnet, tiny_gpt2, tiny_vit
+from conftest import adamw, tiny_bert, tiny_convnet, tiny_gpt2, tiny_vit
 
 from drt_peft import DRTModel, MagnitudeConfig, RandomConfig, get_drt_model
 from drt_peft.layer.layer import CSR_MAX_DENSITY
 
 
 def _train(model: DRTModel, batch: dict, steps: int = 3, lr: float = 1e-2) -> torch.optim.Optimizer:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
+    optimizer = adamw(model, lr=lr, weight_decay=0.1)
     model.train()
     for _ in range(steps):
         model(**batch).loss.backward()

@@ -7,9 +7,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert, tiny_gpt2, tiny_vit
+from conftest import Parity, adamw, cpu_training_args, random_bert_batch, tiny_bert, tiny_gpt2, tiny_mlp, tiny_vit
 from safetensors import safe_open
-from torch import nn
 from transformers import Trainer
 
 from drt_peft import DRTCallback, DRTConfig, DRTModel, SupermaskConfig, get_drt_model
@@ -21,18 +20,13 @@ from drt_peft.topk import top_k_mask
 
 def _train(model: DRTModel, steps: int, lr: float = 0.05, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = adamw(model, lr=lr)
     model.train()
     for _ in range(steps):
         model(**random_bert_batch(g)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-
-
-def _tiny_mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
 def _layers(model: DRTModel) -> list[SupermaskLayer]:
@@ -65,7 +59,7 @@ def test_only_the_scores_train_and_the_base_weights_never_change(variant: str) -
 
 @pytest.mark.parametrize("variant", ["top_k", "signed"])
 def test_straight_through_gradient_is_weight_gradient_times_frozen_weight(variant: str) -> None:
-    model = get_drt_model(_tiny_mlp(), SupermaskConfig(density=0.5, variant=variant, target_modules=["0", "2"]))
+    model = get_drt_model(tiny_mlp(), SupermaskConfig(density=0.5, variant=variant, target_modules=["0", "2"]))
     first, second = _layers(model)
     x, c = torch.randn(5, 6), torch.randn(5, 3)
     model.train()
@@ -81,7 +75,7 @@ def test_straight_through_gradient_is_weight_gradient_times_frozen_weight(varian
 
 
 def test_bernoulli_gradient_passes_through_the_sample_to_sigmoid_of_the_scores() -> None:
-    model = get_drt_model(_tiny_mlp(), SupermaskConfig(density=0.5, variant="bernoulli", target_modules=["0"]))
+    model = get_drt_model(tiny_mlp(), SupermaskConfig(density=0.5, variant="bernoulli", target_modules=["0"]))
     (layer,) = _layers(model)
     x = torch.randn(5, 6)
     model.train()
@@ -160,7 +154,7 @@ def test_signed_variant_inverts_weights_and_the_signs_survive_save_load(tmp_path
 
 def test_bernoulli_draws_are_seeded_and_evaluation_uses_sigmoid_above_half() -> None:
     def build(seed: int) -> DRTModel:
-        return get_drt_model(_tiny_mlp(), SupermaskConfig(density=0.5, variant="bernoulli", seed=seed))
+        return get_drt_model(tiny_mlp(), SupermaskConfig(density=0.5, variant="bernoulli", seed=seed))
 
     a, b, other = build(3), build(3), build(4)
     x = torch.randn(7, 6)
