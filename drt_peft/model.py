@@ -120,6 +120,11 @@ _CHECKED_OPTIMIZERS: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 _optimizer_hook = None
 
 
+def _held_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    """The ids of the tensors ``optimizer`` updates."""
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
 def _check_optimizer_holds_values(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Warn once per optimizer that updates a DRT model's base weights but none of its trainable tensors.
 
@@ -129,7 +134,7 @@ def _check_optimizer_holds_values(optimizer: torch.optim.Optimizer, args: Any, k
     if optimizer in _CHECKED_OPTIMIZERS:
         return
     _CHECKED_OPTIMIZERS.add(optimizer)
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    held = _held_ids(optimizer)
     for model in list(_LIVE_MODELS):
         params = list(model.parameters())
         trainable = {id(p) for p in params if p.requires_grad}
@@ -418,7 +423,7 @@ class DRTModel(nn.Module):
                 f"optimizer=None: {method} needs the optimizer that trains the model (its state moves with the "
                 "trained entries, or its learning rate sets the step); call model.update_masks(step, optimizer)"
             )
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        held = _held_ids(optimizer)
         missing = [name for name, layer in self.drt_layers() if id(layer.drt_values) not in held]
         if missing:
             raise ValueError(

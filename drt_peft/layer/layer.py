@@ -384,10 +384,9 @@ class DRTLayer(nn.Module):
 
     def unload(self) -> nn.Module:
         """The base module with its original weight Θ(0) and bias (the trained values and bias dropped)."""
-        with torch.no_grad():
-            if self.mode == "freeze":
-                self.base_layer.weight.view(-1).index_copy_(0, self.drt_indices, self.drt_base_values)
-            if hasattr(self, "drt_base_bias"):
+        self._restore_frozen()
+        if hasattr(self, "drt_base_bias"):
+            with torch.no_grad():
                 self.base_layer.bias.copy_(self.drt_base_bias)
         return self.base_layer
 
