@@ -16,16 +16,18 @@ import dataclasses
 import json
 import os
 import re
+import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .files import atomic_write_bytes, resolve_file
+from .policy import Policy
 from .validation import check_choice, check_int
 
 if TYPE_CHECKING:
-    from torch import Tensor, nn
+    from torch import nn
 
-    from .layer import DRTLayer
+    from .criterion import Criterion
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -46,6 +48,12 @@ def register_method(name: str):
     def wrap(cls: type[C]) -> type[C]:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__name__}")
+        if isinstance(cls.__dict__.get("criterion"), (str, types.FunctionType)):
+            raise TypeError(
+                f"{cls.__name__}.criterion={cls.__dict__['criterion']!r}: name the criterion by reference, a "
+                "Criterion made with the drt_peft.masks.criterion decorator (e.g. drt_peft.masks.criteria.gradient."
+                "snip_scores)"
+            )
         cls.method_name = name
         _METHODS[name] = cls
         return cls
@@ -83,13 +91,20 @@ def parse_structure(structure: str) -> tuple[int, int] | str:
     return n, m
 
 
-@dataclass
+@dataclass(frozen=True)
 class DRTConfig:
-    """Shared fields of every DRT method (survey §3). Use a method's subclass, e.g. ``RandomConfig``."""
+    """Shared fields of every DRT method (survey §3). Use a method's subclass, e.g. ``RandomConfig``.
+
+    A config is data: frozen (change a copy with ``dataclasses.replace``), compared by value and
+    stored as JSON. What the method does is its :attr:`policy`, built and owned by ``DRTModel``.
+    """
 
     method_name: ClassVar[str] = ""
-    #: The criterion (survey §3.4) that scores entries; the selected ψ keeps the largest scores.
-    criterion: ClassVar[str] = ""
+    #: The criterion (survey §3.4) that scores entries, by reference; the selected ψ keeps the largest scores.
+    #: None for methods that select no entries (their layers replace ψ, or they train no weight entry).
+    criterion: ClassVar[Criterion | None] = None
+    #: The behaviour of the method (:class:`~drt_peft.policy.Policy`): its layers and its per-step policy.
+    policy: ClassVar[type[Policy]] = Policy
     #: True when ψ is a function of the seed and the layer shapes alone, so checkpoints omit indices.
     indices_from_seed: ClassVar[bool] = False
     #: True when ϑ is never trained away from Θ(0) at ψ (supermasks), so checkpoints omit the values.
@@ -228,11 +243,15 @@ class DRTConfig:
                     f"target_modules={self.target_modules!r} is not a valid regular expression: {err}"
                 ) from None
         elif not isinstance(self.target_modules, str):
-            self.target_modules = list(self.target_modules)
+            self._normalise("target_modules", list(self.target_modules))
             if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
                 raise ValueError(f"target_modules={self.target_modules!r} must be a non-empty list of module names")
         if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+            self._normalise("modules_to_save", list(self.modules_to_save))
+
+    def _normalise(self, name: str, value: Any) -> None:
+        """Store the canonical form of a field while ``__post_init__`` validates it (the config is frozen after)."""
+        object.__setattr__(self, name, value)
 
     def allow_only(self, reason: str, **allowed: str | tuple[str, ...]) -> None:
         """Refuse shared fields this method cannot honour: ``field=value`` (or a tuple of values) each."""
@@ -247,28 +266,7 @@ class DRTConfig:
     def stores_indices(self) -> bool:
         """Whether checkpoints store ψ: the method selects entries (it has a criterion) and ψ is not a
         function of the seed alone (:attr:`indices_from_seed`)."""
-        return bool(self.criterion) and not self.indices_from_seed
-
-    @property
-    def needs_optimizer(self) -> bool:
-        """Whether :meth:`on_step` needs the optimizer that trains the values: it moves ψ (and their optimizer
-        state with it) or reads the learning rate. ``DRTModel.update_masks`` then refuses to run without it."""
-        return False
-
-    @property
-    def rescores_during_training(self) -> bool:
-        """Whether the method scores ``calibration_data`` again during training (the model then keeps it)."""
-        return False
-
-    def build_layer(self, module: nn.Module, indices: Tensor) -> DRTLayer:
-        """The layer that embeds ``module`` with trained entries ψ = ``indices``.
-
-        Methods whose embedding adds to Θ = ψ·ϑ + χ·Θ(0) (a fixed transform, learned scores)
-        return a :class:`~drt_peft.DRTLayer` subclass here.
-        """
-        from .layer import DRTLayer
-
-        return DRTLayer(module, indices, self.mode, self.bias == "all")
+        return self.criterion is not None and not self.indices_from_seed
 
     def modules_to_save_for(self, model: nn.Module) -> list[str] | None:
         """The ``modules_to_save`` entries for ``model``, resolved when the ``DRTModel`` is built or loaded.
@@ -282,17 +280,6 @@ class DRTConfig:
 
     def check_training_length(self, max_steps: int) -> None:
         """Refuse settings that do not fit a run of ``max_steps`` optimizer steps (none by default)."""
-
-    def on_attach(self, model: Any, step: int = 0) -> None:
-        """Called when the ``DRTModel`` is built or loaded (``step`` 0) and when training resumes at ``step``."""
-
-    def on_step(self, model: Any, step: int, optimizer: Any) -> dict[str, float]:
-        """The method's per-step policy, run by ``DRTModel.update_masks`` after each optimizer step.
-
-        Static methods do nothing; dynamic ones change ψ, FreezeNet decays its frozen entries.
-        Returns values worth logging.
-        """
-        return {}
 
     @property
     def nm(self) -> tuple[int, int] | None:

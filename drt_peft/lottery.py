@@ -81,13 +81,13 @@ def find_lottery_ticket(
     if done:
         previous = DRTModel.from_pretrained(model, _round_dir(output_dir, done - 1))
         indices = _next_indices(config, previous, densities[done])
-        carried = config.carry_over(previous, indices)
+        carried = previous.drt_policy.carry_over(previous, indices)
         previous.unload()
     for r in range(done, len(densities)):
         final = r == len(densities) - 1
         drt = DRTModel(model, dataclasses.replace(config, density=densities[r]), indices=indices)
         if carried is not None:
-            config.restore(drt, carried)
+            drt.drt_policy.restore(drt, carried)
         if rewind is not None:
             _apply_rewind(drt, rewind)
         metrics = run(drt) or {}
@@ -98,7 +98,7 @@ def find_lottery_ticket(
         if final:
             return drt
         indices = _next_indices(config, drt, densities[r + 1])
-        carried = config.carry_over(drt, indices)
+        carried = drt.drt_policy.carry_over(drt, indices)
         drt.unload()
     raise AssertionError("unreachable: the last round returns")
 
@@ -115,7 +115,7 @@ def _plan(config: LotteryTicketConfig, densities: list[float], done: int, output
 
 def _keep_rewind(drt: DRTModel, config: LotteryTicketConfig, output_dir: str) -> dict[str, torch.Tensor]:
     """Θ(k) as the dense round recorded it at step ``rewind_step``, written next to the rounds."""
-    rewind = getattr(drt, "lottery_rewind", None)
+    rewind = drt.drt_policy.rewind
     if rewind is None:
         raise RuntimeError(
             f"rewind_step={config.rewind_step} but the dense round never reached optimizer step "

@@ -16,8 +16,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .base_weights import BaseProbe, fingerprint, seeded_init_
 from .config import DRTConfig
-from .layer import DRTLayer, weight_op
+from .layer import BaseDRTLayer, weight_op
 from .masks import LossFn, compute_indices
+from .policy import Policy
 from .targeting import Target, find_modules_to_save, find_targets, skipped_linear_modules
 
 
@@ -64,7 +65,7 @@ def _restore_base(
     """Undo an embedding in place: DRT layers back to their base modules at Θ(0), modules_to_save and
     ``requires_grad`` flags as they were."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, DRTLayer):
+        if isinstance(module, BaseDRTLayer):
             _set_submodule(model, name, module.unload())
     with torch.no_grad():
         for name, state in originals_to_save.items():
@@ -75,7 +76,7 @@ def _restore_base(
 
 def _check_embeddable(model: nn.Module, targets: list[Target]) -> None:
     """Refuse models that already hold DRT layers, and weights that hold no data (the meta device)."""
-    nested = [name for name, module in model.named_modules() if isinstance(module, DRTLayer)]
+    nested = [name for name, module in model.named_modules() if isinstance(module, BaseDRTLayer)]
     if nested:
         raise ValueError(
             f"the model already contains DRT layers ({nested[:3]}{' ...' if len(nested) > 3 else ''}); "
@@ -278,8 +279,9 @@ class DRTModel(nn.Module):
         if isinstance(model, DRTModel):
             raise TypeError("model is already a DRTModel; call unload() or merge_and_unload() first")
         targets, save_names = _find_targets(model, config)
-        self.drt_config = self._record_base(model, targets, config, base_probe)
-        if indices is None and not config.criterion:
+        #: The method's behaviour and state (:class:`~drt_peft.policy.Policy`); it holds the config.
+        self.drt_policy: Policy = config.policy(self._record_base(model, targets, config, base_probe))
+        if indices is None and config.criterion is None:
             # A method without a criterion selects no entries: its layers replace ψ (e.g. by a projection).
             indices = [torch.empty(0, dtype=torch.int64) for _ in targets]
         elif indices is None:
@@ -288,7 +290,7 @@ class DRTModel(nn.Module):
             raise ValueError(f"the adapter has {len(indices)} layers but target_modules selects {len(targets)} here")
         self._embed(model, targets, indices, save_names)
         #: Kept only for methods that re-score during training (FISH with ``update_frequency``).
-        self.calibration_data = calibration_data if self.drt_config.rescores_during_training else None
+        self.calibration_data = calibration_data if self.drt_policy.rescores_during_training else None
         self.loss_fn = loss_fn
         self._register_state_dict_hook(_drop_tied_aliases)
         self.register_load_state_dict_pre_hook(_restore_tied_aliases)
@@ -320,15 +322,14 @@ class DRTModel(nn.Module):
 
         All-or-nothing: if any step fails, ``model`` is put back as it was given.
         """
-        config = self.drt_config
         flags = {param: param.requires_grad for param in model.parameters()}
         self._originals_to_save = {}
         try:
             for param in flags:
                 param.requires_grad_(False)
             for target, idx in zip(targets, indices, strict=True):
-                layer = config.build_layer(target.module, idx)
-                if config.autocast_adapter_dtype:
+                layer = self.drt_policy.build_layer(target.module, idx)
+                if self.drt_config.autocast_adapter_dtype:
                     layer.upcast_adapter_tensors()
                 _set_submodule(model, target.name, layer)
             for name in save_names:
@@ -339,7 +340,7 @@ class DRTModel(nn.Module):
             self.base_model = model
             self._backwards_since_update = 0
             self._update_watch = None
-            config.on_attach(self)
+            self.drt_policy.on_attach(self)
         except BaseException:
             _restore_base(model, self._originals_to_save, flags)
             raise
@@ -357,10 +358,15 @@ class DRTModel(nn.Module):
             return getattr(self.base_model, name)
 
     # -- inspection -------------------------------------------------------------------------
-    def drt_layers(self) -> Iterator[tuple[str, DRTLayer]]:
+    @property
+    def drt_config(self) -> DRTConfig:
+        """The method's config (frozen; held by :attr:`drt_policy`)."""
+        return self.drt_policy.config
+
+    def drt_layers(self) -> Iterator[tuple[str, BaseDRTLayer]]:
         """``(name, layer)`` for every embedded layer, names as in the original model."""
         for name, module in self.base_model.named_modules():
-            if isinstance(module, DRTLayer):
+            if isinstance(module, BaseDRTLayer):
                 yield name, module
 
     @property
@@ -389,9 +395,7 @@ class DRTModel(nn.Module):
         stats = {"drt/trainable": float(d), "drt/density": d / total if total else 0.0}
         if densities:
             stats.update({"drt/density_min": min(densities), "drt/density_max": max(densities)})
-        rates = [layer.exploration for _, layer in layers]
-        if layers and all(rate is not None for rate in rates):
-            stats["drt/itop_exploration"] = sum(r * n for r, n in zip(rates, sizes, strict=True)) / total
+        stats.update(self.drt_policy.statistics(self))
         if per_layer:
             stats.update({f"drt/density/{name}": v for (name, _), v in zip(layers, densities, strict=True)})
         return stats
@@ -412,9 +416,9 @@ class DRTModel(nn.Module):
         Trainer, add :class:`drt_peft.DRTCallback` instead.
         """
         self._backwards_since_update = 0
-        if self.drt_config.needs_optimizer:
+        if self.drt_policy.needs_optimizer:
             self._check_update_optimizer(optimizer)
-        return self.drt_config.on_step(self, step, optimizer)
+        return self.drt_policy.on_step(self, step, optimizer)
 
     def _check_update_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         method = type(self.drt_config).__name__
@@ -471,13 +475,17 @@ class DRTModel(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------
     def training_state_dict(self) -> dict[str, Tensor]:
-        """What resuming training needs beyond the frozen base: every trainable tensor and every DRT buffer
-        (ψ, ϑ, Θ(0) at ψ, exploration bitmap, frozen-weight scale, method state such as SNFS momentum)."""
+        """What resuming training needs beyond the frozen base: every trainable tensor, every DRT buffer
+        (ψ, ϑ, Θ(0) at ψ), the layers' extra state (FreezeNet's frozen scale) and the policy's state
+        (``drt_policy.*``: the exploration bitmap, SNFS's momentum, DSR's threshold)."""
         trainable = {name for name, param in self.named_parameters() if param.requires_grad}
         return {
             key: value
             for key, value in self.state_dict().items()
-            if key in trainable or key.rpartition(".")[2].startswith("drt_") or key.endswith("._extra_state")
+            if key in trainable
+            or key.startswith("drt_policy.")
+            or key.rpartition(".")[2].startswith("drt_")
+            or key.endswith("._extra_state")
         }
 
     def save_pretrained(
@@ -538,7 +546,7 @@ class DRTModel(nn.Module):
             raise
         if not is_trainable:
             loaded.requires_grad_(False)
-            loaded.drt_config.inference_mode = True
+            loaded.drt_policy.config = dataclasses.replace(loaded.drt_config, inference_mode=True)
             loaded.eval()
         return loaded
 

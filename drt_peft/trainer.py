@@ -45,7 +45,7 @@ class DRTCallback(TrainerCallback):
         drt = unwrap_drt_model(model)
         if state.max_steps:
             drt.drt_config.check_training_length(state.max_steps)
-        drt.drt_config.on_attach(drt, state.global_step)
+        drt.drt_policy.on_attach(drt, state.global_step)
         return control
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):

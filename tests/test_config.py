@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from drt_peft import DRTConfig, MagnitudeConfig, RandomConfig, available_methods
+from drt_peft.config import register_method
 
 
 @pytest.mark.parametrize(
@@ -51,3 +55,80 @@ def test_registry_and_nm_parsing() -> None:
     assert MagnitudeConfig(density=0.5, structure="2:4").nm == (2, 4)
     assert RandomConfig(density=0.5).nm is None
     assert RandomConfig(density=0.1).to_dict()["method"] == "random"
+
+
+def test_configs_are_frozen_data() -> None:
+    config = RandomConfig(density=0.1, target_modules=("0", "2"))
+    assert config.target_modules == ["0", "2"]  # the canonical form is stored while validating
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.density = 0.2  # type: ignore[misc]
+    changed = dataclasses.replace(config, density=0.2)
+    assert (changed.density, config.density) == (0.2, 0.1)
+    assert DRTConfig.from_dict(changed.to_dict()) == changed
+    with pytest.raises(ValueError, match=r"density=2 is out of range"):
+        dataclasses.replace(config, density=2)  # a copy is validated like a new config
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Methods registered by a test stay in a copy of the registry, dropped after it."""
+    import drt_peft.config
+
+    monkeypatch.setattr(drt_peft.config, "_METHODS", dict(drt_peft.config._METHODS))
+
+
+@pytest.mark.usefixtures("scratch_registry")
+def test_a_config_names_its_criterion_by_reference() -> None:
+    from drt_peft import SNIPConfig
+    from drt_peft.masks.criteria.gradient import snip_scores
+
+    assert SNIPConfig.criterion is snip_scores and snip_scores.name == "snip"
+    with pytest.raises(TypeError, match=r"ByNameConfig\.criterion='snip': name the criterion by reference"):
+
+        @register_method("by_name")
+        @dataclasses.dataclass(frozen=True)
+        class ByNameConfig(DRTConfig):
+            criterion = "snip"
+
+    assert "by_name" not in available_methods()
+
+
+@pytest.mark.usefixtures("scratch_registry")
+def test_a_new_method_is_a_criterion_a_config_and_a_policy(tmp_path) -> None:
+    """The example of docs/api.md: a criterion, a frozen config naming it, and a policy with checkpointed state."""
+    from conftest import adamw, tiny_mlp
+
+    from drt_peft import DRTModel, get_drt_model
+    from drt_peft.masks import criterion
+    from drt_peft.policy import Policy
+
+    @criterion("weight_squared")
+    def weight_squared(scoring):
+        return [t.weight.detach().float() ** 2 for t in scoring.targets]
+
+    class CountingPolicy(Policy):
+        def on_attach(self, model, step=0):
+            if not hasattr(self, "steps"):
+                self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+        def on_step(self, model, step, optimizer):
+            self.steps += 1
+            return {"steps": float(self.steps)}
+
+    @register_method("weight_squared_test")
+    @dataclasses.dataclass(frozen=True)
+    class WeightSquaredConfig(DRTConfig):
+        criterion = weight_squared
+        policy = CountingPolicy
+
+    base = tiny_mlp()
+    weight = base[0].weight.detach().clone()
+    model = get_drt_model(base, WeightSquaredConfig(density=0.25, target_modules=["0"]))
+    mask = model.get_masks()["0"]
+    assert mask.sum() == 12 and bool((weight[mask] ** 2).min() >= (weight[~mask] ** 2).max())
+    optimizer = adamw(model)
+    assert [model.update_masks(step, optimizer)["steps"] for step in (1, 2)] == [1.0, 2.0]
+    assert int(model.training_state_dict()["drt_policy.steps"]) == 2
+    model.save_pretrained(tmp_path)
+    loaded = DRTModel.from_pretrained(tiny_mlp(), tmp_path)
+    assert type(loaded.drt_policy) is CountingPolicy and torch.equal(loaded.get_masks()["0"], mask)

@@ -12,21 +12,23 @@ from conftest import Parity, adamw, cpu_training_args, random_bert_batch, tiny_b
 from torch import nn
 
 from drt_peft import DRTCallback, DRTLayer, DRTModel, DRTTrainer, RigLConfig, SETConfig, get_drt_model
+from drt_peft.layer.frozen_decay import FrozenDecayLayer
 from drt_peft.masks.dynamic import regrow, smallest_magnitudes
 
 
-def _layer(mode: str, d: int = 6) -> tuple[DRTLayer, torch.Tensor]:
+def _layer(mode: str, d: int = 6, decaying: bool = False) -> tuple[DRTLayer, torch.Tensor]:
+    """A 4 × 5 layer with ψ of ``d`` random entries; ``decaying``: a freeze-mode layer whose frozen entries decay."""
     torch.manual_seed(0)
     linear = nn.Linear(5, 4)
     original = linear.weight.detach().clone()
     indices = torch.randperm(20, generator=torch.Generator().manual_seed(0))[:d].sort().values
-    return DRTLayer(linear, indices, mode), original
+    return (FrozenDecayLayer(linear, indices) if decaying else DRTLayer(linear, indices, mode)), original
 
 
 @pytest.mark.parametrize("mode", ["freeze", "prune"])
 @pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, torch.optim.SGD])
 def test_update_indices_keeps_values_and_state_and_resets_grown(mode: str, optimizer_class) -> None:
-    layer, original = _layer(mode)
+    layer, original = _layer(mode, decaying=mode == "freeze")
     kwargs = {"momentum": 0.9} if optimizer_class is torch.optim.SGD else {}
     optimizer = optimizer_class([layer.drt_values], lr=0.1, **kwargs)
     x = torch.randn(3, 5)
@@ -237,16 +239,24 @@ def test_rigl_without_the_update_hook_fails_clearly() -> None:
 
 
 def test_exploration_rate_counts_every_position_ever_trained() -> None:
-    layer, _ = _layer("prune", d=6)
-    layer.track_exploration()
-    seen = set(layer.drt_indices.tolist())
-    assert layer.exploration == pytest.approx(len(seen) / 20)
-    for new in ([0, 1, 2, 3, 4, 5], [1, 8, 9, 10, 16, 19], [0, 8, 9, 10, 16, 19]):
-        layer.update_indices(torch.tensor(new))
-        seen |= set(new)
-        assert layer.exploration == pytest.approx(len(seen) / 20)
-    explored = torch.tensor([(int(layer.drt_explored[i // 8]) >> (i % 8)) & 1 for i in range(20)], dtype=torch.bool)
-    assert set(explored.nonzero().flatten().tolist()) == seen
+    model = get_drt_model(tiny_mlp(), SETConfig(density=0.25, update_frequency=1, drop_fraction=0.5))
+    optimizer = adamw(model)
+    layers = list(model.drt_layers())
+    seen = [set(layer.drt_indices.tolist()) for _, layer in layers]
+    total = sum(layer.base_layer.weight.numel() for _, layer in layers)
+    for step in range(1, 5):
+        model(torch.randn(4, 6)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert model.update_masks(step, optimizer)["drt/moved"] > 0
+        for positions, (_, layer) in zip(seen, layers, strict=True):
+            positions |= set(layer.drt_indices.tolist())
+        explored = model.drt_statistics()["drt/itop_exploration"]
+        assert explored == pytest.approx(sum(len(positions) for positions in seen) / total)
+    for i, (positions, (_, layer)) in enumerate(zip(seen, layers, strict=True)):
+        bitmap = getattr(model.drt_policy, f"explored_{i}")
+        bits = [(int(bitmap[j // 8]) >> (j % 8)) & 1 for j in range(layer.base_layer.weight.numel())]
+        assert {j for j, bit in enumerate(bits) if bit} == positions
 
 
 @pytest.mark.parametrize("per_layer", [False, True])
@@ -333,8 +343,8 @@ def test_snfs_momentum_and_redistribution_match_a_hand_computation() -> None:
         drops += k
     counts = apportion(drops, shares, caps)
     assert sum(layer.num_trainable for layer in layers) == d_total
-    for layer, keep, grow, m in zip(layers, kept, counts, momenta, strict=True):
-        assert torch.allclose(layer.drt_momentum, m)
+    for i, (layer, keep, grow, m) in enumerate(zip(layers, kept, counts, momenta, strict=True)):
+        assert torch.allclose(model.drt_policy.momentum(i), m)
         assert layer.num_trainable == keep.numel() + grow
         grown = sorted(set(layer.drt_indices.tolist()) - set(keep.tolist()))
         scores = m.abs().reshape(-1).clone()
@@ -356,10 +366,10 @@ def test_dsr_threshold_adapts_and_regrowth_follows_kept_counts() -> None:
     start = [layer.drt_indices.clone() for layer in layers]
     _mlp_step(model, optimizer, g)
     logs = model.update_masks(1, optimizer)
-    assert logs["drt/moved"] == 0 and float(model.drt_dsr_threshold) == pytest.approx(2e-9)
+    assert logs["drt/moved"] == 0 and float(model.drt_policy.threshold) == pytest.approx(2e-9)
     assert all(torch.equal(a, layer.drt_indices) for a, layer in zip(start, layers, strict=True))
     with torch.no_grad():
-        model.drt_dsr_threshold.fill_(0.2)
+        model.drt_policy.threshold.fill_(0.2)
     _mlp_step(model, optimizer, g)
     before = [(layer.drt_indices.clone(), layer.drt_values.detach().abs()) for layer in layers]
     d_total = sum(indices.numel() for indices, _ in before)
@@ -376,7 +386,7 @@ def test_dsr_threshold_adapts_and_regrowth_follows_kept_counts() -> None:
         assert set(keep.tolist()) <= set(layer.drt_indices.tolist())
         assert layer.num_trainable == keep.numel() + grow
     expected = 0.2 * (2 if dropped < 0.9 * 0.2 * d_total else 0.5 if dropped > 1.1 * 0.2 * d_total else 1)
-    assert float(model.drt_dsr_threshold) == pytest.approx(expected)
+    assert float(model.drt_policy.threshold) == pytest.approx(expected)
 
 
 def _small_bert() -> nn.Module:
@@ -491,6 +501,5 @@ def test_a_non_finite_step_skips_the_mask_update_with_a_warning(method: str) -> 
     assert any("SNFS leaves its momentum as it was" in m for m in said) == (method == "snfs")
     assert logs == {} and all(torch.equal(before[n], other.drt_indices) for n, other in model.drt_layers())
     if method == "snfs":
-        assert all(
-            torch.equal(other.drt_momentum, torch.zeros_like(other.drt_momentum)) for _, other in model.drt_layers()
-        )
+        momenta = [model.drt_policy.momentum(i) for i in range(len(before))]
+        assert all(torch.equal(m, torch.zeros_like(m)) for m in momenta)

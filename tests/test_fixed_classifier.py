@@ -47,7 +47,7 @@ def test_same_seed_same_weight_different_seed_different() -> None:
     assert torch.equal(_head_weight(a), _head_weight(b))  # a function of the seed, not of the base weights
     assert not torch.allclose(_head_weight(a), _head_weight(c))
     w = _head_weight(a)
-    a.drt_config.on_attach(a, step=10)  # resuming keeps the drawn W
+    a.drt_policy.on_attach(a, step=10)  # resuming keeps the drawn W
     assert _head_weight(a) is w
     assert not torch.equal(w, tiny_bert().classifier.weight)
 

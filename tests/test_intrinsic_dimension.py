@@ -135,7 +135,7 @@ def test_save_load_merge_unload(tmp_path) -> None:
     assert torch.equal(loaded(**inputs).logits, logits)
     assert not any(p.requires_grad for p in loaded.parameters())
     trainable = DRTModel.from_pretrained(tiny_bert(), tmp_path, is_trainable=True)
-    trainable.drt_config.on_attach(trainable, step=3)  # resuming does not reset ϑ
+    trainable.drt_policy.on_attach(trainable, step=3)  # resuming does not reset ϑ
     assert torch.equal(trainable(**inputs).logits, logits)
 
     merged = loaded.merge_and_unload()

@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from drt_peft import DRTLayer, RandomConfig, get_drt_model
+from drt_peft.layer.frozen_decay import FrozenDecayLayer
 from drt_peft.layer.ops import SampledWeightFunction, csr_pattern, sddmm, weight_op
 
 
@@ -141,7 +142,7 @@ def test_decayed_frozen_entries_in_forward_and_backward(kind: str) -> None:
     module = module.double()
     original = module.weight.detach().clone()
     indices = _random_indices(original.numel(), d)
-    layer = DRTLayer(module, indices, "freeze", train_bias=True)
+    layer = FrozenDecayLayer(module, indices, train_bias=True)
     layer.decay_frozen(0.5)
     layer.decay_frozen(0.8)
     with torch.no_grad():

@@ -32,7 +32,7 @@ from ..index_codecs import CODECS, decode, encode_smallest
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..layer import DRTLayer
+    from ..layer import BaseDRTLayer
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = "1"
@@ -48,7 +48,7 @@ class AdapterModel(Protocol):
     @property
     def modules_to_save(self) -> list[str]: ...
 
-    def drt_layers(self) -> Iterator[tuple[str, DRTLayer]]: ...
+    def drt_layers(self) -> Iterator[tuple[str, BaseDRTLayer]]: ...
 
     def training_state_dict(self) -> dict[str, torch.Tensor]: ...
 
@@ -145,8 +145,8 @@ def save_adapter(
 
 
 def _adapter_tensors(model: AdapterModel, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """Everything the adapter stores: ϑ, the layers' own tensors, ψ where it is not regenerable, the frozen
-    scales, trained biases and ``modules_to_save`` (from ``state_dict`` where given)."""
+    """Everything the adapter stores: ϑ, the layers' own tensors (e.g. a frozen scale), ψ where it is not
+    regenerable, trained biases and ``modules_to_save`` (from ``state_dict`` where given)."""
     config = model.drt_config
     layers = list(model.drt_layers())
 
@@ -166,9 +166,6 @@ def _adapter_tensors(model: AdapterModel, state_dict: dict[str, torch.Tensor] | 
             tensors[f"drt_layer.{i}.{key}"] = value.detach().cpu().contiguous()
     if config.stores_indices:
         tensors.update(_encoded_indices([layer for _, layer in layers]))
-    scales = [layer.frozen_scale for _, layer in layers]
-    if any(scale != 1.0 for scale in scales):
-        tensors["drt_frozen_scales"] = torch.tensor(scales, dtype=torch.float64)
     biases = [layer.base_layer.bias for _, layer in layers if layer.base_layer.bias is not None]
     if config.bias == "all" and biases:
         tensors["drt_biases"] = torch.cat([b.detach().reshape(-1).cpu() for b in biases])
@@ -178,7 +175,7 @@ def _adapter_tensors(model: AdapterModel, state_dict: dict[str, torch.Tensor] | 
     return tensors
 
 
-def _encoded_indices(layers: list[DRTLayer]) -> dict[str, torch.Tensor]:
+def _encoded_indices(layers: list[BaseDRTLayer]) -> dict[str, torch.Tensor]:
     """ψ of every layer in its smallest lossless encoding (see :mod:`~drt_peft.index_codecs`)."""
     codes, blobs = [], []
     for layer in layers:
@@ -293,9 +290,6 @@ def _load_into(model: AdapterModel, tensors: dict[str, torch.Tensor], metadata: 
             raise ValueError(f"{file} holds no drt_values, but {config.method_name} adapters store them")
         for i, (_, layer) in enumerate(layers):
             layer.load_adapter_tensors(under_prefix(tensors, f"drt_layer.{i}."))
-        if "drt_frozen_scales" in tensors:
-            for (_, layer), scale in zip(layers, tensors["drt_frozen_scales"].tolist(), strict=True):
-                layer.frozen_scale = scale
         if "drt_biases" in tensors:
             biases = [layer.base_layer.bias for _, layer in layers if layer.base_layer.bias is not None]
             for bias, value in zip(biases, tensors["drt_biases"].split([b.numel() for b in biases]), strict=True):

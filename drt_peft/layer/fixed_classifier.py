@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..seeding import generator
-from .layer import DRTLayer
+from .base import BaseDRTLayer
 from .ops import autocast_forward
 
 
@@ -29,7 +29,7 @@ def random_orthogonal(rows: int, cols: int, g: torch.Generator) -> Tensor:
     return q.t().contiguous() if rows <= cols else q
 
 
-class FixedClassifierLayer(DRTLayer):
+class FixedClassifierLayer(BaseDRTLayer):
     """y = α·W·x (+ b): a fixed random orthogonal weight W and one trainable temperature α.
 
     ψ is empty (no entry of the base weight trains; ``drt_values`` is empty and frozen). W lives in
@@ -43,7 +43,7 @@ class FixedClassifierLayer(DRTLayer):
     """
 
     def __init__(self, base_layer: nn.Module, train_bias: bool = False, temperature: float = 1.0) -> None:
-        super().__init__(base_layer, torch.empty(0, dtype=torch.int64), "freeze", train_bias)
+        super().__init__(base_layer, torch.empty(0, dtype=torch.int64), train_bias)
         self.drt_values.requires_grad_(False)
         self.adds_bias = train_bias and base_layer.bias is not None
         self.temperature = nn.Parameter(

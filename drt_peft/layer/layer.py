@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from .base import BaseDRTLayer, checked_indices
 from .ops import (
     Conv1DOp,
     CSRLayout,
@@ -17,22 +18,12 @@ from .ops import (
     compute_dtype,
     csr_pattern,
     sddmm_dtype,
-    weight_op,
 )
 
 T = TypeVar("T")
 
 #: Prune-mode Linear/Conv1D layers at or below this density run their products on CSR kernels.
 CSR_MAX_DENSITY = 0.03
-
-
-def checked_indices(indices: Tensor, weight: Tensor) -> Tensor:
-    indices = indices.to(device=weight.device, dtype=torch.int64)
-    if indices.numel() > 1 and not bool((indices.diff() > 0).all()):
-        raise ValueError("DRT indices must be sorted and unique")
-    if indices.numel() and not 0 <= int(indices[0]) <= int(indices[-1]) < weight.numel():
-        raise ValueError(f"DRT indices out of range for a weight of {weight.numel()} entries")
-    return indices
 
 
 def _set_values(param: nn.Parameter, values: Tensor) -> None:
@@ -51,8 +42,8 @@ def _set_values(param: nn.Parameter, values: Tensor) -> None:
     param.data = values
 
 
-class DRTLayer(nn.Module):
-    """Wraps a module and trains only d entries of its weight.
+class DRTLayer(BaseDRTLayer):
+    """Wraps a module and trains only d entries of its weight: the sparse embedding of every selecting method.
 
     State (survey eq. 7):
 
@@ -83,49 +74,25 @@ class DRTLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, indices: Tensor, mode: str, train_bias: bool = False) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.op = weight_op(base_layer)
+        if mode not in ("freeze", "prune"):
+            raise ValueError(f"mode={mode!r} is not supported; use 'freeze' or 'prune'")
+        super().__init__(base_layer, indices, train_bias)
         self.mode = mode
-        weight = base_layer.weight
-        if not weight.is_contiguous():
-            base_layer.weight = nn.Parameter(weight.detach().contiguous())
-            weight = base_layer.weight
-        weight.requires_grad_(False)
-        if base_layer.bias is not None:
-            base_layer.bias.requires_grad_(train_bias)
-            if train_bias:  # the base bias, so that :meth:`unload` restores it after training
-                self.register_buffer("drt_base_bias", base_layer.bias.detach().clone(), persistent=False)
-        indices = checked_indices(indices, weight)
-        self.register_buffer("drt_indices", indices)
-        initial = weight.detach().reshape(-1)[indices].clone()
+        weight = self.base_layer.weight
         self.sparse_kernels = (
             mode == "prune"
             and isinstance(self.op, (LinearOp, Conv1DOp))
             and weight.dtype in (torch.float32, torch.float64)
-            and indices.numel() <= CSR_MAX_DENSITY * weight.numel()
+            and self.drt_indices.numel() <= CSR_MAX_DENSITY * weight.numel()
         )
         if mode == "freeze":
-            self.register_buffer("drt_base_values", initial.clone())
-        elif mode == "prune" and not self.sparse_kernels:
+            self.register_buffer("drt_base_values", self.drt_values.detach().clone())
+        elif not self.sparse_kernels:
             self.register_buffer("drt_effective", torch.zeros_like(weight), persistent=False)
-        elif mode != "prune":
-            raise ValueError(f"mode={mode!r} is not supported; use 'freeze' or 'prune'")
-        self.drt_values = nn.Parameter(initial)
-        self.frozen_scale = 1.0
         #: When True, the next backwards also form the dense weight gradient into :attr:`dense_grad`.
         self.capture_dense_grad = False
         self.dense_grad: Tensor | None = None
         self._cache: dict[tuple, object] = {}
-
-    @property
-    def weight_shape(self) -> torch.Size:
-        return self.base_layer.weight.shape
-
-    @property
-    def num_trainable(self) -> int:
-        """d: the number of trained weight entries."""
-        return self.drt_indices.numel()
 
     def _cached(self, key: tuple, build: Callable[[], T]) -> T:
         if key not in self._cache:
@@ -141,81 +108,40 @@ class DRTLayer(nn.Module):
         return {**self.__dict__, "_cache": {}}
 
     def _materialised(self) -> Tensor:
-        """The dense M with Θ = s·M (freeze: the base weight with ϑ/s at ψ; dense prune: a zero buffer)."""
+        """The dense weight the products use (freeze: the base weight with ϑ written at ψ; dense prune: a zero
+        buffer holding ϑ at ψ)."""
         weight = self.base_layer.weight if self.mode == "freeze" else self.drt_effective
-        values = self.drt_values.detach()
-        if self.frozen_scale != 1.0:
-            values = values / self.frozen_scale
         with torch.no_grad():
-            weight.view(-1).index_copy_(0, self.drt_indices, values.to(weight.dtype))
+            weight.view(-1).index_copy_(0, self.drt_indices, self.drt_values.detach().to(weight.dtype))
         return weight
 
     def effective_weight(self) -> Tensor:
-        """Θ with the current ϑ, as a dense tensor shaped like the weight."""
-        if self.frozen_scale == 1.0 and not self.sparse_kernels:
+        if not self.sparse_kernels:
             return self._materialised()
-        weight = (
-            torch.zeros_like(self.base_layer.weight)
-            if self.sparse_kernels
-            else self._materialised() * self.frozen_scale
-        )
+        weight = torch.zeros_like(self.base_layer.weight)
         weight.view(-1)[self.drt_indices] = self.drt_values.detach().to(weight.dtype)
         return weight
 
     def _product(self):
         if not self.sparse_kernels:
-            return DenseProduct(self.op, self._materialised, self.frozen_scale)
+            return DenseProduct(self.op, self._materialised)
         layout = self._cached(("csr", self.drt_indices.device), lambda: CSRLayout(self.op, self.drt_indices))
         return layout.bind(self.drt_values.detach())
+
+    def _frozen_values(self, base: Tensor) -> Tensor:
+        """What the frozen entries at Θ(0) = ``base`` hold now: Θ(0) itself (a subclass may scale it)."""
+        return base
 
     def _pattern(self, dtype: torch.dtype) -> Tensor:
         """CSR pattern of ψ for the SDDMM, built once per device and compute dtype."""
         key = ("pattern", self.drt_indices.device, sddmm_dtype(dtype))
         return self._cached(key, lambda: csr_pattern(self.drt_indices, self.op.pattern_shape, key[2]))
 
-    def decay_frozen(self, factor: float) -> None:
-        """Scale the frozen (untrained) entries by ``factor`` (FreezeNet's decay); ϑ is unaffected.
-
-        The factor accumulates in :attr:`frozen_scale` (cost O(1)): Θ = s·Θ(0) off ψ and ϑ on ψ is
-        computed as s·M with M holding Θ(0) and ϑ/s, so Θ(0) stays intact for :meth:`unload`.
-        """
-        if self.mode != "freeze":
-            raise ValueError(f"decay_frozen needs mode='freeze', this layer has mode={self.mode!r}")
-        if not factor > 0:
-            raise ValueError(f"decay factor={factor!r} must be > 0 (lr · frozen_weight_decay must stay below 1)")
-        self.frozen_scale *= factor
-
     def upcast_adapter_tensors(self) -> None:
-        """Store the layer's own float16/bfloat16 Parameters in float32 (``autocast_adapter_dtype``).
-
-        These are the tensors the layer trains (ϑ, a subclass's scores); the base module's
-        parameters and the frozen ``drt_base_values`` keep the weight's dtype. Every product casts
-        ϑ to the weight's dtype where it is used (:meth:`_materialised`, :meth:`effective_weight`) or
-        computes its gradient in float32 (the SDDMM), so training works the same, only with
-        float32 optimizer updates and states. Call it before the optimizer is built.
-        """
-        for param in self.parameters(recurse=False):
-            if param.dtype in (torch.float16, torch.bfloat16):
-                param.data = param.data.float()
+        """As :meth:`BaseDRTLayer.upcast_adapter_tensors`; ``drt_base_values`` keeps the weight's dtype, so
+        :meth:`unload` is exact, and the kernels built for the old dtype are dropped."""
+        super().upcast_adapter_tensors()
         self._cache.clear()
-
-    def get_extra_state(self) -> Tensor:
-        """:attr:`frozen_scale` as a tensor, so state dicts stay tensor-only (safetensors, Trainer checkpoints)."""
-        return torch.tensor(self.frozen_scale, dtype=torch.float64)
-
-    def set_extra_state(self, state: Tensor) -> None:
-        self.frozen_scale = float(state)
-
-    def __getattr__(self, name: str) -> Any:
-        """The wrapped module's attributes (``weight``, ``bias``, ``in_features``, ``kernel_size``, ...), so model
-        code that reads them keeps working. ``weight`` is the base module's tensor: its dtype, device and shape
-        are the layer's; for Θ itself use :meth:`effective_weight`."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "_cache") or name.startswith("drt_"):
-                raise
-            return getattr(self.base_layer, name)
 
     def _restore_frozen(self) -> None:
         """Write back what the current ψ displaced: Θ(0) at ψ (freeze) or zeros (dense prune buffer)."""
@@ -252,22 +178,13 @@ class DRTLayer(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def adapter_tensors(self) -> dict[str, Tensor]:
-        """Tensors beyond ψ and ϑ that a subclass stores in the adapter file (none here)."""
-        return {}
-
-    def load_adapter_tensors(self, tensors: dict[str, Tensor]) -> None:
-        """Restore what :meth:`adapter_tensors` returned when the adapter was saved."""
-        if tensors:
-            raise ValueError(f"{type(self).__name__} stores no extra adapter tensors, got {sorted(tensors)}")
-
     def update_indices(
         self, indices: Tensor, optimizer: torch.optim.Optimizer | None = None, *, fresh: Tensor | None = None
     ) -> None:
         """Move ψ to ``indices`` (sorted, unique; any size) in place, keeping the same ``drt_values`` Parameter.
 
         Kept entries keep their value and optimizer state. Grown entries start at their current
-        frozen value s·Θ(0) in freeze mode and at 0 in prune mode, with zero optimizer state
+        frozen value (:meth:`_frozen_values`) in freeze mode and at 0 in prune mode, with zero optimizer state
         (every state tensor shaped like ϑ, e.g. Adam's moments or SGD's momentum, is rebuilt);
         dropped entries return to Θ(0) (freeze) or 0 (prune) and their state is discarded. The
         optimizer is not rebuilt (survey §6; Evci et al. 2020). ``fresh`` (boolean, one per entry
@@ -300,7 +217,7 @@ class DRTLayer(nn.Module):
                 base = self.drt_base_values.new_empty(indices.numel())
                 base[kept] = self.drt_base_values[where[kept]]
                 base[~kept] = flat[indices[~kept]]
-                values[~kept] = (base[~kept] * self.frozen_scale).to(values.dtype)
+                values[~kept] = self._frozen_values(base[~kept]).to(values.dtype)
                 self.drt_base_values = base
             elif not self.sparse_kernels:
                 self.drt_effective.view(-1)[old[~kept_old]] = 0
@@ -315,36 +232,6 @@ class DRTLayer(nn.Module):
         _set_values(self.drt_values, values)
         self.drt_indices = indices
         self._cache.clear()
-        if hasattr(self, "drt_explored"):
-            self._mark_explored(indices)
-
-    def track_exploration(self) -> None:
-        """Start recording every position ever trained (a bitmap of D bits, ``drt_explored``)."""
-        if not hasattr(self, "drt_explored"):
-            numel = self.base_layer.weight.numel()
-            device = self.drt_indices.device
-            self.register_buffer("drt_explored", torch.zeros((numel + 7) // 8, dtype=torch.uint8, device=device))
-            self._mark_explored(self.drt_indices)
-
-    def _mark_explored(self, indices: Tensor) -> None:
-        byte, bit = torch.div(indices, 8, rounding_mode="floor"), indices % 8
-        for b in range(8):
-            chosen = byte[bit == b]  # distinct indices with the same bit lie in distinct bytes
-            self.drt_explored[chosen] |= 1 << b
-
-    @property
-    def exploration(self) -> float | None:
-        """ITOP exploration rate (Liu et al. 2021): the fraction of the D positions ever trained."""
-        if not hasattr(self, "drt_explored"):
-            return None
-        ones = sum(int(((self.drt_explored >> bit) & 1).sum()) for bit in range(8))
-        return ones / self.base_layer.weight.numel()
-
-    def get_mask(self) -> Tensor:
-        """Boolean tensor shaped like the weight, True at the trained entries."""
-        mask = torch.zeros(self.weight_shape, dtype=torch.bool, device=self.drt_indices.device)
-        mask.view(-1)[self.drt_indices] = True
-        return mask
 
     def forward(self, x: Tensor) -> Tensor:
         product = self._product()
@@ -373,22 +260,6 @@ class DRTLayer(nn.Module):
         else:
             dtype = self.base_layer.weight.dtype
             self.dense_grad = grad.clone() if grad.dtype == dtype else grad.to(dtype)
-
-    def merge(self) -> nn.Module:
-        """The base module with Θ as its weight (prune mode: the sparse weight, zeros included)."""
-        weight = self.effective_weight()
-        if weight is not self.base_layer.weight:
-            with torch.no_grad():
-                self.base_layer.weight.copy_(weight)
-        return self.base_layer
-
-    def unload(self) -> nn.Module:
-        """The base module with its original weight Θ(0) and bias (the trained values and bias dropped)."""
-        self._restore_frozen()
-        if hasattr(self, "drt_base_bias"):
-            with torch.no_grad():
-                self.base_layer.bias.copy_(self.drt_base_bias)
-        return self.base_layer
 
     def extra_repr(self) -> str:
         total = self.base_layer.weight.numel()

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ..index_codecs import CODECS, decode, encode_smallest
-from .layer import DRTLayer, checked_indices
+from .base import checked_indices
+from .layer import DRTLayer
 
 
 class PartlyPrunedLayer(DRTLayer):

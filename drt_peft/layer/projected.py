@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..seeding import generator
-from .layer import DRTLayer
+from .base import BaseDRTLayer
 from .ops import autocast_forward
 
 
@@ -58,7 +58,7 @@ def hadamard(x: Tensor) -> Tensor:
     return x.reshape(*lead, n)
 
 
-class ProjectedLayer(DRTLayer):
+class ProjectedLayer(BaseDRTLayer):
     """Θ_l = Θ_l(0) + reshape(P_l·ϑ): one global ϑ ∈ R^d shared by every layer (see module docstring).
 
     The layer has no ψ (``drt_indices`` is empty). ϑ is the ``drt_values`` Parameter of the first
@@ -74,7 +74,7 @@ class ProjectedLayer(DRTLayer):
     """
 
     def __init__(self, base_layer: nn.Module, train_bias: bool = False) -> None:
-        super().__init__(base_layer, torch.empty(0, dtype=torch.int64), "freeze", train_bias)
+        super().__init__(base_layer, torch.empty(0, dtype=torch.int64), train_bias)
         self.drt_values.requires_grad_(False)
         self._owner: tuple[ProjectedLayer, ...] = ()
 

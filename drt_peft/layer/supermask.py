@@ -202,12 +202,11 @@ class SupermaskLayer(DRTLayer):
         self._synced = (self.scores.data_ptr(), self.scores._version)
 
     def get_extra_state(self) -> Tensor:
-        """:attr:`frozen_scale` and the number of Bernoulli draws so far, so a resumed run draws on."""
-        return torch.tensor([self.frozen_scale, self.draws], dtype=torch.float64)
+        """The number of Bernoulli draws so far, so a resumed run draws on."""
+        return torch.tensor(self.draws, dtype=torch.int64)
 
     def set_extra_state(self, state: Tensor) -> None:
-        frozen_scale, draws = state.tolist()
-        self.frozen_scale, self.draws = frozen_scale, int(draws)
+        self.draws = int(state)
 
     def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         """Move ψ to the saved mask first: its size (and ϑ's) varies with ``"bernoulli"``."""

@@ -8,16 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from ..criterion import Criterion, criterion
 from ..targeting import Target
-from . import criteria  # noqa: F401  (registers the criteria)
 from .budgets import layer_counts, total_budget
-from .scoring import LossFn, ScoringContext, register_criterion, score
+from .scoring import LossFn, ScoringContext, score
 from .selection import indices_of, nm_candidates, select_rows, select_unstructured
 
 if TYPE_CHECKING:
     from ..config import DRTConfig
 
-__all__ = ["LossFn", "ScoringContext", "compute_indices", "register_criterion", "select_masks"]
+__all__ = ["Criterion", "LossFn", "ScoringContext", "compute_indices", "criterion", "select_masks"]
 
 
 def select_masks(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ..criterion import Criterion
 from ..targeting import Target
 
 if TYPE_CHECKING:
@@ -31,35 +32,13 @@ class ScoringContext:
     select: Callable[[list[Tensor], float | None], list[Tensor]]
 
 
-Criterion = Callable[[ScoringContext], list[Tensor]]
-
-_CRITERIA: dict[str, Criterion] = {}
-
-
-def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
-    """Decorator: register a score function ``fn(scoring) -> list of weight-shaped scores`` under ``name``.
-
-    The largest scores are kept.
-    """
-
-    def wrap(fn: Criterion) -> Criterion:
-        if name in _CRITERIA:
-            raise ValueError(f"criterion {name!r} is already registered")
-        _CRITERIA[name] = fn
-        return fn
-
-    return wrap
-
-
-def score(name: str, scoring: ScoringContext) -> list[Tensor]:
-    """Scores of every target under the criterion ``name``, checked for shape and NaNs."""
-    if name not in _CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; registered: {sorted(_CRITERIA)}")
+def score(chosen: Criterion, scoring: ScoringContext) -> list[Tensor]:
+    """Scores of every target under the criterion ``chosen``, checked for shape and NaNs."""
     with torch.no_grad():
-        scores = _CRITERIA[name](scoring)
+        scores = chosen(scoring)
     for target, s in zip(scoring.targets, scores, strict=True):
         if s.shape != target.weight.shape:
-            raise RuntimeError(f"criterion {name!r} gave scores of shape {tuple(s.shape)} for {target.name}")
+            raise RuntimeError(f"criterion {chosen.name!r} gave scores of shape {tuple(s.shape)} for {target.name}")
         if torch.isnan(s).any():
-            raise ValueError(f"criterion {name!r} produced NaN scores for {target.name}")
+            raise ValueError(f"criterion {chosen.name!r} produced NaN scores for {target.name}")
     return scores

@@ -7,13 +7,23 @@ from typing import TYPE_CHECKING
 
 from ..config import DRTConfig, register_method
 from ..layer.dct import DCTSparseLayer
+from ..masks.criteria.basic import random_scores
+from ..policy import Policy
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
 
+class DCTSparsePolicy(Policy):
+    """Layers with a fixed DCT path beside the sparse trained matrix."""
+
+    def build_layer(self, module: nn.Module, indices: Tensor) -> DCTSparseLayer:
+        """A :class:`~drt_peft.layer.dct.DCTSparseLayer` with S trained at ψ = ``indices``."""
+        return DCTSparseLayer(module, indices, self.config.bias == "all")
+
+
 @register_method("dct_sparse")
-@dataclass
+@dataclass(frozen=True)
 class DCTSparseConfig(DRTConfig):
     """y = S·x + C·x + b: S = ψ·ϑ sparse and trained, C a fixed orthonormal DCT-II path.
 
@@ -35,8 +45,10 @@ class DCTSparseConfig(DRTConfig):
         model = get_drt_model(base_model, config)
     """
 
-    criterion = "random"
+    criterion = random_scores
     indices_from_seed = True
+
+    policy = DCTSparsePolicy
 
     mode: str = field(
         default="prune",
@@ -50,7 +62,3 @@ class DCTSparseConfig(DRTConfig):
                 f"mode={self.mode!r} is not supported by 'dct_sparse'; use 'prune' (S is zero off ψ and the "
                 "fixed DCT path is the dense offset)"
             )
-
-    def build_layer(self, module: nn.Module, indices: Tensor) -> DCTSparseLayer:
-        """A :class:`~drt_peft.layer.dct.DCTSparseLayer` with S trained at ψ = ``indices``."""
-        return DCTSparseLayer(module, indices, self.bias == "all")

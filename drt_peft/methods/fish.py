@@ -10,9 +10,10 @@ import torch
 
 from ..config import register_method
 from ..masks import ScoringContext, select_masks
-from ..masks.criteria.fisher import live_fisher_scores
+from ..masks.criteria.fisher import fisher_scores, live_fisher_scores
 from ..masks.dynamic import trained_values_finite
 from ..masks.selection import indices_of
+from ..policy import Policy
 from ..targeting import Target
 from ..validation import check_choice, check_int
 from .base import DataDrivenConfig
@@ -23,8 +24,48 @@ if TYPE_CHECKING:
 FISHER_LABELS = ("true", "predicted")
 
 
+class FISHPolicy(Policy):
+    """With ``update_frequency``, re-compute the Fisher of the current Θ and re-select ψ during training."""
+
+    config: FISHConfig
+
+    @property
+    def rescores_during_training(self) -> bool:
+        return bool(self.config.update_frequency)
+
+    @property
+    def needs_optimizer(self) -> bool:
+        return bool(self.config.update_frequency)
+
+    def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        if self.config.update_frequency:
+            model.expect_update_masks(self.config.update_frequency)
+
+    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
+        """Every ``update_frequency`` steps: the Fisher of the current Θ on the calibration data, a new ψ."""
+        every = self.config.update_frequency
+        if not every or step == 0 or step % every or not trained_values_finite(model, step):
+            return {}
+        if model.calibration_data is None:
+            raise ValueError(
+                f"FISH re-scoring at step {step} needs calibration data, and this model has none (it was loaded "
+                "from a checkpoint); set model.calibration_data (and model.loss_fn) first"
+            )
+        named = list(model.drt_layers())
+        targets = [Target(name, layer.base_layer, layer.op) for name, layer in named]
+        select = functools.partial(select_masks, targets, self.config)
+        scoring = ScoringContext(model, targets, self.config, model.calibration_data, model.loss_fn, select)
+        masks = select(live_fisher_scores(scoring, [layer for _, layer in named]))
+        moved = 0
+        for (_, layer), mask in zip(named, masks, strict=True):
+            indices = indices_of(mask)
+            moved += int((~torch.isin(indices, layer.drt_indices)).sum())
+            layer.update_indices(indices, optimizer)
+        return {"drt/moved": float(moved)}
+
+
 @register_method("fish")
-@dataclass
+@dataclass(frozen=True)
 class FISHConfig(DataDrivenConfig):
     """Train the entries with the largest mean squared per-sample gradient of log p(y|x).
 
@@ -40,7 +81,8 @@ class FISHConfig(DataDrivenConfig):
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
 
-    criterion = "fisher"
+    criterion = fisher_scores
+    policy = FISHPolicy
 
     budget: str = field(default="global", metadata={"help": "As in DRTConfig; FISH ranks all layers jointly."})
     num_samples: int = field(
@@ -63,38 +105,3 @@ class FISHConfig(DataDrivenConfig):
         check_int("num_samples", self.num_samples)
         check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
         check_int("update_frequency", self.update_frequency, optional=True)
-
-    @property
-    def rescores_during_training(self) -> bool:
-        return bool(self.update_frequency)
-
-    @property
-    def needs_optimizer(self) -> bool:
-        return bool(self.update_frequency)
-
-    def on_attach(self, model: DRTModel, step: int = 0) -> None:
-        if self.update_frequency:
-            model.expect_update_masks(self.update_frequency)
-
-    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
-        """Every ``update_frequency`` steps: the Fisher of the current Θ on the calibration data, a new ψ."""
-        if not self.update_frequency or step == 0 or step % self.update_frequency:
-            return {}
-        if not trained_values_finite(model, step):
-            return {}
-        if model.calibration_data is None:
-            raise ValueError(
-                f"FISH re-scoring at step {step} needs calibration data, and this model has none (it was loaded "
-                "from a checkpoint); set model.calibration_data (and model.loss_fn) first"
-            )
-        named = list(model.drt_layers())
-        targets = [Target(name, layer.base_layer, layer.op) for name, layer in named]
-        select = functools.partial(select_masks, targets, self)
-        scoring = ScoringContext(model, targets, self, model.calibration_data, model.loss_fn, select)
-        masks = select(live_fisher_scores(scoring, [layer for _, layer in named]))
-        moved = 0
-        for (_, layer), mask in zip(named, masks, strict=True):
-            indices = indices_of(mask)
-            moved += int((~torch.isin(indices, layer.drt_indices)).sum())
-            layer.update_indices(indices, optimizer)
-        return {"drt/moved": float(moved)}

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..config import DRTConfig, register_method
 from ..layer.fixed_classifier import FixedClassifierLayer
+from ..policy import Policy
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -15,8 +16,21 @@ if TYPE_CHECKING:
     from ..model import DRTModel
 
 
+class FixedClassifierPolicy(Policy):
+    """Heads replaced by α·W·x, W drawn from ``(seed, layer name)``."""
+
+    def build_layer(self, module: nn.Module, indices: Tensor) -> FixedClassifierLayer:
+        """A :class:`~drt_peft.layer.fixed_classifier.FixedClassifierLayer`; ``indices`` is empty (no ψ)."""
+        return FixedClassifierLayer(module, self.config.bias == "all", self.config.temperature_init)
+
+    def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        """Draw each head's W from ``(seed, layer name)``; a head keeps a W it already has."""
+        for name, layer in model.drt_layers():
+            layer.draw_fixed_weight(self.config.seed, name)
+
+
 @register_method("fixed_classifier")
-@dataclass
+@dataclass(frozen=True)
 class FixedClassifierConfig(DRTConfig):
     """Replace the classification head by y = α·W·x: W fixed, random and orthogonal; α trains.
 
@@ -44,6 +58,8 @@ class FixedClassifierConfig(DRTConfig):
     """
 
     sized_by_density = False
+
+    policy = FixedClassifierPolicy
 
     target_modules: list[str] | str | None = field(
         default_factory=lambda: ["classifier"],
@@ -76,12 +92,3 @@ class FixedClassifierConfig(DRTConfig):
             raise ValueError(
                 f"temperature_init={value!r} is not allowed; use a finite number > 0 (the initial logit scale α)"
             )
-
-    def build_layer(self, module: nn.Module, indices: Tensor) -> FixedClassifierLayer:
-        """A :class:`~drt_peft.layer.fixed_classifier.FixedClassifierLayer`; ``indices`` is empty (no ψ)."""
-        return FixedClassifierLayer(module, self.bias == "all", self.temperature_init)
-
-    def on_attach(self, model: DRTModel, step: int = 0) -> None:
-        """Draw each head's W from ``(seed, layer name)``; a head keeps a W it already has."""
-        for name, layer in model.drt_layers():
-            layer.draw_fixed_weight(self.seed, name)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import register_method
+from ..masks.criteria.gradient import force_scores
 from .base import DataDrivenConfig, IterativeConfig
 
 
 @register_method("force")
-@dataclass
+@dataclass(frozen=True)
 class FORCEConfig(IterativeConfig, DataDrivenConfig):
     """Prune over ``rounds`` rounds to ``density``; each round scores |θ ⊙ g(θ ⊙ m)| on the network
     masked by the previous round (pruned weights may come back, as in FORCE).
@@ -20,4 +21,4 @@ class FORCEConfig(IterativeConfig, DataDrivenConfig):
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
 
-    criterion = "force"
+    criterion = force_scores

@@ -5,15 +5,44 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from torch import Tensor, nn
+
 from ..config import register_method
+from ..layer.frozen_decay import FrozenDecayLayer
+from ..layer.layer import DRTLayer
+from ..policy import Policy
 from .snip import SNIPConfig
 
 if TYPE_CHECKING:
     from ..model import DRTModel
 
 
+class FreezeNetPolicy(Policy):
+    """With ``frozen_weight_decay``, the frozen entries of every layer decay after each optimizer step."""
+
+    config: FreezeNetConfig
+
+    @property
+    def needs_optimizer(self) -> bool:
+        return bool(self.config.frozen_weight_decay)  # the decay per step is lr · frozen_weight_decay
+
+    def build_layer(self, module: nn.Module, indices: Tensor) -> DRTLayer:
+        """A :class:`~drt_peft.layer.frozen_decay.FrozenDecayLayer` when the frozen entries decay."""
+        if not self.config.frozen_weight_decay:
+            return super().build_layer(module, indices)
+        return FrozenDecayLayer(module, indices, self.config.bias == "all")
+
+    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
+        if not self.config.frozen_weight_decay:
+            return {}
+        factor = 1.0 - optimizer.param_groups[0]["lr"] * self.config.frozen_weight_decay
+        for _, layer in model.drt_layers():
+            layer.decay_frozen(factor)
+        return {"frozen_scale": next(layer for _, layer in model.drt_layers()).frozen_scale}
+
+
 @register_method("freezenet")
-@dataclass
+@dataclass(frozen=True)
 class FreezeNetConfig(SNIPConfig):
     """SNIP's ψ in freeze mode, with optional weight decay on the frozen part so the network ends sparse.
 
@@ -27,6 +56,8 @@ class FreezeNetConfig(SNIPConfig):
         config = FreezeNetConfig(density=0.01, frozen_weight_decay=0.01, num_batches=8)
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
+
+    policy = FreezeNetPolicy
 
     frozen_weight_decay: float = field(
         default=0.0,
@@ -42,15 +73,3 @@ class FreezeNetConfig(SNIPConfig):
                 f"frozen_weight_decay={self.frozen_weight_decay} needs mode='freeze' (got mode={self.mode!r}): "
                 "pruned entries are already zero"
             )
-
-    @property
-    def needs_optimizer(self) -> bool:
-        return bool(self.frozen_weight_decay)  # the decay per step is lr · frozen_weight_decay
-
-    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
-        if not self.frozen_weight_decay:
-            return {}
-        factor = 1.0 - optimizer.param_groups[0]["lr"] * self.frozen_weight_decay
-        for _, layer in model.drt_layers():
-            layer.decay_frozen(factor)
-        return {"frozen_scale": next(layer for _, layer in model.drt_layers()).frozen_scale}

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import register_method
+from ..masks.criteria.gradient import grasp_abs_scores, grasp_scores
 from .base import DataDrivenConfig
 
 
 @register_method("grasp")
-@dataclass
+@dataclass(frozen=True)
 class GraSPConfig(DataDrivenConfig):
     """Gradient signal preservation: the paper removes the largest −θ ⊙ (H g), i.e. keeps the lowest.
 
@@ -22,11 +23,11 @@ class GraSPConfig(DataDrivenConfig):
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
 
-    criterion = "grasp"
+    criterion = grasp_scores
 
 
 @register_method("grasp_abs")
-@dataclass
+@dataclass(frozen=True)
 class GraSPAbsConfig(DataDrivenConfig):
     """|θ ⊙ (H g)|: keeps the weights whose removal changes the gradient flow most, in either direction.
 
@@ -36,4 +37,4 @@ class GraSPAbsConfig(DataDrivenConfig):
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
 
-    criterion = "grasp_abs"
+    criterion = grasp_abs_scores

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from ..config import DRTConfig, register_method
 from ..layer.projected import ProjectedLayer, share_projection
 from ..masks.budgets import total_budget
+from ..policy import Policy
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -15,8 +16,22 @@ if TYPE_CHECKING:
     from ..model import DRTModel
 
 
+class IntrinsicDimensionPolicy(Policy):
+    """Projected layers sharing one ϑ ∈ R^d through Fastfood transforms."""
+
+    def build_layer(self, module: nn.Module, indices: Tensor) -> ProjectedLayer:
+        """A :class:`~drt_peft.layer.projected.ProjectedLayer`; ``indices`` is empty (no ψ)."""
+        return ProjectedLayer(module, self.config.bias == "all")
+
+    def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        """Create ϑ ∈ R^d once all layers exist (d and P's scale depend on their total size D)."""
+        layers = list(model.drt_layers())
+        total = sum(layer.base_layer.weight.numel() for _, layer in layers)
+        share_projection(layers, total_budget(self.config.density, self.config.num_trainable, total), self.config.seed)
+
+
 @register_method("intrinsic_dimension")
-@dataclass
+@dataclass(frozen=True)
 class IntrinsicDimensionConfig(DRTConfig):
     """Train one vector ϑ ∈ R^d for all targeted weights: Θ = Θ(0) + P·ϑ (Li et al. 2018, §2).
 
@@ -38,6 +53,8 @@ class IntrinsicDimensionConfig(DRTConfig):
         model = get_drt_model(base_model, config)
     """
 
+    policy = IntrinsicDimensionPolicy
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.allow_only(
@@ -46,13 +63,3 @@ class IntrinsicDimensionConfig(DRTConfig):
             budget="uniform",
             structure="unstructured",
         )
-
-    def build_layer(self, module: nn.Module, indices: Tensor) -> ProjectedLayer:
-        """A :class:`~drt_peft.layer.projected.ProjectedLayer`; ``indices`` is empty (no ψ)."""
-        return ProjectedLayer(module, self.bias == "all")
-
-    def on_attach(self, model: DRTModel, step: int = 0) -> None:
-        """Create ϑ ∈ R^d once all layers exist (d and P's scale depend on their total size D)."""
-        layers = list(model.drt_layers())
-        total = sum(layer.base_layer.weight.numel() for _, layer in layers)
-        share_projection(layers, total_budget(self.density, self.num_trainable, total), self.seed)

@@ -9,15 +9,60 @@ import torch
 from torch import Tensor
 
 from ..config import DRTConfig, register_method
+from ..masks.criteria.basic import lamp_scores, magnitude_scores
+from ..policy import Policy
 from ..schedules import lottery_densities, lottery_rounds
 from ..validation import check_int
 
 if TYPE_CHECKING:
+    from ..masks import Criterion
     from ..model import DRTModel
 
 
+class LotteryPolicy(Policy):
+    """What a lottery round does besides training: keep Θ(k) for late rewinding, and hand per-layer state
+    over to the next round.
+
+    State: :attr:`rewind`, the snapshot of step ``rewind_step`` of the dense round (None before),
+    which :func:`drt_peft.find_lottery_ticket` writes next to the rounds.
+    """
+
+    config: LotteryTicketConfig
+
+    def __init__(self, config: LotteryTicketConfig) -> None:
+        super().__init__(config)
+        #: Θ(k) of every targeted weight (``drt.<layer>``) and ``modules_to_save`` (``save.<module>.<key>``).
+        self.rewind: dict[str, Tensor] | None = None
+
+    def _records_rewind(self) -> bool:
+        return bool(self.config.rewind_step) and self.config.density == 1.0
+
+    def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        if self._records_rewind():
+            model.expect_update_masks(self.config.rewind_step)
+
+    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
+        """In the dense round, keep Θ(k) (every targeted weight and ``modules_to_save``) at step k."""
+        if step == self.config.rewind_step and self._records_rewind():
+            with torch.no_grad():
+                snapshot = {f"drt.{name}": layer.drt_values.detach().clone() for name, layer in model.drt_layers()}
+                for name in model.modules_to_save:
+                    for key, value in model.base_model.get_submodule(name).state_dict().items():
+                        snapshot[f"save.{name}.{key}"] = value.detach().clone()
+            self.rewind = snapshot
+        return {}
+
+    def carry_over(self, model: DRTModel, indices: list[Tensor]) -> list[Tensor] | None:
+        """Per-layer state the next round inherits when ψ shrinks to ``indices`` (none: dropped entries are
+        simply pruned or frozen by ``mode``); see :class:`~drt_peft.PruneOrFreezeConfig`."""
+        return None
+
+    def restore(self, model: DRTModel, carried: list[Tensor]) -> None:
+        """Apply what :meth:`carry_over` returned to the next round's freshly built model."""
+
+
 @register_method("lottery_ticket")
-@dataclass
+@dataclass(frozen=True)
 class LotteryTicketConfig(DRTConfig):
     """Iterative magnitude pruning (IMP) towards a winning ticket, driven by :func:`drt_peft.find_lottery_ticket`.
 
@@ -75,9 +120,11 @@ class LotteryTicketConfig(DRTConfig):
             structure="unstructured",
         )
 
+    policy = LotteryPolicy
+
     @property
-    def criterion(self) -> str:  # type: ignore[override]
-        return "lamp" if self.layer_adaptive else "magnitude"
+    def criterion(self) -> Criterion:  # type: ignore[override]
+        return lamp_scores if self.layer_adaptive else magnitude_scores
 
     @property
     def num_rounds(self) -> int:
@@ -87,26 +134,3 @@ class LotteryTicketConfig(DRTConfig):
     def round_densities(self) -> list[float]:
         """The density trained in each round: 1 (dense), (1 − p0), (1 − p0)², …, ending at ``density``."""
         return lottery_densities(self.density, self.prune_fraction, self.one_shot)
-
-    def carry_over(self, model: DRTModel, indices: list[Tensor]) -> list[Tensor] | None:
-        """Per-layer state the next round inherits when ψ shrinks to ``indices`` (none: dropped entries are
-        simply pruned or frozen by ``mode``); see :class:`PruneOrFreezeConfig`."""
-        return None
-
-    def restore(self, model: DRTModel, carried: list[Tensor]) -> None:
-        """Apply what :meth:`carry_over` returned to the next round's freshly built model."""
-
-    def on_attach(self, model: DRTModel, step: int = 0) -> None:
-        if self.rewind_step and model.drt_config.density == 1.0:
-            model.expect_update_masks(self.rewind_step)
-
-    def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
-        """In the dense round, keep Θ(k) (every targeted weight and ``modules_to_save``) at step k."""
-        if step == self.rewind_step and self.rewind_step and model.drt_config.density == 1.0:
-            with torch.no_grad():
-                snapshot = {f"drt.{name}": layer.drt_values.detach().clone() for name, layer in model.drt_layers()}
-                for name in model.modules_to_save:
-                    for key, value in model.base_model.get_submodule(name).state_dict().items():
-                        snapshot[f"save.{name}.{key}"] = value.detach().clone()
-            model.lottery_rewind = snapshot
-        return {}

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import register_method
+from ..masks.criteria.gradient import lubana_dick_scores
 from .base import DataDrivenConfig
 
 
 @register_method("lubana_dick")
-@dataclass
+@dataclass(frozen=True)
 class LubanaDickConfig(DataDrivenConfig):
     """Train the entries with the largest |g| · θ², which preserves the loss's first-order decrease rate.
 
@@ -19,4 +20,4 @@ class LubanaDickConfig(DataDrivenConfig):
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
 
-    criterion = "lubana_dick"
+    criterion = lubana_dick_scores

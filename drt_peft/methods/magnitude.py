@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import DRTConfig, register_method
+from ..masks.criteria.basic import magnitude_scores
 
 
 @register_method("magnitude")
-@dataclass
+@dataclass(frozen=True)
 class MagnitudeConfig(DRTConfig):
     """Train the entries of largest base magnitude |Θ(0)|.
 
@@ -22,4 +23,4 @@ class MagnitudeConfig(DRTConfig):
         model = get_drt_model(base_model, config)
     """
 
-    criterion = "magnitude"
+    criterion = magnitude_scores

@@ -34,7 +34,7 @@ def norm_layer_names(model: nn.Module) -> list[str]:
 
 
 @register_method("norm_bias")
-@dataclass
+@dataclass(frozen=True)
 class NormBiasConfig(DRTConfig):
     """Train only normalisation affine parameters and/or biases; every weight matrix stays frozen.
 
@@ -98,7 +98,7 @@ class NormBiasConfig(DRTConfig):
         check_choice("train", self.train, TRAIN_CHOICES)
         expected = "all" if self.trains_biases else "none"
         if self.bias is None:
-            self.bias = expected
+            self._normalise("bias", expected)
         elif self.bias != expected:
             raise ValueError(
                 f"bias={self.bias!r} contradicts train={self.train!r}; leave bias unset: it follows train "

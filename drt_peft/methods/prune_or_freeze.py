@@ -10,14 +10,36 @@ from torch import Tensor, nn
 
 from ..config import register_method
 from ..layer.partly_pruned import PartlyPrunedLayer
-from .lottery_ticket import LotteryTicketConfig
+from .lottery_ticket import LotteryPolicy, LotteryTicketConfig
 
 if TYPE_CHECKING:
     from ..model import DRTModel
 
 
+class PruneOrFreezePolicy(LotteryPolicy):
+    """Layers that prune part of their frozen entries; each round prunes the dropped entries that moved toward
+    zero."""
+
+    def build_layer(self, module: nn.Module, indices: Tensor) -> PartlyPrunedLayer:
+        return PartlyPrunedLayer(module, indices, self.config.bias == "all")
+
+    def carry_over(self, model: DRTModel, indices: list[Tensor]) -> list[Tensor]:
+        """The pruned set of each layer once ψ shrinks to ``indices``: the old one plus the dropped
+        entries whose trained value moved toward zero."""
+        pruned = []
+        for (_, layer), kept in zip(model.drt_layers(), indices, strict=True):
+            dropped = ~torch.isin(layer.drt_indices, kept.to(layer.drt_indices.device))
+            toward_zero = layer.drt_values.detach().abs() < layer.drt_base_values.abs()
+            pruned.append(torch.cat([layer.drt_pruned, layer.drt_indices[dropped & toward_zero]]).sort().values)
+        return pruned
+
+    def restore(self, model: DRTModel, carried: list[Tensor]) -> None:
+        for (_, layer), pruned in zip(model.drt_layers(), carried, strict=True):
+            layer.prune(pruned)
+
+
 @register_method("prune_or_freeze")
-@dataclass
+@dataclass(frozen=True)
 class PruneOrFreezeConfig(LotteryTicketConfig):
     """A lottery-ticket search whose dropped weights are pruned or frozen by the direction they moved.
 
@@ -33,26 +55,11 @@ class PruneOrFreezeConfig(LotteryTicketConfig):
         ticket = find_lottery_ticket(model, config, train_fn=my_training, output_dir="pof")
     """
 
+    policy = PruneOrFreezePolicy
+
     mode: str = field(default="freeze", metadata={"help": "Must be 'freeze': the untrained entries not pruned stay."})
     one_shot: bool = field(default=True, metadata={"help": "Prune to `density` in one round after the dense run."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.allow_only("the entries that moved away from zero stay frozen at Θ(0)", mode="freeze")
-
-    def build_layer(self, module: nn.Module, indices: Tensor) -> PartlyPrunedLayer:
-        return PartlyPrunedLayer(module, indices, self.bias == "all")
-
-    def carry_over(self, model: DRTModel, indices: list[Tensor]) -> list[Tensor]:
-        """The pruned set of each layer once ψ shrinks to ``indices``: the old one plus the dropped
-        entries whose trained value moved toward zero."""
-        pruned = []
-        for (_, layer), kept in zip(model.drt_layers(), indices, strict=True):
-            dropped = ~torch.isin(layer.drt_indices, kept.to(layer.drt_indices.device))
-            toward_zero = layer.drt_values.detach().abs() < layer.drt_base_values.abs()
-            pruned.append(torch.cat([layer.drt_pruned, layer.drt_indices[dropped & toward_zero]]).sort().values)
-        return pruned
-
-    def restore(self, model: DRTModel, carried: list[Tensor]) -> None:
-        for (_, layer), pruned in zip(model.drt_layers(), carried, strict=True):
-            layer.prune(pruned)

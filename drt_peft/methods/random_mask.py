@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import DRTConfig, register_method
+from ..masks.criteria.basic import random_scores
 
 
 @register_method("random")
-@dataclass
+@dataclass(frozen=True)
 class RandomConfig(DRTConfig):
     """Train a seeded random subset of the targeted weights.
 
@@ -22,5 +23,5 @@ class RandomConfig(DRTConfig):
         model = get_drt_model(base_model, config)
     """
 
-    criterion = "random"
+    criterion = random_scores
     indices_from_seed = True

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..config import register_method
 from ..masks.dynamic import all_reduce_, capture_dense_gradients
-from .base import DynamicConfig
+from .drop_and_grow import DropAndGrow, DynamicConfig
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -16,8 +16,29 @@ if TYPE_CHECKING:
     from ..model import DRTModel
 
 
+class RigLPolicy(DropAndGrow):
+    """Grow where |∂L/∂Θ| of the update step is largest; the dense gradient is formed only in that step."""
+
+    def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        super().on_attach(model, step)
+        capture_dense_gradients((layer for _, layer in model.drt_layers()), self.config.is_update_step(step + 1))
+
+    def grow_scores(self, i: int, name: str, layer: DRTLayer, step: int) -> Tensor:
+        """|∂L/∂Θ| of the update step, summed over processes."""
+        if layer.dense_grad is None:
+            raise RuntimeError(
+                f"RigL update at step {step}: layer {name} captured no dense gradient; call "
+                "model.update_masks(step, optimizer) after every optimizer step (or use DRTCallback)"
+            )
+        return all_reduce_(layer.dense_grad).abs()
+
+    def after_step(self, model: DRTModel, step: int) -> None:
+        """Form the dense gradient in the next backward only if the next step updates the mask."""
+        capture_dense_gradients((layer for _, layer in model.drt_layers()), self.config.is_update_step(step + 1))
+
+
 @register_method("rigl")
-@dataclass
+@dataclass(frozen=True)
 class RigLConfig(DynamicConfig):
     """Rigged Lottery: a random ERK mask to start; at every ``update_frequency``-th step t ≤ ``t_end``
     each layer drops the α_t fraction of its trained entries with the smallest |ϑ| and grows as many
@@ -35,20 +56,4 @@ class RigLConfig(DynamicConfig):
     """
 
     cosine_decay = True
-
-    def on_attach(self, model: DRTModel, step: int = 0) -> None:
-        super().on_attach(model, step)
-        capture_dense_gradients((layer for _, layer in model.drt_layers()), self.is_update_step(step + 1))
-
-    def grow_scores(self, name: str, layer: DRTLayer, step: int) -> Tensor:
-        """|∂L/∂Θ| of the update step, summed over processes."""
-        if layer.dense_grad is None:
-            raise RuntimeError(
-                f"RigL update at step {step}: layer {name} captured no dense gradient; call "
-                "model.update_masks(step, optimizer) after every optimizer step (or use DRTCallback)"
-            )
-        return all_reduce_(layer.dense_grad).abs()
-
-    def after_step(self, model: DRTModel, step: int) -> None:
-        """Form the dense gradient in the next backward only if the next step updates the mask."""
-        capture_dense_gradients((layer for _, layer in model.drt_layers()), self.is_update_step(step + 1))
+    policy = RigLPolicy

@@ -11,7 +11,7 @@ import torch
 from ..config import register_method
 from ..masks.budgets import apportion
 from ..masks.dynamic import all_reduce_, capture_dense_gradients
-from .base import DynamicConfig
+from .drop_and_grow import DropAndGrow, DynamicConfig
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -20,15 +20,61 @@ if TYPE_CHECKING:
     from ..model import DRTModel
 
 
+class SNFSPolicy(DropAndGrow):
+    """Drop and grow with a dense-gradient momentum per layer (buffer ``momentum_<i>``)."""
+
+    config: SNFSConfig
+
+    def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        super().on_attach(model, step)
+        for i, (_, layer) in enumerate(model.drt_layers()):
+            if not hasattr(self, f"momentum_{i}"):
+                self.register_buffer(f"momentum_{i}", torch.zeros_like(layer.base_layer.weight, dtype=torch.float32))
+        capture_dense_gradients((layer for _, layer in model.drt_layers()), True)
+
+    def momentum(self, i: int) -> Tensor:
+        """m of the i-th layer."""
+        return getattr(self, f"momentum_{i}")
+
+    def observe(self, model: DRTModel, step: int) -> None:
+        """m ← β·m + (1 − β)·∂L/∂Θ for every layer (summed over processes); a non-finite gradient is left out."""
+        layers = [layer for _, layer in model.drt_layers()]
+        if any(layer.dense_grad is None for layer in layers):
+            raise RuntimeError("SNFS found no dense gradient: call model.update_masks after every optimizer step")
+        grads = [all_reduce_(layer.dense_grad) for layer in layers]
+        if all(bool(torch.isfinite(grad).all()) for grad in grads):  # a non-finite step would poison m for good
+            beta = self.config.momentum
+            for i, grad in enumerate(grads):
+                self.momentum(i).mul_(beta).add_(grad, alpha=1 - beta)
+        else:
+            warnings.warn(f"step {step}: non-finite gradients; SNFS leaves its momentum as it was", stacklevel=3)
+        for layer in layers:
+            layer.dense_grad = None
+
+    def grow_counts(self, model: DRTModel, dropped: list[Tensor]) -> list[int]:
+        """All dropped entries, regrown across layers in proportion to each layer's mean |m| over its kept ones."""
+        self.require_single_process()
+        layers = [layer for _, layer in model.drt_layers()]
+        kept = [layer.drt_indices[~drop] for layer, drop in zip(layers, dropped, strict=True)]
+        shares = [float(self.momentum(i).reshape(-1)[k].abs().mean()) if k.numel() else 0.0 for i, k in enumerate(kept)]
+        caps = [layer.base_layer.weight.numel() - k.numel() for layer, k in zip(layers, kept, strict=True)]
+        return apportion(sum(int(drop.sum()) for drop in dropped), shares, caps)
+
+    def grow_scores(self, i: int, name: str, layer: DRTLayer, step: int) -> Tensor:
+        """|m|: grow where the momentum of the dense gradient is largest."""
+        return self.momentum(i).abs()
+
+
 @register_method("snfs")
-@dataclass
+@dataclass(frozen=True)
 class SNFSConfig(DynamicConfig):
     """Sparse momentum: every step each layer keeps an exponential average m ← β·m + (1 − β)·∂L/∂Θ of
     its **dense** gradient; every ``update_frequency`` steps each layer drops the q_t fraction of its
     trained entries with the smallest |ϑ| (q_t cosine-decayed from ``drop_fraction`` to 0 at
     ``t_end``), and the total dropped is regrown across layers in proportion to each layer's mean
     |m| over its kept entries, inside each layer where |m| is largest. Total d stays exact; d per
-    layer moves.
+    layer moves. m is the state of the policy (``model.drt_policy.momentum_<i>`` for the i-th layer)
+    and travels in Trainer checkpoints.
 
     Cost: a dense weight gradient in every backward and a D-sized momentum per layer — the one
     method here whose training state is not ∝ d. Per-layer sizes change, so it cannot run under
@@ -41,6 +87,7 @@ class SNFSConfig(DynamicConfig):
     """
 
     cosine_decay = True
+    policy = SNFSPolicy
 
     momentum: float = field(default=0.9, metadata={"help": "β of the dense-gradient momentum, 0 <= β < 1."})
 
@@ -48,40 +95,3 @@ class SNFSConfig(DynamicConfig):
         super().__post_init__()
         if not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
             raise ValueError(f"momentum={self.momentum!r} must satisfy 0 <= momentum < 1")
-
-    def on_attach(self, model: DRTModel, step: int = 0) -> None:
-        super().on_attach(model, step)
-        for _, layer in model.drt_layers():
-            if not hasattr(layer, "drt_momentum"):
-                layer.register_buffer("drt_momentum", torch.zeros_like(layer.base_layer.weight, dtype=torch.float32))
-        capture_dense_gradients((layer for _, layer in model.drt_layers()), True)
-
-    def observe(self, model: DRTModel, step: int) -> None:
-        """m ← β·m + (1 − β)·∂L/∂Θ for every layer (summed over processes); a non-finite gradient is left out."""
-        layers = list(model.drt_layers())
-        if any(layer.dense_grad is None for _, layer in layers):
-            raise RuntimeError("SNFS found no dense gradient: call model.update_masks after every optimizer step")
-        grads = [all_reduce_(layer.dense_grad) for _, layer in layers]
-        if all(bool(torch.isfinite(grad).all()) for grad in grads):  # a non-finite step would poison m for good
-            for (_, layer), grad in zip(layers, grads, strict=True):
-                layer.drt_momentum.mul_(self.momentum).add_(grad, alpha=1 - self.momentum)
-        else:
-            warnings.warn(f"step {step}: non-finite gradients; SNFS leaves its momentum as it was", stacklevel=3)
-        for _, layer in layers:
-            layer.dense_grad = None
-
-    def grow_counts(self, model: DRTModel, dropped: list[Tensor]) -> list[int]:
-        """All dropped entries, regrown across layers in proportion to each layer's mean |m| over its kept ones."""
-        self.require_single_process()
-        layers = list(model.drt_layers())
-        kept = [layer.drt_indices[~drop] for (_, layer), drop in zip(layers, dropped, strict=True)]
-        shares = [
-            float(layer.drt_momentum.reshape(-1)[k].abs().mean()) if k.numel() else 0.0
-            for (_, layer), k in zip(layers, kept, strict=True)
-        ]
-        caps = [layer.drt_momentum.numel() - k.numel() for (_, layer), k in zip(layers, kept, strict=True)]
-        return apportion(sum(int(drop.sum()) for drop in dropped), shares, caps)
-
-    def grow_scores(self, name: str, layer: DRTLayer, step: int) -> Tensor:
-        """|m|: grow where the momentum of the dense gradient is largest."""
-        return layer.drt_momentum.abs()

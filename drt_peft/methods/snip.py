@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import register_method
+from ..masks.criteria.gradient import snip_scores
 from .base import DataDrivenConfig
 
 
 @register_method("snip")
-@dataclass
+@dataclass(frozen=True)
 class SNIPConfig(DataDrivenConfig):
     """Train the entries with the largest |g ⊙ θ|, g the mean loss gradient over ``calibration_data``.
 
@@ -19,4 +20,4 @@ class SNIPConfig(DataDrivenConfig):
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
 
-    criterion = "snip"
+    criterion = snip_scores

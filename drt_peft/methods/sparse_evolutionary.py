@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import register_method
-from .base import DynamicConfig
+from .drop_and_grow import DynamicConfig
 
 
 @register_method("set")
-@dataclass
+@dataclass(frozen=True)
 class SETConfig(DynamicConfig):
     """Sparse Evolutionary Training: a random ERK mask to start; every ``update_frequency`` steps each
     layer drops the ``drop_fraction`` of its trained entries with the smallest |ϑ| and regrows as

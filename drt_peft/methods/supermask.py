@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from ..config import DRTConfig, register_method
 from ..layer.supermask import VARIANTS, SupermaskLayer
+from ..masks.criteria.basic import random_scores
+from ..policy import Policy
 from ..validation import check_choice
 
 if TYPE_CHECKING:
@@ -15,8 +17,20 @@ if TYPE_CHECKING:
     from ..model import DRTModel
 
 
+class SupermaskPolicy(Policy):
+    """Supermask layers whose initial scores are drawn from ``(seed, layer name)``."""
+
+    def build_layer(self, module: nn.Module, indices: Tensor) -> SupermaskLayer:
+        return SupermaskLayer(module, indices, self.config.variant, self.config.bias == "all")
+
+    def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        """Draw each layer's initial scores from ``(seed, layer name)``; a layer keeps scores it already has."""
+        for name, layer in model.drt_layers():
+            layer.seed_scores(self.config.seed, name)
+
+
 @register_method("supermask")
-@dataclass
+@dataclass(frozen=True)
 class SupermaskConfig(DRTConfig):
     """Train a mask, not the weights: Θ = Θ(0) ⊙ m(s) with a trainable score s per weight.
 
@@ -53,8 +67,10 @@ class SupermaskConfig(DRTConfig):
     """
 
     # Only fixes each layer's count k; the mask itself is the top-k of the scores.
-    criterion = "random"
+    criterion = random_scores
     values_from_base = True
+
+    policy = SupermaskPolicy
 
     mode: str = field(
         default="prune",
@@ -85,11 +101,3 @@ class SupermaskConfig(DRTConfig):
             budget=("uniform", "erk"),
             structure="unstructured",
         )
-
-    def build_layer(self, module: nn.Module, indices: Tensor) -> SupermaskLayer:
-        return SupermaskLayer(module, indices, self.variant, self.bias == "all")
-
-    def on_attach(self, model: DRTModel, step: int = 0) -> None:
-        """Draw each layer's initial scores from ``(seed, layer name)``; a layer keeps scores it already has."""
-        for name, layer in model.drt_layers():
-            layer.seed_scores(self.seed, name)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import register_method
+from ..masks.criteria.synflow import synflow_scores
 from .base import IterativeConfig
 
 
 @register_method("synflow")
-@dataclass
+@dataclass(frozen=True)
 class SynFlowConfig(IterativeConfig):
     """Prune by (∂R/∂θ) ⊙ θ on the positive-linear network, R = 1ᵀ f_|θ|(1), over 100 rounds by default.
 
@@ -22,5 +23,5 @@ class SynFlowConfig(IterativeConfig):
         model = get_drt_model(vision_model, config)
     """
 
-    criterion = "synflow"
+    criterion = synflow_scores
     default_rounds = 100

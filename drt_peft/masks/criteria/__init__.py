@@ -1,5 +1,5 @@
-"""Criteria (survey §3.4): score functions whose largest scores select ψ. Importing this package
-registers them all."""
+"""Criteria (survey §3.4): score functions whose largest scores select ψ, named by reference in each
+method's config."""
 
 from . import basic, fisher, gradient, synflow
 

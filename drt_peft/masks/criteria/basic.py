@@ -5,18 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...criterion import criterion
 from ...seeding import generator
-from ..scoring import ScoringContext, register_criterion
+from ..scoring import ScoringContext
 
 
-@register_criterion("random")
+@criterion("random")
 def random_scores(scoring: ScoringContext) -> list[Tensor]:
     """s ~ U(0, 1), drawn per layer from a CPU generator seeded by (seed, layer name)."""
     seed = scoring.config.seed
     return [torch.rand(t.weight.shape, generator=generator(seed, "scores", t.name)) for t in scoring.targets]
 
 
-@register_criterion("magnitude")
+@criterion("magnitude")
 def magnitude_scores(scoring: ScoringContext) -> list[Tensor]:
     """s = |Θ(0)|: the base (pretrained or seeded) magnitude."""
     return [t.weight.detach().abs().float() for t in scoring.targets]
@@ -36,7 +37,7 @@ def lamp(magnitudes: Tensor) -> Tensor:
     return scores.reshape(magnitudes.shape)
 
 
-@register_criterion("lamp")
+@criterion("lamp")
 def lamp_scores(scoring: ScoringContext) -> list[Tensor]:
     """s = LAMP(|Θ(0)|): layer-adaptive magnitudes."""
     return [lamp(t.weight.detach().abs()) for t in scoring.targets]

@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ...criterion import criterion
 from ...layer import DRTLayer
 from ..calibration import batch_loss, calibration_batches, scoring_mode, split_samples
 from ..dynamic import capture_dense_gradients
-from ..scoring import ScoringContext, register_criterion
+from ..scoring import ScoringContext
 
 
 def _negative_log_likelihood(scoring: ScoringContext, sample: object) -> Tensor:
@@ -48,7 +49,7 @@ def empirical_fisher(scoring: ScoringContext, gradients: Callable[[Tensor], Sequ
     return [s / count for s in sums]
 
 
-@register_criterion("fisher")
+@criterion("fisher")
 def fisher_scores(scoring: ScoringContext) -> list[Tensor]:
     """Empirical Fisher of the plain targeted weights (before the layers are embedded)."""
     weights = [t.weight for t in scoring.targets]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...criterion import criterion
 from ..calibration import (
     batch_loss,
     calibration_batches,
@@ -28,7 +29,7 @@ from ..calibration import (
     scoring_mode,
 )
 from ..rounds import prune_in_rounds
-from ..scoring import ScoringContext, register_criterion
+from ..scoring import ScoringContext
 
 
 def _weights(scoring: ScoringContext) -> list[Tensor]:
@@ -41,13 +42,13 @@ def _gradients(scoring: ScoringContext) -> list[Tensor]:
         return mean_gradients(scoring, weights, scoring.config.num_batches)
 
 
-@register_criterion("snip")
+@criterion("snip")
 def snip_scores(scoring: ScoringContext) -> list[Tensor]:
     """s = |g ⊙ θ| (Lee et al. 2019)."""
     return [(g * w.detach()).abs() for g, w in zip(_gradients(scoring), _weights(scoring), strict=True)]
 
 
-@register_criterion("lubana_dick")
+@criterion("lubana_dick")
 def lubana_dick_scores(scoring: ScoringContext) -> list[Tensor]:
     """s = |g| · θ² (Lubana & Dick 2021)."""
     return [g.abs() * w.detach().float() ** 2 for g, w in zip(_gradients(scoring), _weights(scoring), strict=True)]
@@ -71,7 +72,7 @@ def hessian_gradient_products(scoring: ScoringContext) -> list[Tensor]:
     return [s / count for s in sums]
 
 
-@register_criterion("grasp")
+@criterion("grasp")
 def grasp_scores(scoring: ScoringContext) -> list[Tensor]:
     """s = θ ⊙ (H g): keeping the largest keeps the lowest GraSP score −θ ⊙ (H g) (Wang et al. 2020)."""
     return [
@@ -79,7 +80,7 @@ def grasp_scores(scoring: ScoringContext) -> list[Tensor]:
     ]
 
 
-@register_criterion("grasp_abs")
+@criterion("grasp_abs")
 def grasp_abs_scores(scoring: ScoringContext) -> list[Tensor]:
     """s = |θ ⊙ (H g)| (Lubana & Dick 2021)."""
     return [
@@ -88,7 +89,7 @@ def grasp_abs_scores(scoring: ScoringContext) -> list[Tensor]:
     ]
 
 
-@register_criterion("force")
+@criterion("force")
 def force_scores(scoring: ScoringContext) -> list[Tensor]:
     """Iterative SNIP / FORCE: |θ ⊙ g(θ ⊙ m)| re-scored on the masked network over ``rounds`` rounds."""
     weights = _weights(scoring)

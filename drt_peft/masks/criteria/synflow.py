@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...criterion import criterion
 from ...targeting import is_normalisation
 from ..calibration import scoring_mode
 from ..rounds import prune_in_rounds
-from ..scoring import ScoringContext, register_criterion
+from ..scoring import ScoringContext
 
 
 @contextlib.contextmanager
@@ -102,7 +103,7 @@ def _flow(output: Any) -> Tensor:
     return (logits if logits is not None else output[0]).sum()
 
 
-@register_criterion("synflow")
+@criterion("synflow")
 def synflow_scores(scoring: ScoringContext) -> list[Tensor]:
     """Iterative SynFlow scores (∂R/∂θ) ⊙ θ on the positive-linear network."""
     weights = [t.weight for t in scoring.targets]
