@@ -1,6 +1,10 @@
-"""Tiny models built from configs, shared by the tests."""
+"""What the tests share: tiny models built from configs, random batches, short training loops, and the
+save → load and merge checks every adapter must pass."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
 
 import pytest
 import torch
@@ -18,20 +22,23 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from drt_peft import DRTModel
 
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+
+def tiny_bert(seed: int = 0, **config: object) -> BertForSequenceClassification:
+    """A two-layer BERT classifier in eval mode; ``config`` overrides ``BertConfig`` fields (sizes, ``num_labels``)."""
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
-        attn_implementation="eager",
-    )
-    return BertForSequenceClassification(config).eval()
+    settings = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 32,
+        "num_labels": 2,
+        "attn_implementation": "eager",
+    }
+    return BertForSequenceClassification(BertConfig(**{**settings, **config})).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
@@ -98,11 +105,27 @@ def tiny_convnet(seed: int = 0) -> TinyConvNet:
     return TinyConvNet().eval()
 
 
-def random_bert_batch(generator: torch.Generator, size: int = 4, length: int = 8) -> dict[str, torch.Tensor]:
-    """Random token ids and labels for :func:`tiny_bert`."""
+def random_bert_batch(
+    generator: torch.Generator, size: int = 4, length: int = 8, vocab_size: int = 64, num_labels: int = 2
+) -> dict[str, torch.Tensor]:
+    """Random token ids and class labels for :func:`tiny_bert` (the ids drawn first, then the labels)."""
     return {
-        "input_ids": torch.randint(0, 64, (size, length), generator=generator),
-        "labels": torch.randint(0, 2, (size,), generator=generator),
+        "input_ids": torch.randint(0, vocab_size, (size, length), generator=generator),
+        "labels": torch.randint(0, num_labels, (size,), generator=generator),
+    }
+
+
+def random_lm_batch(generator: torch.Generator, size: int = 4, length: int = 8) -> dict[str, torch.Tensor]:
+    """Random token ids for a causal LM (:func:`tiny_gpt2`, :func:`tiny_llama`), which are also its labels."""
+    ids = torch.randint(0, 64, (size, length), generator=generator)
+    return {"input_ids": ids, "labels": ids}
+
+
+def random_vit_batch(generator: torch.Generator, size: int = 6) -> dict[str, torch.Tensor]:
+    """Random one-channel 16×16 images and class labels for :func:`tiny_vit` (the pixels drawn first)."""
+    return {
+        "pixel_values": torch.randn(size, 1, 16, 16, generator=generator),
+        "labels": torch.randint(0, 3, (size,), generator=generator),
     }
 
 
@@ -117,19 +140,49 @@ def adamw(model: nn.Module, **kwargs: object) -> torch.optim.AdamW:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **kwargs)
 
 
-def train_steps(model: nn.Module, batches: list[dict[str, torch.Tensor]], lr: float = 1e-2) -> list[float]:
-    """AdamW over the trainable parameters, one step per batch, in train mode; returns the losses."""
-    optimizer = adamw(model, lr=lr)
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def _run_steps(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn | None,
+    update_masks: bool,
+) -> tuple[list[float], list[dict[str, float]]]:
+    """One optimizer step per batch in train mode (then eval mode); the losses and what each update_masks logged."""
     model.train()
-    losses = []
-    for batch in batches:
-        loss = model(**batch).loss
+    losses, logs = [], []
+    for step, batch in enumerate(batches, start=1):
+        loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+        if update_masks:
+            logs.append(model.update_masks(step, optimizer))
     model.eval()
-    return losses
+    return losses, logs
+
+
+def train_steps(
+    model: nn.Module, batches: Iterable[Batch], lr: float = 1e-2, *, optimizer: torch.optim.Optimizer | None = None
+) -> list[float]:
+    """One step per batch in train mode, back in eval mode after; returns the losses.
+
+    The optimizer is AdamW over the trainable parameters with learning rate ``lr`` unless one is given.
+    """
+    return _run_steps(model, batches, optimizer or adamw(model, lr=lr), None, update_masks=False)[0]
+
+
+def train_updating_masks(
+    model: DRTModel, batches: Iterable[Batch], lr: float = 1e-2, *, loss_fn: LossFn | None = None
+) -> tuple[list[float], list[dict[str, float]]]:
+    """:func:`train_steps` with ``model.update_masks(step, optimizer)`` after each step (from step 1): the losses
+    and what each ``update_masks`` call returned. The loss is the model's own ``.loss`` unless
+    ``loss_fn(model, batch)`` computes it; batches may be drawn lazily (a generator)."""
+    return _run_steps(model, batches, adamw(model, lr=lr), loss_fn, update_masks=True)
 
 
 class Parity(Dataset):
@@ -155,3 +208,74 @@ def cpu_training_args(output_dir: object, **overrides: object) -> TrainingArgume
     """
     defaults = {"use_cpu": True, "report_to": [], "disable_tqdm": True, "seed": 0, "save_strategy": "no"}
     return TrainingArguments(output_dir=str(output_dir), **{**defaults, **overrides})
+
+
+# -- checks shared by the tests ---------------------------------------------------------------
+
+#: What a model is called on: keyword inputs (a Hugging Face batch), positional inputs (a tuple) or one tensor.
+Inputs = Mapping[str, torch.Tensor] | tuple[torch.Tensor, ...] | torch.Tensor
+
+
+def outputs(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """What ``model`` computes on ``inputs``, without gradients: the logits of a Hugging Face output, the
+    first element of a returned tuple (``(logits, loss)``), or the returned tensor itself."""
+    with torch.no_grad():
+        if isinstance(inputs, Mapping):
+            result = model(**inputs)
+        elif isinstance(inputs, tuple):
+            result = model(*inputs)
+        else:
+            result = model(inputs)
+    if isinstance(result, tuple):
+        result = result[0]
+    return result if isinstance(result, torch.Tensor) else result.logits
+
+
+def assert_same_adapter(got: DRTModel, expected: DRTModel) -> None:
+    """The same DRT layers, by name and type, with identical ψ (indices and masks) and trained values ϑ."""
+    names = [name for name, _ in expected.drt_layers()]
+    assert [name for name, _ in got.drt_layers()] == names, "the models embed different layers"
+    for (name, a), (_, b) in zip(got.drt_layers(), expected.drt_layers(), strict=True):
+        assert type(a) is type(b), f"{name}: {type(a).__name__} instead of {type(b).__name__}"
+        for what, x, y in [
+            ("indices", a.drt_indices, b.drt_indices),
+            ("mask", a.get_mask(), b.get_mask()),
+            ("values", a.drt_values.detach(), b.drt_values.detach()),
+        ]:
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=lambda m, n=name, w=what: f"{n}: the {w} differ\n{m}")
+
+
+def assert_same_outputs(got: nn.Module, expected: nn.Module, inputs: Inputs, what: str) -> None:
+    """``got`` and ``expected`` compute identical outputs (same dtype and shape) on ``inputs``."""
+    torch.testing.assert_close(
+        outputs(got, inputs), outputs(expected, inputs), rtol=0, atol=0, msg=lambda m: f"{what}\n{m}"
+    )
+
+
+def assert_loads_identically(model: DRTModel, base: nn.Module, folder: str | os.PathLike, inputs: Inputs) -> DRTModel:
+    """Load the adapter in ``folder`` onto ``base``: it must be ``model`` again, the same layers with identical
+    ψ and ϑ, computing identical outputs on ``inputs``. Returns the loaded model."""
+    loaded = DRTModel.from_pretrained(base, folder)
+    assert_same_adapter(loaded, model)
+    assert_same_outputs(loaded, model, inputs, f"the adapter loaded from {folder} computes other outputs")
+    return loaded
+
+
+def assert_save_load_roundtrip(model: DRTModel, base: nn.Module, inputs: Inputs, folder: str | os.PathLike) -> DRTModel:
+    """``save_pretrained`` to ``folder``, then :func:`assert_loads_identically` onto ``base`` (a fresh copy of the
+    model's base). Returns the loaded model."""
+    model.save_pretrained(folder)
+    return assert_loads_identically(model, base, folder, inputs)
+
+
+def assert_merge_matches(model: DRTModel, inputs: Inputs, *, rtol: float = 0.0, atol: float = 0.0) -> nn.Module:
+    """``merge_and_unload`` leaves no drt_peft module and computes what ``model`` computed on ``inputs``, within
+    ``rtol``/``atol`` (exactly by default). Returns the merged model; ``model`` is merged in place."""
+    expected = outputs(model, inputs)
+    merged = model.merge_and_unload()
+    left = [name for name, module in merged.named_modules() if type(module).__module__.startswith("drt_peft")]
+    assert not left, f"merge_and_unload left drt_peft modules: {left[:3]}"
+    torch.testing.assert_close(
+        outputs(merged, inputs), expected, rtol=rtol, atol=atol, msg=lambda m: f"the merged model differs\n{m}"
+    )
+    return merged

@@ -8,7 +8,14 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import adamw, tiny_bert, tiny_gpt2
+from conftest import (
+    assert_loads_identically,
+    assert_save_load_roundtrip,
+    random_lm_batch,
+    tiny_bert,
+    tiny_gpt2,
+    train_steps,
+)
 from transformers import BertConfig, BertModel
 
 from drt_peft import DRTConfig, DRTModel, MagnitudeConfig, RandomConfig, get_drt_model
@@ -19,13 +26,8 @@ from drt_peft.index_codecs import CODECS, decode, encode, encode_smallest
 
 def _trained(config: DRTConfig, batch: dict, factory=tiny_bert) -> DRTModel:
     model = get_drt_model(factory(), config)
-    optimizer = adamw(model, lr=1e-2)
-    model.train()
-    for _ in range(2):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
+    train_steps(model, [batch] * 2)
+    return model
 
 
 CONFIGS = {
@@ -41,28 +43,17 @@ CONFIGS = {
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_save_load_reproduces_logits_exactly(name: str, tmp_path, bert_batch: dict) -> None:
     model = _trained(CONFIGS[name], bert_batch)
-    inputs = {"input_ids": bert_batch["input_ids"]}
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    model.save_pretrained(tmp_path)
+    loaded = assert_save_load_roundtrip(model, tiny_bert(), {"input_ids": bert_batch["input_ids"]}, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(**inputs).logits, expected)
     assert not any(p.requires_grad for p in loaded.parameters())
-    for (_, a), (_, b) in zip(model.drt_layers(), loaded.drt_layers(), strict=True):
-        assert torch.equal(a.drt_indices, b.drt_indices)
     trainable = DRTModel.from_pretrained(tiny_bert(), tmp_path, is_trainable=True)
     assert trainable.get_nb_trainable_parameters() == model.get_nb_trainable_parameters()
 
 
 def test_gpt2_conv1d_round_trip(tmp_path) -> None:
-    batch = {"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))}
-    batch["labels"] = batch["input_ids"]
+    batch = random_lm_batch(torch.Generator().manual_seed(0), size=2)
     model = _trained(MagnitudeConfig(density=0.1), batch, factory=tiny_gpt2)
-    model.save_pretrained(tmp_path)
-    loaded = DRTModel.from_pretrained(tiny_gpt2(), tmp_path)
-    assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    assert_save_load_roundtrip(model, tiny_gpt2(), batch, tmp_path)
 
 
 def _bert_for_size() -> BertModel:
@@ -115,8 +106,6 @@ def test_codec_rejects_damaged_data() -> None:
 def test_interrupted_save_keeps_the_previous_adapter(tmp_path, bert_batch: dict, monkeypatch) -> None:
     first = _trained(RandomConfig(density=0.1, seed=1), bert_batch)
     first.save_pretrained(tmp_path)
-    inputs = {"input_ids": bert_batch["input_ids"]}
-    expected = first(**inputs).logits
     second = _trained(MagnitudeConfig(density=0.2), bert_batch)
     real_replace = os.replace
 
@@ -130,7 +119,7 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, bert_batch: dict,
         second.save_pretrained(tmp_path)
     monkeypatch.setattr(io.os, "replace", real_replace)
     assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    assert torch.equal(DRTModel.from_pretrained(tiny_bert(), tmp_path)(**inputs).logits, expected)
+    assert_loads_identically(first, tiny_bert(), tmp_path, {"input_ids": bert_batch["input_ids"]})
 
 
 def test_stale_adapter_config_warns_and_the_weights_file_wins(tmp_path, bert_batch: dict) -> None:

@@ -18,7 +18,21 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import Parity, adamw, cpu_training_args, tiny_bert, tiny_convnet, tiny_gpt2, tiny_llama, tiny_vit
+from conftest import (
+    Parity,
+    assert_merge_matches,
+    assert_save_load_roundtrip,
+    cpu_training_args,
+    outputs,
+    random_bert_batch,
+    random_lm_batch,
+    tiny_bert,
+    tiny_convnet,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_vit,
+    train_updating_masks,
+)
 from torch import nn
 
 from drt_peft import DRTModel, DRTTrainer, available_methods, get_drt_model
@@ -27,11 +41,6 @@ from drt_peft.config import DRTConfig, config_class
 #: Small settings for fields a method may have, so every method runs in a few steps.
 SMALL: dict[str, Any] = {"update_frequency": 2, "t_end": 6, "num_batches": 1, "rounds": 2, "num_samples": 4}
 STEPS = 6
-
-
-def _token_batch(g: torch.Generator, labels: str) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, 64, (4, 10), generator=g)
-    return {"input_ids": ids, "labels": ids if labels == "tokens" else torch.randint(0, 2, (4,), generator=g)}
 
 
 def _pixel_batch(
@@ -55,10 +64,11 @@ class Kind:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.loss_fn(model, batch) if self.loss_fn else model(**batch).loss
 
-    def outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+        """What the model is called on: the images of the CNN, the batch less its labels otherwise."""
         if self.loss_fn:
-            return model(batch["x"])
-        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            return batch["x"]
+        return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def _convnet_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -66,9 +76,9 @@ def _convnet_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 
 KINDS = {
-    "bert": Kind(tiny_bert, lambda g: _token_batch(g, "classes"), "classifier"),
-    "gpt2": Kind(tiny_gpt2, lambda g: _token_batch(g, "tokens"), None),
-    "llama": Kind(tiny_llama, lambda g: _token_batch(g, "tokens"), None),
+    "bert": Kind(tiny_bert, lambda g: random_bert_batch(g, length=10), "classifier"),
+    "gpt2": Kind(tiny_gpt2, lambda g: random_lm_batch(g, length=10), None),
+    "llama": Kind(tiny_llama, lambda g: random_lm_batch(g, length=10), None),
     "vit": Kind(tiny_vit, lambda g: _pixel_batch(g, 1, 16, 3), "classifier"),
     "convnet": Kind(tiny_convnet, lambda g: _pixel_batch(g, 2, 8, 3, "x"), "fc", _convnet_loss),
 }
@@ -129,43 +139,19 @@ def build(method: str, kind: str, seed: int = 0) -> tuple[DRTModel, nn.Module]:
     return model, original
 
 
-def train(model: DRTModel, kind: str, steps: int = STEPS, seed: int = 1) -> list[float]:
-    spec = KINDS[kind]
-    optimizer = adamw(model, lr=1e-2)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for step in range(1, steps + 1):
-        loss = spec.loss(model, spec.batch(g))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        model.update_masks(step, optimizer)
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
 @pytest.mark.parametrize(("method", "kind"), CASES)
 def test_train_save_load_merge_unload(method: str, kind: str, tmp_path) -> None:
     spec = KINDS[kind]
     model, original = build(method, kind)
-    batch = spec.batch(torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        before = spec.outputs(original, batch)
-    losses = train(model, kind)
+    inputs = spec.inputs(spec.batch(torch.Generator().manual_seed(5)))
+    before = outputs(original, inputs)
+    g = torch.Generator().manual_seed(1)  # the batches are drawn step by step, between the steps
+    losses, _ = train_updating_masks(model, (spec.batch(g) for _ in range(STEPS)), loss_fn=spec.loss_fn)
     assert all(np.isfinite(losses)), losses
-    with torch.no_grad():
-        trained = spec.outputs(model, batch)
-    assert torch.isfinite(trained).all()
+    assert torch.isfinite(outputs(model, inputs)).all()
 
-    model.save_pretrained(tmp_path)
-    loaded = DRTModel.from_pretrained(copy.deepcopy(original), tmp_path)
-    with torch.no_grad():
-        assert torch.equal(spec.outputs(loaded, batch), trained), "save → load changed the outputs"
-        merged = loaded.merge_and_unload()
-        assert not any(type(m).__module__.startswith("drt_peft") for m in merged.modules())
-        torch.testing.assert_close(spec.outputs(merged, batch), trained, rtol=1e-5, atol=1e-5)
+    loaded = assert_save_load_roundtrip(model, copy.deepcopy(original), inputs, tmp_path)
+    assert_merge_matches(loaded, inputs, rtol=1e-5, atol=1e-5)
 
     base = model.unload()
     assert not any(type(m).__module__.startswith("drt_peft") for m in base.modules())
@@ -175,9 +161,8 @@ def test_train_save_load_merge_unload(method: str, kind: str, tmp_path) -> None:
             continue  # a seeded Θ(0) replaces the pretrained targeted weights by design
         assert torch.equal(value, expected[key]), f"unload changed {key}"
     assert [p.requires_grad for p in base.parameters()] == [p.requires_grad for p in original.parameters()]
-    with torch.no_grad():
-        if model.drt_config.base_init != "seeded":
-            assert torch.equal(spec.outputs(base, batch), before)
+    if model.drt_config.base_init != "seeded":
+        assert torch.equal(outputs(base, inputs), before), "unload changed the outputs"
 
 
 @pytest.mark.parametrize(("method", "kind"), CASES)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Parity, adamw, cpu_training_args, tiny_bert, tiny_vit
+from conftest import (
+    Parity,
+    adamw,
+    assert_save_load_roundtrip,
+    cpu_training_args,
+    random_bert_batch,
+    random_vit_batch,
+    tiny_bert,
+    tiny_vit,
+    train_steps,
+)
 from transformers import Trainer
 
 from drt_peft import (
     DRTCallback,
-    DRTModel,
     FISHConfig,
     FORCEConfig,
     FreezeNetConfig,
@@ -35,18 +44,12 @@ CONFIGS = {
 
 def _text_batches() -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(2)
-    return [
-        {"input_ids": torch.randint(0, 64, (4, 10), generator=g), "labels": torch.randint(0, 2, (4,), generator=g)}
-        for _ in range(2)
-    ]
+    return [random_bert_batch(g, length=10) for _ in range(2)]
 
 
 def _image_batches() -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(3)
-    return [
-        {"pixel_values": torch.randn(3, 1, 16, 16, generator=g), "labels": torch.randint(0, 3, (3,), generator=g)}
-        for _ in range(2)
-    ]
+    return [random_vit_batch(g, size=3) for _ in range(2)]
 
 
 SETTINGS = [
@@ -76,15 +79,8 @@ def test_text_model_all_modes_budgets_structures(method, mode, budget, structure
             assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) <= 2).all(), name
         if structure == "rows":
             assert ((mask.sum(1) == 0) | (mask.sum(1) == mask.shape[1])).all(), name
-    optimizer = adamw(model, lr=1e-2)
-    model.train()
-    model(**data[0]).loss.backward()
-    optimizer.step()
-    model.eval()
-    model.save_pretrained(tmp_path)
-    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
-    inputs = {"input_ids": data[1]["input_ids"]}
-    assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    train_steps(model, data[:1])
+    assert_save_load_roundtrip(model, tiny_bert(), {"input_ids": data[1]["input_ids"]}, tmp_path)
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
@@ -125,10 +121,7 @@ def test_freezenet_decays_frozen_entries_and_trains_the_rest(tmp_path) -> None:
     assert torch.allclose(weight[~mask], original[~mask] * 0.95**3)
     assert not torch.allclose(weight[mask], original[mask] * 0.95**3)
     model.eval()
-    model.save_pretrained(tmp_path)
-    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
-    inputs = {"input_ids": data[0]["input_ids"]}
-    assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    loaded = assert_save_load_roundtrip(model, tiny_bert(), {"input_ids": data[0]["input_ids"]}, tmp_path)
     merged = loaded.merge_and_unload().bert.encoder.layer[0].intermediate.dense.weight
     assert torch.allclose(merged[~mask], original[~mask] * 0.95**3) and torch.equal(merged[mask], weight[mask])
     assert torch.equal(model.unload().bert.encoder.layer[0].intermediate.dense.weight, original)

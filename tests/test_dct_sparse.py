@@ -7,12 +7,22 @@ import os
 
 import pytest
 import torch
-from conftest import random_bert_batch, tiny_bert, tiny_convnet, tiny_gpt2, tiny_vit, train_steps
+from conftest import (
+    assert_merge_matches,
+    assert_save_load_roundtrip,
+    random_bert_batch,
+    random_vit_batch,
+    tiny_bert,
+    tiny_convnet,
+    tiny_gpt2,
+    tiny_vit,
+    train_steps,
+)
 from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from drt_peft import DCTSparseConfig, DRTModel, get_drt_model
+from drt_peft import DCTSparseConfig, get_drt_model
 from drt_peft.layer.dct import DCTSparseLayer, dct_ii, partial_dct
 
 
@@ -84,16 +94,11 @@ def test_bert_trains_only_theta_saves_loads_and_merges(tmp_path) -> None:
     assert all(layer.base_layer.weight.grad is None for layer in layers)
 
     inputs = {"input_ids": random_bert_batch(g)["input_ids"]}
-    logits = model(**inputs).logits
-    model.save_pretrained(tmp_path)
+    loaded = assert_save_load_roundtrip(model, tiny_bert(), inputs, tmp_path)
     with safe_open(os.path.join(tmp_path, "adapter_model.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
     assert not any(k.startswith(("drt_index", "drt_layer.")) for k in keys)
-    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
-    assert torch.equal(loaded(**inputs).logits, logits)
-    merged = loaded.merge_and_unload()
-    assert not any(isinstance(m, DCTSparseLayer) for m in merged.modules())
-    assert torch.allclose(merged(**inputs).logits, logits, atol=1e-5)
+    assert_merge_matches(loaded, inputs, rtol=1e-5, atol=1e-5)
 
 
 def test_gpt2_conv1d_layers_merge_to_the_same_function() -> None:
@@ -102,14 +107,11 @@ def test_gpt2_conv1d_layers_merge_to_the_same_function() -> None:
     assert {(96, 32), (32, 32), (128, 32), (32, 128)} <= shapes  # out > in, square, out < in
     assert all(layer.sparse_kernels for _, layer in model.drt_layers())  # S runs on CSR kernels
     input_ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
-    logits = model(input_ids=input_ids).logits
-    merged = model.merge_and_unload()
-    assert torch.allclose(merged(input_ids=input_ids).logits, logits, atol=1e-5)
+    assert_merge_matches(model, {"input_ids": input_ids}, rtol=1e-5, atol=1e-5)
 
 
 def test_vision_transformer_trains() -> None:
-    g = torch.Generator().manual_seed(3)
-    batch = {"pixel_values": torch.randn(6, 1, 16, 16, generator=g), "labels": torch.randint(0, 3, (6,), generator=g)}
+    batch = random_vit_batch(torch.Generator().manual_seed(3))
     model = get_drt_model(tiny_vit(), DCTSparseConfig(density=0.2, base_init="seeded"))
     before = [layer.drt_values.detach().clone() for _, layer in model.drt_layers()]
     losses = train_steps(model, [batch] * 6)

@@ -8,7 +8,16 @@ import warnings
 
 import pytest
 import torch
-from conftest import Parity, adamw, cpu_training_args, random_bert_batch, tiny_bert, tiny_mlp
+from conftest import (
+    Parity,
+    adamw,
+    assert_save_load_roundtrip,
+    cpu_training_args,
+    random_bert_batch,
+    tiny_bert,
+    tiny_mlp,
+    train_updating_masks,
+)
 from torch import nn
 
 from drt_peft import DRTCallback, DRTLayer, DRTModel, DRTTrainer, RigLConfig, SETConfig, get_drt_model
@@ -134,17 +143,9 @@ def test_regrow_drops_smallest_and_grows_largest_scores() -> None:
 
 def _train_set(steps: int, seed: int = 0) -> tuple[DRTModel, list[dict]]:
     model = get_drt_model(tiny_bert(), SETConfig(density=0.2, update_frequency=2, drop_fraction=0.25, seed=seed))
-    optimizer = adamw(model, lr=1e-2)
     g = torch.Generator().manual_seed(4)
-    logs = []
-    model.train()
-    for step in range(1, steps + 1):
-        batch = random_bert_batch(g)
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        logs.append(model.update_masks(step, optimizer))
-    return model.eval(), logs
+    _, logs = train_updating_masks(model, [random_bert_batch(g) for _ in range(steps)])
+    return model, logs
 
 
 def test_set_keeps_d_exact_is_deterministic_and_round_trips(tmp_path) -> None:
@@ -158,10 +159,8 @@ def test_set_keeps_d_exact_is_deterministic_and_round_trips(tmp_path) -> None:
         assert layer.num_trainable == start[name].numel()
         assert torch.equal(layer.drt_indices, other.drt_indices)
     assert any(not torch.equal(layer.drt_indices, start[name]) for name, layer in model.drt_layers())
-    model.save_pretrained(tmp_path)
-    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
     ids = {"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(9))}
-    assert torch.equal(loaded(**ids).logits, model(**ids).logits)
+    assert_save_load_roundtrip(model, tiny_bert(), ids, tmp_path)
 
 
 def test_dynamic_config_bad_inputs() -> None:
@@ -390,27 +389,12 @@ def test_dsr_threshold_adapts_and_regrowth_follows_kept_counts() -> None:
 
 
 def _small_bert() -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=200,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=32,
-        num_labels=3,
-        attn_implementation="eager",
-    )
-    return BertForSequenceClassification(config)
+    """A wider BERT than tiny_bert's, with three classes, in train mode."""
+    return tiny_bert(vocab_size=200, hidden_size=64, num_attention_heads=4, intermediate_size=128, num_labels=3).train()
 
 
 def _bert_batch(g: torch.Generator) -> dict[str, torch.Tensor]:
-    return {
-        "input_ids": torch.randint(0, 200, (16, 12), generator=g),
-        "labels": torch.randint(0, 3, (16,), generator=g),
-    }
+    return random_bert_batch(g, size=16, length=12, vocab_size=200, num_labels=3)
 
 
 @pytest.mark.parametrize("method", ["snfs", "dsr"])

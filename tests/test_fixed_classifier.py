@@ -6,7 +6,16 @@ import os
 
 import pytest
 import torch
-from conftest import random_bert_batch, tiny_bert, tiny_gpt2, tiny_vit, train_steps
+from conftest import (
+    assert_merge_matches,
+    assert_save_load_roundtrip,
+    random_bert_batch,
+    random_vit_batch,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_vit,
+    train_steps,
+)
 from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -92,9 +101,7 @@ def test_save_load_holds_no_head_matrix_and_merge_is_identical(tmp_path) -> None
     batch = random_bert_batch(torch.Generator().manual_seed(0), size=8)
     train_steps(model, [batch] * 3)
     inputs = {"input_ids": batch["input_ids"]}
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    model.save_pretrained(tmp_path)
+    loaded = assert_save_load_roundtrip(model, tiny_bert(), inputs, tmp_path)
     with safe_open(os.path.join(tmp_path, "adapter_model.safetensors"), framework="pt") as handle:
         stored = {k: handle.get_tensor(k) for k in handle.keys()}
     probe = {"drt_base_probe_numels", "drt_base_probe_stats", "drt_base_probe_values"}  # 36 numbers of Θ(0)
@@ -103,19 +110,14 @@ def test_save_load_holds_no_head_matrix_and_merge_is_identical(tmp_path) -> None
     assert torch.equal(stored["drt_layer.0.temperature"], model.base_model.classifier.temperature.detach())
     assert DRTConfig.from_pretrained(tmp_path) == model.drt_config
 
-    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
     assert torch.equal(_head_weight(loaded), _head_weight(model))  # regenerated from the seed
-    with torch.no_grad():
-        assert torch.equal(loaded(**inputs).logits, logits)
-        merged = loaded.merge_and_unload()
-        assert type(merged.classifier) is nn.Linear
-        assert torch.equal(merged.classifier.bias, torch.zeros(2))
-        assert torch.allclose(merged(**inputs).logits, logits, atol=1e-6)
+    merged = assert_merge_matches(loaded, inputs, rtol=1e-5, atol=1e-6)
+    assert type(merged.classifier) is nn.Linear
+    assert torch.equal(merged.classifier.bias, torch.zeros(2))
 
 
 def test_vit_from_scratch_trains_behind_the_fixed_head() -> None:
-    g = torch.Generator().manual_seed(3)
-    batch = {"pixel_values": torch.randn(6, 1, 16, 16, generator=g), "labels": torch.randint(0, 3, (6,), generator=g)}
+    batch = random_vit_batch(torch.Generator().manual_seed(3))
     base = tiny_vit()
     head_before = base.classifier.weight.detach().clone()
     vit_params = sum(p.numel() for p in base.vit.parameters())

@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import assert_loads_identically, tiny_bert
 
-from drt_peft import DRTModel, MagnitudeConfig, get_drt_model
+from drt_peft import MagnitudeConfig, get_drt_model
 
 
 class _RecordingHub(BaseHTTPRequestHandler):
@@ -81,7 +81,5 @@ def test_push_to_hub_uploads_a_loadable_adapter(hub, tmp_path, bert_batch: dict)
     assert sorted(files) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
-    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
-    inputs = {"input_ids": bert_batch["input_ids"]}
-    assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    assert_loads_identically(model, tiny_bert(), tmp_path, {"input_ids": bert_batch["input_ids"]})
     assert b"library_name: drt_peft" in files["README.md"]

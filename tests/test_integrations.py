@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import Parity, adamw, cpu_training_args, tiny_bert, tiny_gpt2
+from conftest import Parity, adamw, assert_loads_identically, cpu_training_args, tiny_bert, tiny_gpt2
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from drt_peft import DRTCallback, DRTModel, DRTTrainer, RandomConfig, get_drt_model
+from drt_peft import DRTCallback, DRTTrainer, RandomConfig, get_drt_model
 
 
 def test_trainer_trains_only_the_embedded_entries(tmp_path) -> None:
@@ -89,10 +89,8 @@ def test_tied_embeddings_checkpoint_and_reload(trainer_class, tmp_path) -> None:
     model = get_drt_model(tiny_gpt2(), RandomConfig(density=0.2))  # lm_head is tied to the token embeddings
     args = cpu_training_args(tmp_path, max_steps=2, per_device_train_batch_size=4, save_strategy="steps", save_steps=1)
     trainer_class(model=model, args=args, train_dataset=_Tokens(), callbacks=[DRTCallback()]).train()
-    loaded = DRTModel.from_pretrained(tiny_gpt2(), tmp_path / "checkpoint-2")
     ids = torch.arange(10).unsqueeze(0)
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    assert_loads_identically(model.eval(), tiny_gpt2(), tmp_path / "checkpoint-2", {"input_ids": ids})
     state = model.state_dict()  # each shared tensor once (safetensors refuses aliases), and it loads back strictly
     assert "base_model.lm_head.weight" not in state and "base_model.transformer.wte.weight" in state
     model.load_state_dict(state)

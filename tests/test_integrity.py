@@ -9,9 +9,16 @@ import warnings
 
 import pytest
 import torch
-from conftest import adamw, random_bert_batch, tiny_bert, tiny_convnet, train_steps
+from conftest import (
+    adamw,
+    assert_merge_matches,
+    random_bert_batch,
+    tiny_bert,
+    tiny_convnet,
+    train_steps,
+    train_updating_masks,
+)
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
 
 from drt_peft import DRTModel, RandomConfig, SETConfig, get_drt_model
 
@@ -19,15 +26,9 @@ from drt_peft import DRTModel, RandomConfig, SETConfig, get_drt_model
 def _trained_set(mode: str, density: float, seed: int) -> DRTModel:
     """A SET model whose mask moved during training (so ψ differs from the one a fresh model draws)."""
     model = get_drt_model(tiny_bert(), SETConfig(density=density, mode=mode, update_frequency=1, seed=seed))
-    optimizer = adamw(model, lr=1e-2)
     g = torch.Generator().manual_seed(seed)
-    model.train()
-    for step in range(1, 4):
-        model(**random_bert_batch(g)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        model.update_masks(step, optimizer)
-    return model.eval()
+    train_updating_masks(model, [random_bert_batch(g) for _ in range(3)])
+    return model
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["training-state", "full-state-dict"])
@@ -45,8 +46,7 @@ def test_loading_another_mask_moves_the_effective_weight_and_kernels(mode: str, 
         assert torch.equal(a.drt_indices, b.drt_indices) and torch.equal(a.effective_weight(), b.effective_weight())
     with torch.no_grad():
         assert torch.equal(target(**batch).logits, expected)
-        merged = copy.deepcopy(target).merge_and_unload()
-        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+    assert_merge_matches(copy.deepcopy(target), batch, rtol=1e-5, atol=1e-5)
 
 
 def test_loading_a_mask_of_another_size_resizes_the_layer() -> None:
@@ -66,9 +66,7 @@ def test_failed_from_pretrained_leaves_the_base_as_it_was(tmp_path) -> None:
     model = get_drt_model(tiny_bert(), RandomConfig(density=0.2, bias="all", modules_to_save=["classifier"]))
     train_steps(model, [random_bert_batch(torch.Generator().manual_seed(0))])
     model.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    settings = {k: v for k, v in tiny_bert().config.to_dict().items() if k not in ("id2label", "label2id")}
-    three = BertForSequenceClassification(BertConfig(**{**settings, "num_labels": 3}))
+    three = tiny_bert(num_labels=3)
     three.bert.load_state_dict(tiny_bert().bert.state_dict())  # same backbone, another head
     three.bert.encoder.layer[0].attention.self.query.weight.requires_grad_(False)  # a flag of the caller's own
     before = {k: v.clone() for k, v in three.state_dict().items()}

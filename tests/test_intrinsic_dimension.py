@@ -6,11 +6,21 @@ import os
 
 import pytest
 import torch
-from conftest import Parity, cpu_training_args, random_bert_batch, tiny_bert, tiny_vit, train_steps
+from conftest import (
+    Parity,
+    assert_merge_matches,
+    assert_save_load_roundtrip,
+    cpu_training_args,
+    random_bert_batch,
+    random_vit_batch,
+    tiny_bert,
+    tiny_vit,
+    train_steps,
+)
 from safetensors import safe_open
 
 from drt_peft import DRTModel, DRTTrainer, IntrinsicDimensionConfig, get_drt_model
-from drt_peft.layer.projected import ProjectedLayer, hadamard
+from drt_peft.layer.projected import hadamard
 
 
 def _sylvester(n: int) -> torch.Tensor:
@@ -122,7 +132,7 @@ def test_save_load_merge_unload(tmp_path) -> None:
     train_steps(model, [random_bert_batch(g) for _ in range(3)], lr=5e-2)
     inputs = {"input_ids": random_bert_batch(g)["input_ids"]}
     logits = model(**inputs).logits
-    model.save_pretrained(tmp_path)
+    loaded = assert_save_load_roundtrip(model, tiny_bert(), inputs, tmp_path)
 
     file = os.path.join(tmp_path, "adapter_model.safetensors")
     with safe_open(file, framework="pt") as handle:
@@ -131,16 +141,12 @@ def test_save_load_merge_unload(tmp_path) -> None:
     classifier_bytes = sum(p.numel() * 4 for p in model.base_model.classifier.parameters())
     assert 4 * d < os.path.getsize(file) - classifier_bytes < 4 * d + 4096
 
-    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
-    assert torch.equal(loaded(**inputs).logits, logits)
     assert not any(p.requires_grad for p in loaded.parameters())
     trainable = DRTModel.from_pretrained(tiny_bert(), tmp_path, is_trainable=True)
     trainable.drt_policy.on_attach(trainable, step=3)  # resuming does not reset ϑ
     assert torch.equal(trainable(**inputs).logits, logits)
 
-    merged = loaded.merge_and_unload()
-    assert not any(isinstance(m, ProjectedLayer) for m in merged.modules())
-    assert torch.allclose(merged(**inputs).logits, logits, atol=1e-6)
+    assert_merge_matches(loaded, inputs, rtol=1e-5, atol=1e-6)
     unloaded = model.unload()
     assert torch.equal(unloaded.bert.encoder.layer[0].output.dense.weight, original)
 
@@ -161,8 +167,7 @@ def test_trainer_checkpoints_resume_theta(tmp_path) -> None:
 
 
 def test_vision_transformer_trains() -> None:
-    g = torch.Generator().manual_seed(4)
-    batch = {"pixel_values": torch.randn(6, 1, 16, 16, generator=g), "labels": torch.randint(0, 3, (6,), generator=g)}
+    batch = random_vit_batch(torch.Generator().manual_seed(4))
     model = get_drt_model(tiny_vit(), IntrinsicDimensionConfig(density=0.01))
     d = model.drt_statistics()["drt/trainable"]
     total = sum(layer.base_layer.weight.numel() for _, layer in model.drt_layers())

@@ -8,7 +8,16 @@ import math
 
 import pytest
 import torch
-from conftest import adamw, cpu_training_args, random_bert_batch, tiny_bert, tiny_mlp, tiny_vit
+from conftest import (
+    assert_loads_identically,
+    cpu_training_args,
+    random_bert_batch,
+    random_vit_batch,
+    tiny_bert,
+    tiny_mlp,
+    tiny_vit,
+    train_steps,
+)
 from torch import nn
 from transformers import Trainer
 
@@ -130,8 +139,7 @@ def test_final_ticket_saves_and_loads_like_any_adapter(tmp_path) -> None:
     config = LotteryTicketConfig(density=0.4, one_shot=True, target_modules=TARGETS)
     ticket = find_lottery_ticket(tiny_mlp(), config, Recorder(), output_dir=tmp_path, verbose=False)
     x = torch.randn(4, 6)
-    loaded = DRTModel.from_pretrained(tiny_mlp(), tmp_path / "ticket")
-    torch.testing.assert_close(loaded(x), ticket(x), rtol=0, atol=0)
+    assert_loads_identically(ticket, tiny_mlp(), tmp_path / "ticket", x)
     again = find_lottery_ticket(tiny_mlp(), config, Recorder(fail_at_round=0), output_dir=tmp_path, verbose=False)
     torch.testing.assert_close(again(x), ticket(x), rtol=0, atol=0)
 
@@ -169,8 +177,7 @@ def test_trainer_drives_the_rounds_of_a_bert(tmp_path, config_class) -> None:
     total = sum(layer.weight_shape.numel() for _, layer in ticket.drt_layers())
     assert d == round(0.5 * total)
     batch = {k: v[:4] for k, v in random_bert_batch(g).items() if k != "labels"}
-    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path / "imp" / "ticket")
-    torch.testing.assert_close(loaded(**batch).logits, ticket.eval()(**batch).logits, rtol=0, atol=0)
+    assert_loads_identically(ticket.eval(), tiny_bert(), tmp_path / "imp" / "ticket", batch)
 
 
 def test_bad_config_values_are_named() -> None:
@@ -203,8 +210,7 @@ def test_prune_or_freeze_partitions_dropped_weights_by_direction(tmp_path) -> No
         moved_toward_zero += int((~kept & toward_zero).sum())
     assert moved_toward_zero > 0
     x = torch.randn(4, 6)
-    loaded = DRTModel.from_pretrained(tiny_mlp(), tmp_path / "ticket")
-    torch.testing.assert_close(loaded(x), ticket(x), rtol=0, atol=0)
+    assert_loads_identically(ticket, tiny_mlp(), tmp_path / "ticket", x)
     restored = ticket.unload()
     for name in TARGETS:
         assert torch.equal(restored.get_submodule(name).weight, init[name])
@@ -214,21 +220,13 @@ def test_prune_or_freeze_partitions_dropped_weights_by_direction(tmp_path) -> No
 
 @pytest.mark.parametrize("config_class", [LotteryTicketConfig, PruneOrFreezeConfig])
 def test_tickets_on_a_vision_transformer(tmp_path, config_class) -> None:
-    g = torch.Generator().manual_seed(0)
-    batch = {"pixel_values": torch.randn(4, 1, 16, 16, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+    batch = random_vit_batch(torch.Generator().manual_seed(0), size=4)
 
     def train_fn(model: DRTModel) -> dict[str, float]:
-        optimizer = adamw(model, lr=1e-2)
-        for _ in range(2):
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        return {"loss": loss.item()}
+        return {"loss": train_steps(model, [batch] * 2)[-1]}
 
     config = config_class(density=0.25, one_shot=True, modules_to_save=["classifier"])
     ticket = find_lottery_ticket(tiny_vit(), config, train_fn, output_dir=tmp_path, verbose=False)
     d = sum(layer.num_trainable for _, layer in ticket.drt_layers())
     assert d == round(0.25 * sum(layer.weight_shape.numel() for _, layer in ticket.drt_layers()))
-    loaded = DRTModel.from_pretrained(tiny_vit(), tmp_path / "ticket")
-    torch.testing.assert_close(loaded(**batch).logits, ticket.eval()(**batch).logits, rtol=0, atol=0)
+    assert_loads_identically(ticket.eval(), tiny_vit(), tmp_path / "ticket", batch)

@@ -18,6 +18,7 @@ import torch
 from conftest import (
     Parity,
     adamw,
+    assert_save_load_roundtrip,
     cpu_training_args,
     random_bert_batch,
     tiny_bert,
@@ -323,14 +324,10 @@ def test_values_are_saved_in_their_dtype_and_loaded_into_the_layers_dtype(tmp_pa
     batch = random_bert_batch(torch.Generator().manual_seed(0), size=2)
     model = get_drt_model(_half_bert(), RandomConfig(density=0.1))
     train_steps(model, [batch])
-    model.save_pretrained(tmp_path / "float32")
+    loaded = assert_save_load_roundtrip(model, _half_bert(), {"input_ids": batch["input_ids"]}, tmp_path / "float32")
     with safe_open(os.path.join(tmp_path / "float32", WEIGHTS_NAME), framework="pt") as handle:
         assert handle.get_tensor("drt_values").dtype == torch.float32
-    loaded = DRTModel.from_pretrained(_half_bert(), tmp_path / "float32")
-    for (_, a), (_, b) in zip(model.drt_layers(), loaded.drt_layers(), strict=True):
-        assert b.drt_values.dtype == torch.float32 and torch.equal(a.drt_values, b.drt_values)
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=batch["input_ids"]).logits, model(input_ids=batch["input_ids"]).logits)
+    assert all(layer.drt_values.dtype == torch.float32 for _, layer in loaded.drt_layers())
 
     opted_out = get_drt_model(tiny_bert(), RandomConfig(density=0.1, autocast_adapter_dtype=False))
     train_steps(opted_out, [batch])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import adamw, tiny_bert, tiny_convnet, tiny_gpt2, tiny_vit
+from conftest import adamw, assert_merge_matches, tiny_bert, tiny_convnet, tiny_gpt2, tiny_vit, train_steps
 
 from drt_peft import DRTModel, MagnitudeConfig, RandomConfig, get_drt_model
 from drt_peft.layer.layer import CSR_MAX_DENSITY
@@ -12,12 +12,7 @@ from drt_peft.layer.layer import CSR_MAX_DENSITY
 
 def _train(model: DRTModel, batch: dict, steps: int = 3, lr: float = 1e-2) -> torch.optim.Optimizer:
     optimizer = adamw(model, lr=lr, weight_decay=0.1)
-    model.train()
-    for _ in range(steps):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    train_steps(model, [batch] * steps, optimizer=optimizer)
     return optimizer
 
 
@@ -78,11 +73,7 @@ def test_merge_and_unload_reproduce_logits(bert_batch: dict) -> None:
     for mode in ("freeze", "prune"):
         model = get_drt_model(tiny_bert(), MagnitudeConfig(density=0.2, mode=mode, modules_to_save=["classifier"]))
         _train(model, bert_batch)
-        with torch.no_grad():
-            trained = model(**inputs).logits
-        merged = model.merge_and_unload()
-        assert not any(type(m).__name__ == "DRTLayer" for m in merged.modules())
-        assert torch.equal(merged(**inputs).logits, trained)
+        merged = assert_merge_matches(model, inputs)
         if mode == "prune":
             weight = merged.bert.encoder.layer[0].intermediate.dense.weight
             assert (weight == 0).float().mean() == pytest.approx(0.8, abs=0.01)

@@ -7,13 +7,24 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_bert_batch, tiny_bert, tiny_convnet, tiny_gpt2, tiny_vit, train_steps
+from conftest import (
+    assert_save_load_roundtrip,
+    outputs,
+    random_bert_batch,
+    random_lm_batch,
+    random_vit_batch,
+    tiny_bert,
+    tiny_convnet,
+    tiny_gpt2,
+    tiny_vit,
+    train_steps,
+)
 from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import drt_peft.layer.layer as layer_module
-from drt_peft import DRTConfig, DRTLayer, DRTModel, NormBiasConfig, get_drt_model
+from drt_peft import DRTConfig, DRTLayer, NormBiasConfig, get_drt_model
 from drt_peft.layer import weight_op
 from drt_peft.methods.norm_bias import norm_layer_names
 
@@ -84,11 +95,9 @@ def test_save_load_identical_and_unload_restores_everything(tmp_path) -> None:
     model = get_drt_model(tiny_bert(), NormBiasConfig(modules_to_save=["classifier"]))
     train_steps(model, [_bert_batch()] * 4)
     inputs = {"input_ids": _bert_batch()["input_ids"]}
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    assert not torch.equal(logits, tiny_bert()(**inputs).logits)
+    assert not torch.equal(outputs(model, inputs), outputs(tiny_bert(), inputs))
 
-    model.save_pretrained(tmp_path)
+    assert_save_load_roundtrip(model, tiny_bert(), inputs, tmp_path)
     with safe_open(os.path.join(tmp_path, "adapter_model.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
         biases = handle.get_tensor("drt_biases")
@@ -99,10 +108,6 @@ def test_save_load_identical_and_unload_restores_everything(tmp_path) -> None:
     assert biases.numel() == sum(p.numel() for n, p in tiny_bert().named_parameters() if n in bias_names)
     assert not any("dense.weight" in k or "query.weight" in k for k in keys)  # no weight matrix
     assert DRTConfig.from_pretrained(tmp_path) == model.drt_config
-
-    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(**inputs).logits, logits)
 
     restored = model.unload()
     state = restored.state_dict()
@@ -116,16 +121,14 @@ def test_gpt2_trains_and_unloads(train: str) -> None:
     model = get_drt_model(tiny_gpt2(), NormBiasConfig(train=train))
     expected = _expected_trainable(tiny_gpt2(), train, "transformer")
     assert {_plain_name(n) for n, p in model.named_parameters() if p.requires_grad and p.numel()} == expected
-    input_ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(2))
-    losses = train_steps(model, [{"input_ids": input_ids, "labels": input_ids}] * 6)
+    losses = train_steps(model, [random_lm_batch(torch.Generator().manual_seed(2), length=12)] * 6)
     assert losses[-1] < losses[0]
     restored = model.unload()
     assert all(torch.equal(restored.state_dict()[k], original[k]) for k in original)
 
 
 def test_vit_trains_norms_and_biases_and_its_head() -> None:
-    g = torch.Generator().manual_seed(3)
-    batch = {"pixel_values": torch.randn(6, 1, 16, 16, generator=g), "labels": torch.randint(0, 3, (6,), generator=g)}
+    batch = random_vit_batch(torch.Generator().manual_seed(3))
     before = dict(tiny_vit().named_parameters())
     model = get_drt_model(tiny_vit(), NormBiasConfig(modules_to_save=["classifier"]))
     losses = train_steps(model, [batch] * 6)
@@ -197,12 +200,9 @@ def test_norm_matching_rules_and_batchnorm_statistics_round_trip(tmp_path) -> No
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    logits = model(x, labels)[0]
     assert not torch.equal(model.base_model.bn.running_mean, original["bn.running_mean"])
-    model.save_pretrained(tmp_path)
-    loaded = DRTModel.from_pretrained(_NormNet(), tmp_path)
+    loaded = assert_save_load_roundtrip(model, _NormNet(), (x, labels), tmp_path)
     assert torch.equal(loaded.base_model.bn.running_var, model.base_model.bn.running_var)
-    assert torch.equal(loaded(x, labels)[0], logits)
     restored = model.unload().state_dict()
     assert all(torch.equal(restored[k], original[k]) for k in original)
 

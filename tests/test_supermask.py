@@ -7,7 +7,19 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Parity, adamw, cpu_training_args, random_bert_batch, tiny_bert, tiny_gpt2, tiny_mlp, tiny_vit
+from conftest import (
+    Parity,
+    assert_merge_matches,
+    assert_save_load_roundtrip,
+    cpu_training_args,
+    random_bert_batch,
+    random_lm_batch,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_mlp,
+    tiny_vit,
+    train_steps,
+)
 from safetensors import safe_open
 from transformers import Trainer
 
@@ -20,13 +32,7 @@ from drt_peft.topk import top_k_mask
 
 def _train(model: DRTModel, steps: int, lr: float = 0.05, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
-    optimizer = adamw(model, lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(**random_bert_batch(g)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    train_steps(model, [random_bert_batch(g) for _ in range(steps)], lr=lr)
 
 
 def _layers(model: DRTModel) -> list[SupermaskLayer]:
@@ -110,8 +116,7 @@ def test_save_load_gives_identical_outputs_and_stores_no_weight_values(variant: 
     model = get_drt_model(tiny_bert(), SupermaskConfig(density=0.5, variant=variant))
     _train(model, steps=3)
     inputs = {"input_ids": random_bert_batch(torch.Generator().manual_seed(5))["input_ids"]}
-    expected = model(**inputs).logits
-    model.save_pretrained(tmp_path)
+    loaded = assert_save_load_roundtrip(model, tiny_bert(), inputs, tmp_path)
 
     file = os.path.join(tmp_path, WEIGHTS_NAME)
     with safe_open(file, framework="pt") as handle:
@@ -122,11 +127,7 @@ def test_save_load_gives_identical_outputs_and_stores_no_weight_values(variant: 
     signs = total // 8 if variant == "signed" else 0
     assert os.path.getsize(file) < total // 8 + signs + 3000 + PROBE_BYTES_PER_LAYER * len(_layers(model))
 
-    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
-    assert torch.equal(loaded(**inputs).logits, expected)
-    masks = model.get_masks()
-    assert all(torch.equal(m, masks[k]) for k, m in loaded.get_masks().items())
-    assert torch.equal(loaded.merge_and_unload()(**inputs).logits, expected)
+    assert_merge_matches(loaded, inputs)
     layers = _layers(model)
     weights = [layer.base_layer.weight.clone() for layer in layers]
     plain = model.unload()  # the frozen weights Θ(0), unmasked
@@ -137,8 +138,8 @@ def test_save_load_gives_identical_outputs_and_stores_no_weight_values(variant: 
 def test_signed_variant_inverts_weights_and_the_signs_survive_save_load(tmp_path) -> None:
     model = get_drt_model(tiny_bert(), SupermaskConfig(density=0.5, variant="signed"))
     _train(model, steps=2)
-    model.save_pretrained(tmp_path)
-    loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path)
+    inputs = {"input_ids": random_bert_batch(torch.Generator().manual_seed(6))["input_ids"]}
+    loaded = assert_save_load_roundtrip(model, tiny_bert(), inputs, tmp_path)
     inverted = 0
     for trained, restored in zip(_layers(model), _layers(loaded), strict=True):
         kept = trained.get_mask()
@@ -180,8 +181,7 @@ def test_bernoulli_draws_are_seeded_and_evaluation_uses_sigmoid_above_half() -> 
         assert torch.equal(layer.get_mask(), torch.sigmoid(layer.scores) > 0.5)
         total += layer.num_trainable
     assert a.drt_statistics()["drt/density"] == total / sum(layer.scores.numel() for layer in _layers(a))
-    with torch.no_grad():
-        assert torch.equal(a(x), a.merge_and_unload()(x))
+    assert_merge_matches(a, x)
 
 
 def test_state_dict_round_trip_restores_scores_and_draws() -> None:
@@ -268,8 +268,7 @@ def test_vision_transformer_and_conv1d(build) -> None:
     if build is tiny_vit:
         batch = {"pixel_values": torch.randn(3, 1, 16, 16, generator=g), "labels": torch.tensor([0, 2, 1])}
     else:
-        ids = torch.randint(0, 64, (2, 10), generator=g)
-        batch = {"input_ids": ids, "labels": ids}
+        batch = random_lm_batch(g, size=2, length=10)
     weights = [layer.base_layer.weight.clone() for layer in _layers(model)]
     model(**batch).loss.backward()
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
