@@ -1,4 +1,4 @@
-"""What every benchmark shares: the machine it ran on, memory probes, per-run jobs and the report writer."""
+"""What every benchmark shares: the machine it ran on, memory probes, per-run jobs, flags and the report."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,36 @@ def percent(mean: float, std: float | None) -> str:
     return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def provenance(report: dict) -> str:
+    """An intro's closing words: the CPU, its cores and the torch version in brackets, then the command."""
+    m = report["machine"]
+    return f"({m['cpu']}, {m['cores']} cores, torch {m['torch']}). Command: `{report['command']}`."
+
+
+def cpu_threads(report: dict) -> str:
+    """An intro's closing words for a run in one process: its CPU threads, the torch version, the command."""
+    m = report["machine"]
+    return f"{m['threads']} CPU threads, torch {m['torch']}. Command: `{report['command']}`."
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard deviation over runs (None for the std of a single run)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def size(n: int) -> str:
+    """A byte count in the largest binary unit it reaches (GiB, MiB, KiB), to one decimal."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def mib(n: int, digits: int) -> str:
+    """A byte count in MiB with ``digits`` decimals, without the unit."""
+    return f"{n / 2**20:.{digits}f}"
+
+
 def _write_atomic(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as handle:
         handle.write(text)
@@ -95,6 +126,18 @@ def peak_bytes() -> int:
     raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
+class PeakMemory:
+    """The peak resident memory added from its creation on, over the memory resident then."""
+
+    def __init__(self) -> None:
+        self.before = rss_bytes()
+        reset_peak()
+
+    def added(self) -> int:
+        """Bytes the peak so far stands above the memory at the start (0 when it does not)."""
+        return max(0, peak_bytes() - self.before)
+
+
 # -- one process per run ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Suite:
@@ -104,15 +147,26 @@ class Suite:
     script: str
     run_job: Callable[[dict], dict]
 
-    def run(self, jobs: dict[str, dict], *, workers: int = 1, threads: int = 1) -> dict:
+    @property
+    def workers(self) -> int:
+        """Runs going at a time: the suite's ``--workers``, one for a suite without it."""
+        return getattr(self.args, "workers", 1)
+
+    @property
+    def threads(self) -> int:
+        """Threads for each of the runs going at a time: the cores shared out, at least one."""
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    def run(self, jobs: dict[str, dict], *, threads: int | None = None) -> dict:
         """Run every job not finished yet; return every job's result, by name.
 
         A job's result is kept in ``<work>/<name>.json`` beside the job's settings; a job kept
         with the same settings is not run again, so an interrupted suite resumes where it stopped,
         and one whose settings changed runs afresh. A full run starts
-        ``python script --job JSON`` per job, ``workers`` at a time with ``threads`` threads each,
-        its output and log in ``<work>/<name>.out`` / ``.log``; ``--quick`` runs the jobs one
-        after the other in this process, which saves a process start per job.
+        ``python script --job JSON`` per job, :attr:`workers` at a time with ``threads`` threads
+        each (default :attr:`threads`), its output and log in ``<work>/<name>.out`` / ``.log``;
+        ``--quick`` runs the jobs one after the other in this process, which saves a process start
+        per job.
         """
         folder = self.args.work
         os.makedirs(folder, exist_ok=True)
@@ -124,10 +178,10 @@ class Suite:
                 start = time.perf_counter()
                 results[name] = self._keep(name, jobs[name], self.run_job(jobs[name]), start)
             pending = []
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or self.threads), "TOKENIZERS_PARALLELISM": "false"}
         running: dict[str, tuple[subprocess.Popen, float]] = {}
         while pending or running:
-            while pending and len(running) < workers:
+            while pending and len(running) < self.workers:
                 name = pending.pop(0)
                 argv = [sys.executable, self.script, "--job", json.dumps(jobs[name])]
                 base = os.path.join(folder, name)
@@ -165,6 +219,12 @@ class Suite:
         _write_atomic(os.path.join(self.args.work, f"{name}.json"), json.dumps({"job": job, "result": result}))
         print(f"[{time.perf_counter() - start:6.0f} s] {name}: {_summary(result)}", flush=True)
         return result
+
+
+def add_options(parser: argparse.ArgumentParser, **defaults: float) -> None:
+    """A ``--flag`` per keyword (``batch_size`` gives ``--batch-size``), of its default's type."""
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
 
 
 def parse_suite_args(parser: argparse.ArgumentParser, name: str, run_job: Callable[[dict], dict]) -> Suite | None:

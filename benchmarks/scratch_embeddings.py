@@ -16,14 +16,12 @@ Adding a method is one line in ``METHODS``.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import tempfile
 from collections.abc import Callable
 
 import torch
-from _report import command, machine, parse_suite_args, percent, write_report
-from scratch_vision import MODELS, LeNet300100, _batches, _data, _train
+from _builders import NETS, SCRATCH_OPTIONS, LeNet300100, image_batches, images, train_images
+from _report import add_options, command, machine, mean_std, parse_suite_args, percent, write_report
 from torch import nn
 
 from drt_peft import (
@@ -70,7 +68,7 @@ METHODS: dict[str, tuple[Callable[[float, int, int], DRTConfig], str]] = {
 
 
 def run_job(job: dict) -> dict:
-    data = _data(job["quick"], MODELS["LeNet-300-100"].train_size)
+    data = images(job["quick"], NETS["LeNet-300-100"].train_size)
     epochs, batch_size, seed, density = job["epochs"], job["batch_size"], job["seed"], job["density"]
     make, _ = METHODS[job["method"]]
     config = make(density, seed, len(data["train"][1]) // batch_size)
@@ -81,26 +79,22 @@ def run_job(job: dict) -> dict:
             accuracies: list[float] = []
 
             def train_fn(model: nn.Module) -> dict[str, float]:
-                accuracies.append(_train(model, data, epochs, batch_size, seed))
+                accuracies.append(train_images(model, data, epochs, batch_size, seed))
                 return {"accuracy": accuracies[-1]}
 
             ticket = find_lottery_ticket(base, config, train_fn, output_dir=folder, verbose=False)
         trained = ticket.get_nb_trainable_parameters()[0]
         return {"accuracy": accuracies[-1], "trainings": len(accuracies), "trained": trained}
-    calibration = _batches(*data["train"], batch_size, seed, 0)[:4]
+    calibration = image_batches(*data["train"], batch_size, seed, 0)[:4]
     model = get_drt_model(base, config, calibration_data=calibration)
-    accuracy = _train(model, data, epochs, batch_size, seed)
+    accuracy = train_images(model, data, epochs, batch_size, seed)
     return {"accuracy": accuracy, "trainings": 1, "trained": model.get_nb_trainable_parameters()[0]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="synthetic images, one epoch, one seed")
-    parser.add_argument("--density", type=float, default=0.05)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2)
+    add_options(parser, density=0.05, **SCRATCH_OPTIONS)
     suite = parse_suite_args(parser, "scratch_embeddings", run_job)
     if suite is None:
         return
@@ -114,25 +108,24 @@ def main() -> None:
         for name in METHODS
         for seed in range(args.seeds)
     }  # fmt: skip
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
-    results = suite.run(jobs, workers=args.workers, threads=threads)
+    results = suite.run(jobs)
     rows = []
     for name, (_, what) in METHODS.items():
         runs = [results[key] for key, job in jobs.items() if job["method"] == name]
-        accuracy = [r["accuracy"] for r in runs]
+        mean, std = mean_std([r["accuracy"] for r in runs])
         rows.append(
             {
                 "method": name,
                 "trains": what,
-                "accuracy_mean": statistics.fmean(accuracy),
-                "accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else None,
+                "accuracy_mean": mean,
+                "accuracy_std": std,
                 "trainings": runs[0]["trainings"],
                 "trained": runs[0]["trained"],
             }
         )
     report = {
         "command": command("scratch_embeddings.py"),
-        "machine": machine(threads),
+        "machine": machine(suite.threads),
         "setup": {**setup, "seeds": args.seeds, "linear_weights": sum(m.weight.numel() for m in _linears())},
         "rows": rows,
     }

