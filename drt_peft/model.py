@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .base_weights import BaseProbe, fingerprint, seeded_init_
+from .composition import ComposedConfig, layer_delta, mask_overlap, weighted_change, weighted_state, weighted_union
 from .config import DRTConfig
 from .layer import BaseDRTLayer, weight_op
 from .masks import LossFn, compute_indices
@@ -40,6 +43,11 @@ def get_drt_model(
     The model is modified in place (as PEFT does); :meth:`DRTModel.unload` gives it back unchanged.
     """
     return DRTModel(model, config, calibration_data, loss_fn)
+
+
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name or "/" in name:
+        raise ValueError(f"adapter_name={name!r} must be a non-empty string without '.' or '/'")
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -234,6 +242,54 @@ def _check_other_dtype(
     )
 
 
+@dataclass
+class _SetAside:
+    """What an adapter put into its base, kept aside while the base runs bare: its layers (out of the module
+    tree) and the trained state of its ``modules_to_save``."""
+
+    layers: dict[str, BaseDRTLayer]
+    trained_to_save: dict[str, dict[str, Tensor]]
+
+
+def _set_aside(model: DRTModel) -> _SetAside:
+    """Give ``model``'s base back bare (as ``unload`` would), keeping the active adapter's state aside."""
+    layers = dict(model.drt_layers())
+    for name, layer in layers.items():
+        _set_submodule(model.base_model, name, layer.suspend())
+    trained = {}
+    with torch.no_grad():
+        for name, original in model._originals_to_save.items():
+            module = model.base_model.get_submodule(name)
+            trained[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            module.load_state_dict(original)
+    return _SetAside(layers, trained)
+
+
+def _put_back(model: DRTModel, aside: _SetAside) -> None:
+    """Undo :func:`_set_aside`: the same layers and trained tensors, exactly as they were."""
+    with torch.no_grad():
+        for name, state in aside.trained_to_save.items():
+            model.base_model.get_submodule(name).load_state_dict(state)
+    for name, layer in aside.layers.items():
+        layer.resume()
+        _set_submodule(model.base_model, name, layer)
+
+
+@dataclass
+class _InactiveAdapter:
+    """An adapter of the model other than the active one: its policy (which holds its config), its base probe,
+    what it set aside, and what it needs to come back."""
+
+    policy: Policy
+    probe: BaseProbe
+    aside: _SetAside
+    originals_to_save: dict[str, dict[str, Tensor]]
+    calibration_data: Iterable[Any] | None
+    loss_fn: LossFn | None
+    #: The hook of ``DRTModel.expect_update_masks`` on the adapter's first ``drt_values`` (it fires only while active).
+    update_watch: Any
+
+
 class DRTModel(nn.Module):
     """A model whose targeted weights train only at d positions (Θ = ψ·ϑ + χ·Θ(0)).
 
@@ -274,10 +330,32 @@ class DRTModel(nn.Module):
         *,
         indices: list[Tensor] | None = None,
         base_probe: BaseProbe | None = None,
+        adapter_name: str = "default",
     ) -> None:
         super().__init__()
         if isinstance(model, DRTModel):
             raise TypeError("model is already a DRTModel; call unload() or merge_and_unload() first")
+        _check_adapter_name(adapter_name)
+        self._requires_grad_before = {param: param.requires_grad for param in model.parameters()}
+        #: The name of the adapter in the model (its layers are in the module tree).
+        self.active_adapter = adapter_name
+        self._inactive: dict[str, _InactiveAdapter] = {}
+        self._attach(model, config, calibration_data, loss_fn, indices, base_probe)
+        self._register_state_dict_hook(_drop_tied_aliases)
+        self.register_load_state_dict_pre_hook(_restore_tied_aliases)
+        _watch_optimizers(self)
+
+    def _attach(
+        self,
+        model: nn.Module,
+        config: DRTConfig,
+        calibration_data: Iterable[Any] | None,
+        loss_fn: LossFn | None,
+        indices: list[Tensor] | None,
+        base_probe: BaseProbe | None,
+    ) -> None:
+        """Embed one adapter into ``model`` (which holds no DRT layer): find its targets, fix Θ(0), select ψ unless
+        ``indices`` gives it, build the layers and attach the method."""
         targets, save_names = _find_targets(model, config)
         #: The method's behaviour and state (:class:`~drt_peft.policy.Policy`); it holds the config.
         self.drt_policy: Policy = config.policy(self._record_base(model, targets, config, base_probe))
@@ -292,9 +370,6 @@ class DRTModel(nn.Module):
         #: Kept only for methods that re-score during training (FISH with ``update_frequency``).
         self.calibration_data = calibration_data if self.drt_policy.rescores_during_training else None
         self.loss_fn = loss_fn
-        self._register_state_dict_hook(_drop_tied_aliases)
-        self.register_load_state_dict_pre_hook(_restore_tied_aliases)
-        _watch_optimizers(self)
 
     def _record_base(
         self, model: nn.Module, targets: list[Target], config: DRTConfig, stored_probe: BaseProbe | None
@@ -336,7 +411,6 @@ class DRTModel(nn.Module):
                 module = model.get_submodule(name)
                 self._originals_to_save[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 module.requires_grad_(True)
-            self._requires_grad_before = flags
             self.base_model = model
             self._backwards_since_update = 0
             self._update_watch = None
@@ -457,6 +531,223 @@ class DRTModel(nn.Module):
 
         self._update_watch = layers[0].drt_values.register_post_accumulate_grad_hook(count)
 
+    # -- several adapters ------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        """``[active_adapter]``: one adapter is active at a time."""
+        return [self.active_adapter]
+
+    @property
+    def adapters(self) -> dict[str, DRTConfig]:
+        """Adapter name → config, the active adapter first."""
+        return {self.active_adapter: self.drt_config, **{n: a.policy.config for n, a in self._inactive.items()}}
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: DRTConfig,
+        calibration_data: Iterable[Any] | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        """Add a new adapter on the same base, scored on the base itself; it stays inactive until
+        :meth:`set_adapter`. It costs its d values, ψ and Θ(0) at ψ, and its own ``modules_to_save``, never a
+        copy of the base."""
+        self._add(
+            adapter_name,
+            config,
+            lambda _: self._attach(self.base_model, config, calibration_data, loss_fn, None, None),
+        )
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **hub_kwargs: Any
+    ) -> None:
+        """Load a saved adapter (a folder or Hub repo, as :meth:`from_pretrained`) as the inactive adapter
+        ``adapter_name``; with ``is_trainable=False`` it stays frozen when it is made active."""
+        from .checkpoint.io import read_adapter
+
+        stored = read_adapter(model_id, **hub_kwargs)
+        config = stored.config if is_trainable else dataclasses.replace(stored.config, inference_mode=True)
+
+        def build(_: dict[str, _InactiveAdapter]) -> None:
+            self._attach(self.base_model, config, None, None, stored.indices, stored.probe)
+            stored.load_into(self)
+
+        self._add(adapter_name, config, build)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the adapter in the model: its layers take the base modules' places, its
+        ``modules_to_save`` their trained state, and its method attaches (build the optimizer after this)."""
+        if self._known(adapter_name) == self.active_adapter:
+            return
+        self._swap(adapter_name)
+        self.drt_policy.on_attach(self)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``; deleting the active adapter makes the first remaining one active."""
+        if self._known(adapter_name) in self._inactive:
+            del self._inactive[adapter_name]
+            return
+        if not self._inactive:
+            raise ValueError(
+                f"adapter_name={adapter_name!r} is the only adapter; call unload() to get the base model back"
+            )
+        self.set_adapter(next(iter(self._inactive)))
+        del self._inactive[adapter_name]
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> dict[str, float]:
+        """Add ``adapter_name``, the composition Θ = Θ(0) + Σᵢ wᵢ·Δᵢ of ``adapters`` (:mod:`drt_peft.composition`).
+
+        Its ψ is the union of theirs; biases and ``modules_to_save`` they train combine by the same rule.
+        The adapters must share the base, the targeted layers and the mode, and be sparse adapters (plain
+        :class:`~drt_peft.DRTLayer` layers). It stays inactive until :meth:`set_adapter`. Returns how their
+        masks overlap (:func:`~drt_peft.composition.mask_overlap`).
+        """
+        names = [self._known(name) for name in adapters]
+        configs = [self.adapters[name] for name in names]
+        for field_name in ("mode", "base_model_fingerprint"):
+            values = {name: getattr(c, field_name) for name, c in zip(names, configs, strict=True)}
+            if len(set(values.values())) > 1:
+                raise ValueError(f"adapters={names}: composed adapters must share {field_name}, got {values}")
+        first = configs[0]
+        config = ComposedConfig(
+            adapters=names,
+            weights=list(weights),
+            mode=first.mode,
+            bias="all" if any(c.bias == "all" for c in configs) else "none",
+            seed=first.seed,
+            target_modules=[name for name, _ in self._adapter_layers(names[0])],
+            modules_to_save=sorted({m for c in configs for m in c.modules_to_save or []}) or None,
+            base_model_name_or_path=first.base_model_name_or_path,
+            revision=first.revision,
+            base_model_fingerprint=first.base_model_fingerprint,
+            autocast_adapter_dtype=first.autocast_adapter_dtype,
+        )
+        layers = [self._adapter_layers(name) for name in names]
+        if any([n for n, _ in named] != config.target_modules for named in layers):
+            raise ValueError(f"adapters={names}: composed adapters must target the same layers")
+        overlap = mask_overlap(names, [[layer.drt_indices for _, layer in named] for named in layers])
+        self._add(adapter_name, config, lambda records: self._compose(records, config, names))
+        return overlap
+
+    def _adapter_layers(self, adapter_name: str) -> list[tuple[str, BaseDRTLayer]]:
+        if adapter_name == self.active_adapter:
+            return list(self.drt_layers())
+        return list(self._inactive[adapter_name].aside.layers.items())
+
+    def _compose(self, records: dict[str, _InactiveAdapter], config: ComposedConfig, names: list[str]) -> None:
+        """Attach ``config`` to the bare base with the composition of the adapters ``names`` (set aside in
+        ``records``)."""
+        chosen = [records[name] for name in names]
+        combined = [
+            weighted_union([layer_delta(n, layer) for n, layer in named], config.weights)
+            for named in zip(*(r.aside.layers.items() for r in chosen), strict=True)
+        ]
+        self._attach(self.base_model, config, None, None, [idx for idx, _ in combined], None)
+        with torch.no_grad():
+            for (name, layer), (_, delta) in zip(self.drt_layers(), combined, strict=True):
+                values = layer.drt_base_values.double() if layer.mode == "freeze" else 0
+                layer.drt_values.copy_(values + delta)
+                if config.bias == "all" and layer.base_layer.bias is not None:
+                    trained = [r.aside.layers[name].__dict__.get("_trained_bias") for r in chosen]
+                    layer.base_layer.bias.copy_(weighted_change(layer.drt_base_bias, trained, config.weights))
+            for module_name, original in self._originals_to_save.items():
+                trained = [r.aside.trained_to_save.get(module_name) for r in chosen]
+                self.base_model.get_submodule(module_name).load_state_dict(
+                    weighted_state(original, trained, config.weights)
+                )
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes exactly as its base: Θ(0) in every targeted weight, the original
+        biases and ``modules_to_save`` (as :meth:`unload` gives them). The adapter comes back unchanged after,
+        the same tensors, so an optimizer built before keeps working (TRL's reference model for DPO)."""
+        aside = _set_aside(self)
+        try:
+            yield
+        finally:
+            _put_back(self, aside)
+
+    def _known(self, adapter_name: str) -> str:
+        if adapter_name != self.active_adapter and adapter_name not in self._inactive:
+            raise ValueError(
+                f"adapter_name={adapter_name!r} is not an adapter of this model; it has {list(self.adapters)}"
+            )
+        return adapter_name
+
+    def _add(self, adapter_name: str, config: DRTConfig, build: Callable[[dict[str, _InactiveAdapter]], None]) -> None:
+        """Add the inactive adapter ``adapter_name``: with every adapter set aside (``build`` sees them all),
+        ``build`` attaches it to the bare base. The active adapter is as it was after, also when building fails."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.adapters:
+            raise ValueError(
+                f"adapter_name={adapter_name!r} exists already; delete_adapter it first or pick a new name"
+            )
+        seeded = [name for name, c in {**self.adapters, adapter_name: config}.items() if c.base_init == "seeded"]
+        if seeded:
+            raise ValueError(
+                f"base_init='seeded' (adapters {seeded}) re-draws the base weights, but the adapters of one model "
+                "share one base; use one model per seeded adapter"
+            )
+        active_name, active = self.active_adapter, self._deactivate()
+        try:
+            build({**self._inactive, active_name: active})
+            if config.inference_mode:
+                for _, layer in self.drt_layers():
+                    layer.requires_grad_(False)
+            self._inactive[adapter_name] = self._deactivate()
+        except BaseException:
+            if "drt_policy" in self._modules:
+                _restore_base(self.base_model, self._originals_to_save, {})
+            self._activate(active_name, active)
+            raise
+        self._activate(active_name, active)
+
+    def _swap(self, adapter_name: str) -> None:
+        """Make the inactive ``adapter_name`` active and the active one inactive, both exactly as they were."""
+        target = self._inactive.pop(adapter_name)
+        self._inactive[self.active_adapter] = self._deactivate()
+        self._activate(adapter_name, target)
+
+    @contextlib.contextmanager
+    def _switched_to(self, adapter_name: str) -> Iterator[None]:
+        previous = self.active_adapter
+        if adapter_name == previous:
+            yield
+            return
+        self._swap(adapter_name)
+        try:
+            yield
+        finally:
+            self._swap(previous)
+
+    def _deactivate(self) -> _InactiveAdapter:
+        """Take the active adapter out of the model (which is then its bare base) and return it."""
+        aside = _set_aside(self)
+        for name in self._originals_to_save:
+            self.base_model.get_submodule(name).requires_grad_(False)
+        policy = self.drt_policy
+        del self.drt_policy
+        return _InactiveAdapter(
+            policy,
+            self.base_probe,
+            aside,
+            self._originals_to_save,
+            self.calibration_data,
+            self.loss_fn,
+            self._update_watch,
+        )
+
+    def _activate(self, adapter_name: str, adapter: _InactiveAdapter) -> None:
+        """Put ``adapter`` into the bare base as the active adapter ``adapter_name``."""
+        self.drt_policy = adapter.policy
+        self.base_probe, self._originals_to_save = adapter.probe, adapter.originals_to_save
+        self.calibration_data, self.loss_fn = adapter.calibration_data, adapter.loss_fn
+        self.active_adapter = adapter_name
+        self._backwards_since_update, self._update_watch = 0, adapter.update_watch
+        _put_back(self, adapter.aside)
+        for name in self._originals_to_save:
+            self.base_model.get_submodule(name).requires_grad_(not self.drt_config.inference_mode)
+
     # -- leaving ---------------------------------------------------------------------------
     def _replace_layers(self, how: str) -> nn.Module:
         for name, layer in list(self.drt_layers()):
@@ -464,13 +755,16 @@ class DRTModel(nn.Module):
         return self.base_model
 
     def merge_and_unload(self) -> nn.Module:
-        """The plain model with Θ written into each weight (prune mode: zeros at untrained entries)."""
+        """The plain model with the active adapter's Θ written into each weight (prune mode: zeros at untrained
+        entries). Inactive adapters are dropped."""
+        self._inactive.clear()
         return self._replace_layers("merge")
 
     def unload(self) -> nn.Module:
         """The plain model as it was before ``get_drt_model``: trained values and modules_to_save undone,
-        and every parameter's ``requires_grad`` as it was."""
+        and every parameter's ``requires_grad`` as it was. Inactive adapters are dropped."""
         _restore_base(self.base_model, self._originals_to_save, self._requires_grad_before)
+        self._inactive.clear()
         return self.base_model
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -502,8 +796,10 @@ class DRTModel(nn.Module):
         Takes the keyword arguments the ``Trainer`` and PEFT pass: ``is_main_process`` (only the main
         process writes), ``state_dict`` (the model's state dict as gathered by the caller, e.g. under
         FSDP: trained tensors are read from it), ``safe_serialization`` (adapters are always safetensors;
-        ``False`` is refused) and ``selected_adapters`` (a DRT model has the one adapter ``"default"``).
-        ``save_embedding_layers`` and ``max_shard_size`` are accepted and have nothing to act on.
+        ``False`` is refused) and ``selected_adapters`` (the adapters to save, by default all). As in PEFT,
+        the adapter ``"default"`` goes into ``save_directory`` and any other into ``save_directory/<name>``;
+        a gathered ``state_dict`` applies to the active adapter. ``save_embedding_layers`` and
+        ``max_shard_size`` are accepted and have nothing to act on.
         """
         from .checkpoint.io import save_adapter
 
@@ -517,16 +813,27 @@ class DRTModel(nn.Module):
                 "safe_serialization=False is not supported: drt_peft adapters are always written as safetensors "
                 "(set save_safetensors=True in TrainingArguments, the default)"
             )
-        if selected_adapters not in (None, ["default"]):
+        names = list(self.adapters) if selected_adapters is None else list(selected_adapters)
+        unknown = [name for name in names if name not in self.adapters]
+        if unknown or not names:
             raise ValueError(
-                f"selected_adapters={selected_adapters!r}: this DRT model has one adapter, 'default'; "
-                "pass None or ['default']"
+                f"selected_adapters={selected_adapters!r}: name adapters of this model, {list(self.adapters)} "
+                "(None saves them all)"
             )
-        save_adapter(self, save_directory, is_main_process=is_main_process, state_dict=state_dict)
+        for name in names:
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            active = name == self.active_adapter
+            with self._switched_to(name):
+                save_adapter(self, folder, is_main_process=is_main_process, state_dict=state_dict if active else None)
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, model_id: str | os.PathLike, is_trainable: bool = False, **hub_kwargs: Any
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **hub_kwargs: Any,
     ) -> DRTModel:
         """Load an adapter from a folder or Hub repo onto a freshly built ``model``.
 
@@ -538,7 +845,7 @@ class DRTModel(nn.Module):
         from .checkpoint.io import read_adapter
 
         stored = read_adapter(model_id, **hub_kwargs)
-        loaded = cls(model, stored.config, indices=stored.indices, base_probe=stored.probe)
+        loaded = cls(model, stored.config, indices=stored.indices, base_probe=stored.probe, adapter_name=adapter_name)
         try:
             stored.load_into(loaded)
         except BaseException:

@@ -85,6 +85,10 @@ KINDS = {
 
 #: Combinations a method cannot apply to, with the reason (everything else must work).
 NOT_APPLICABLE: dict[tuple[str, str], str] = {
+    **{
+        ("composed", kind): "made by DRTModel.add_weighted_adapter from trained adapters (tests/test_adapters.py)"
+        for kind in KINDS
+    },
     ("fixed_classifier", "gpt2"): "a causal LM has no classification head to fix (its lm_head is tied)",
     ("fixed_classifier", "llama"): "a causal LM has no classification head to fix (its lm_head is tied)",
     ("dct_sparse", "convnet"): "the DCT path is defined for Linear/Conv1D layers; this network is convolutions",
@@ -163,6 +167,29 @@ def test_train_save_load_merge_unload(method: str, kind: str, tmp_path) -> None:
     assert [p.requires_grad for p in base.parameters()] == [p.requires_grad for p in original.parameters()]
     if model.drt_config.base_init != "seeded":
         assert torch.equal(outputs(base, inputs), before), "unload changed the outputs"
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES)
+def test_disable_adapter_runs_the_base_and_gives_the_adapter_back(method: str, kind: str) -> None:
+    spec = KINDS[kind]
+    model, original = build(method, kind)
+    inputs = spec.inputs(spec.batch(torch.Generator().manual_seed(5)))
+    g = torch.Generator().manual_seed(1)
+    train_updating_masks(model, (spec.batch(g) for _ in range(3)), loss_fn=spec.loss_fn)
+    trained, state = outputs(model, inputs), {k: v.clone() for k, v in model.training_state_dict().items()}
+    parameters = list(model.parameters())
+    base = outputs(copy.deepcopy(model).unload(), inputs)
+    if model.drt_config.base_init != "seeded":
+        assert torch.equal(base, outputs(original, inputs))
+    with model.disable_adapter():
+        assert torch.equal(outputs(model, inputs), base), "disable_adapter does not compute as the base"
+        assert not list(model.drt_layers())
+    assert torch.equal(outputs(model, inputs), trained), "the adapter did not come back exactly"
+    assert all(a is b for a, b in zip(parameters, model.parameters(), strict=True))
+    after = model.training_state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    losses, _ = train_updating_masks(model, (spec.batch(g) for _ in range(2)), loss_fn=spec.loss_fn)
+    assert all(np.isfinite(losses))
 
 
 @pytest.mark.parametrize(("method", "kind"), CASES)

@@ -155,7 +155,7 @@ def test_save_pretrained_takes_the_trainer_and_peft_keywords(tmp_path) -> None:
     assert not (tmp_path / "skip").exists()
     with pytest.raises(ValueError, match=r"safe_serialization=False is not supported"):
         model.save_pretrained(tmp_path, safe_serialization=False)
-    with pytest.raises(ValueError, match=r"selected_adapters=\['other'\]: this DRT model has one adapter"):
+    with pytest.raises(ValueError, match=r"selected_adapters=\['other'\]: name adapters of this model, \['default'\]"):
         model.save_pretrained(tmp_path, selected_adapters=["other"])
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['shard'\]"):
         model.save_pretrained(tmp_path, shard=True)

@@ -151,6 +151,18 @@ class DRTLayer(BaseDRTLayer):
             elif not self.sparse_kernels:
                 self.drt_effective.view(-1)[self.drt_indices] = 0
 
+    def suspend(self) -> nn.Module:
+        """As :meth:`BaseDRTLayer.suspend`; a dense prune-mode layer also frees its D-sized buffer meanwhile."""
+        module = super().suspend()
+        if self.mode == "prune" and not self.sparse_kernels:
+            self.drt_effective = self.drt_effective.new_empty(0)
+        return module
+
+    def resume(self) -> None:
+        super().resume()
+        if self.mode == "prune" and not self.sparse_kernels:
+            self.drt_effective = torch.zeros_like(self.base_layer.weight)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Tensor],

@@ -52,6 +52,12 @@ class PartlyPrunedLayer(DRTLayer):
         numel = self.base_layer.weight.numel()
         self.prune(torch.from_numpy(decode(tensors["pruned_bytes"].numpy(), CODECS[code], count, numel)))
 
+    def resume(self) -> None:
+        """As :meth:`DRTLayer.resume`, and the pruned entries are zero again (:meth:`unload` restored them)."""
+        super().resume()
+        with torch.no_grad():
+            self.base_layer.weight.view(-1)[self.drt_pruned] = 0
+
     def unload(self) -> nn.Module:
         with torch.no_grad():
             self.base_layer.weight.view(-1)[self.drt_pruned] = self.drt_pruned_base

@@ -1,6 +1,7 @@
 """One short file per method: a registered config naming its criterion (and, for methods with a
 per-step policy, its ``on_step``)."""
 
+from ..composition import ComposedConfig
 from .dct_sparse import DCTSparseConfig
 from .dsr import DSRConfig
 from .fish import FISHConfig
@@ -23,6 +24,7 @@ from .supermask import SupermaskConfig
 from .synflow import SynFlowConfig
 
 __all__ = [
+    "ComposedConfig",
     "DCTSparseConfig",
     "DSRConfig",
     "FISHConfig",
