@@ -30,6 +30,7 @@ def get_drt_model(
     config: DRTConfig,
     calibration_data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
+    adapter_name: str = "default",
 ) -> DRTModel:
     """Embed ``model``'s targeted weights per ``config`` and freeze everything else.
 
@@ -39,10 +40,11 @@ def get_drt_model(
         calibration_data: batches for data-driven criteria (SNIP, GraSP, FISH, ...): dicts of model
             inputs with labels, so that ``model(**batch).loss`` is the loss; or any batches with ``loss_fn``.
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` for models or batches of other shapes.
+        adapter_name: the name of this first adapter (more can be added: ``DRTModel.add_adapter``).
 
     The model is modified in place (as PEFT does); :meth:`DRTModel.unload` gives it back unchanged.
     """
-    return DRTModel(model, config, calibration_data, loss_fn)
+    return DRTModel(model, config, calibration_data, loss_fn, adapter_name=adapter_name)
 
 
 def _check_adapter_name(name: str) -> None:
