@@ -31,6 +31,14 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "adapter_config.json"
 
+#: Written as ``peft_type`` into ``adapter_config.json``. transformers takes any folder with an
+#: ``adapter_config.json`` for a PEFT adapter (``AutoModel*.from_pretrained(folder)``,
+#: ``model.load_adapter(folder)``) and PEFT looks its ``peft_type`` up among its methods; this value
+#: is no PEFT method, so those calls stop with a ``KeyError`` that reads as this sentence.
+PEFT_TYPE = (
+    "drt_peft adapter, not a PEFT one: load it with drt_peft.DRTModel.from_pretrained(base_model, folder_or_repo_id)"
+)
+
 MODES = ("freeze", "prune")
 BASE_INITS = ("pretrained", "seeded")
 BUDGETS = ("global", "uniform", "erk")
@@ -40,6 +48,31 @@ _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 _METHODS: dict[str, type[DRTConfig]] = {}
 
 C = TypeVar("C", bound="DRTConfig")
+
+
+@dataclass(frozen=True)
+class Paper:
+    """A paper to cite: ``Paper("Lee, Ajanthan & Torr", "SNIP: ...", "ICLR", 2019)``."""
+
+    authors: str
+    title: str
+    venue: str
+    year: int
+
+    def __str__(self) -> str:
+        return f"{self.authors}, “{self.title}”, {self.venue} {self.year}"
+
+    def markdown(self) -> str:
+        return f"{self.authors}, *{self.title}*, {self.venue} {self.year}"
+
+
+#: The survey whose embedding Θ = ψ·ϑ + χ·Θ(0) every method implements.
+SURVEY = Paper(
+    "Wimmer, Mehnert & Condurache",
+    "Dimensionality Reduced Training by Pruning and Freezing Parts of a Deep Neural Network, a Survey",
+    "Artificial Intelligence Review",
+    2023,
+)
 
 
 def register_method(name: str):
@@ -100,6 +133,8 @@ class DRTConfig:
     """
 
     method_name: ClassVar[str] = ""
+    #: The paper that introduced the method, cited in the model card (the survey for methods without one).
+    paper: ClassVar[Paper] = SURVEY
     #: The criterion (survey §3.4) that scores entries, by reference; the selected ψ keeps the largest scores.
     #: None for methods that select no entries (their layers replace ψ, or they train no weight entry).
     criterion: ClassVar[Criterion | None] = None
@@ -296,9 +331,19 @@ class DRTConfig:
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
-        """Build the registered config that ``data["method"]`` names; ``cls`` must be it or an ancestor."""
+        """Build the registered config that ``data["method"]`` names; ``cls`` must be it or an ancestor.
+
+        A ``peft_type`` key (what :meth:`save_pretrained` writes for transformers and PEFT) is accepted
+        and ignored; files written before it existed have none.
+        """
         data = dict(data)
         method = data.pop("method", None)
+        peft_type = data.pop("peft_type", None)  # written for transformers and PEFT (see PEFT_TYPE)
+        if method is None and peft_type is not None:
+            raise ValueError(
+                f"{source} is a PEFT adapter (peft_type={peft_type!r}), not a drt_peft one; load it with "
+                "peft.PeftModel.from_pretrained"
+            )
         if method is None:
             raise ValueError(f"{source} has no 'method' field; it was not written by drt_peft")
         target = config_class(method)
@@ -316,9 +361,13 @@ class DRTConfig:
         return target(**data)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` into ``save_directory`` atomically."""
+        """Write ``adapter_config.json`` into ``save_directory`` atomically: :meth:`to_dict` and the
+        ``peft_type`` that makes transformers and PEFT refuse it with a message naming ``DRTModel.from_pretrained``."""
         os.makedirs(save_directory, exist_ok=True)
-        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json().encode())
+        data = {**self.to_dict(), "peft_type": PEFT_TYPE}
+        atomic_write_bytes(
+            os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True).encode()
+        )
 
     @classmethod
     def from_pretrained(cls: type[C], path: str | os.PathLike, **hub_kwargs: Any) -> C:

@@ -3,14 +3,18 @@ save → load and merge checks every adapter must pass."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import (
+    AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -39,6 +43,30 @@ def tiny_bert(seed: int = 0, **config: object) -> BertForSequenceClassification:
         "attn_implementation": "eager",
     }
     return BertForSequenceClassification(BertConfig(**{**settings, **config})).eval()
+
+
+def saved_tiny_bert(folder: str | os.PathLike) -> BertForSequenceClassification:
+    """:func:`tiny_bert` saved with ``save_pretrained`` into ``folder`` and loaded back with the Auto class, so
+    that a DRT model built on it records ``folder`` as ``base_model_name_or_path``."""
+    tiny_bert().save_pretrained(folder)
+    return AutoModelForSequenceClassification.from_pretrained(folder)
+
+
+def as_saved_before_layer_names(folder: str | os.PathLike) -> None:
+    """Rewrite the adapter in ``folder`` as drt_peft wrote it before adapter files recorded layer names and
+    shapes (``drt_layers``) and ``adapter_config.json`` its ``peft_type``."""
+    file = os.path.join(folder, "adapter_model.safetensors")
+    with safe_open(file, framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    del metadata["drt_layers"]
+    save_file(tensors, file, metadata=metadata)
+    config_file = os.path.join(folder, "adapter_config.json")
+    with open(config_file) as handle:
+        config = json.load(handle)
+    del config["peft_type"]
+    with open(config_file, "w") as handle:
+        json.dump(config, handle)
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

@@ -8,19 +8,26 @@ import os
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import (
+    as_saved_before_layer_names,
     assert_loads_identically,
+    assert_same_adapter,
+    assert_same_outputs,
     assert_save_load_roundtrip,
     random_lm_batch,
+    saved_tiny_bert,
     tiny_bert,
     tiny_gpt2,
     train_steps,
 )
-from transformers import BertConfig, BertModel
+from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
-from drt_peft import DRTConfig, DRTModel, MagnitudeConfig, RandomConfig, get_drt_model
+from drt_peft import DRTConfig, DRTModel, MagnitudeConfig, RandomConfig, available_methods, get_drt_model
 from drt_peft.base_weights import PROBE_BYTES_PER_LAYER
 from drt_peft.checkpoint import io
+from drt_peft.config import PEFT_TYPE, SURVEY, Paper, config_class
 from drt_peft.index_codecs import CODECS, decode, encode, encode_smallest
 
 
@@ -173,3 +180,123 @@ def test_config_round_trip_and_method_check(tmp_path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps({"method": "nope", "density": 0.1}))
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         DRTConfig.from_pretrained(tmp_path)
+
+
+# -- files other tools read: adapter_config.json (transformers, PEFT) and the model card --------------------
+
+
+def test_transformers_on_an_adapter_folder_says_to_use_drtmodel(tmp_path, bert_batch: dict) -> None:
+    pytest.importorskip("peft", reason="transformers takes a folder for a PEFT adapter only when peft is installed")
+    from peft import PeftModel
+
+    base = saved_tiny_bert(tmp_path / "base")
+    model = _trained(RandomConfig(density=0.1, modules_to_save=["classifier"]), bert_batch, factory=lambda: base)
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base") and config["peft_type"] == PEFT_TYPE
+    with pytest.raises((KeyError, ValueError, TypeError), match=r"drt_peft\.DRTModel\.from_pretrained"):
+        AutoModelForSequenceClassification.from_pretrained(str(adapter))
+    with pytest.raises((KeyError, ValueError, TypeError), match=r"drt_peft\.DRTModel\.from_pretrained"):
+        PeftModel.from_pretrained(tiny_bert(), str(adapter))
+    assert DRTConfig.from_pretrained(adapter) == model.drt_config  # the key is read and ignored
+    fresh = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    assert_loads_identically(model, fresh, adapter, {"input_ids": bert_batch["input_ids"]})
+
+
+def test_a_peft_adapter_config_is_refused_naming_peft(tmp_path) -> None:
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(ValueError, match=r"is a PEFT adapter \(peft_type='LORA'\).*peft\.PeftModel\.from_pretrained"):
+        DRTConfig.from_pretrained(tmp_path)
+
+
+def test_the_adapter_file_records_layer_names_and_shapes(tmp_path) -> None:
+    model = get_drt_model(tiny_bert(), MagnitudeConfig(density=0.1))
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as handle:
+        recorded = io.stored_layers(handle.metadata())
+    assert recorded == [{"name": name, "shape": list(layer.weight_shape)} for name, layer in model.drt_layers()]
+
+
+def test_an_adapter_saved_before_layer_names_and_peft_type_still_loads(tmp_path, bert_batch: dict) -> None:
+    model = _trained(MagnitudeConfig(density=0.1, modules_to_save=["classifier"]), bert_batch)
+    model.save_pretrained(tmp_path)
+    as_saved_before_layer_names(tmp_path)
+    assert "peft_type" not in json.loads((tmp_path / "adapter_config.json").read_text())
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as handle:
+        assert io.stored_layers(handle.metadata()) == []
+    assert_loads_identically(model, tiny_bert(), tmp_path, {"input_ids": bert_batch["input_ids"]})
+
+
+def _card(folder) -> tuple[dict, str]:
+    """The model card in ``folder``: its YAML front matter (parsed) and its markdown body."""
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n")
+    front, body = text[len("---\n") :].split("\n---\n", 1)
+    return yaml.safe_load(front), body
+
+
+def test_the_model_card_names_method_size_base_revision_and_paper(tmp_path) -> None:
+    base = "google-bert/bert-base-uncased"
+    config = RandomConfig(
+        density=0.1, modules_to_save=["classifier"], base_model_name_or_path=base, revision="0123abcd"
+    )
+    model = get_drt_model(tiny_bert(), config)
+    model.save_pretrained(tmp_path / "adapter")
+    front, body = _card(tmp_path / "adapter")
+    assert front == {
+        "library_name": "drt_peft",
+        "base_model": "google-bert/bert-base-uncased",
+        "base_model_relation": "adapter",
+        "tags": ["drt_peft", "sparse-fine-tuning", "random"],
+    }
+    d = sum(layer.num_trainable for _, layer in model.drt_layers())
+    total = sum(layer.base_layer.weight.numel() for _, layer in model.drt_layers())
+    assert "| method | `random` (`RandomConfig`) |" in body
+    assert f"| density | {d / total:.4%} of the targeted weights (configured density=0.1) |" in body
+    assert f"| d | {d:,} trained entries of D = {total:,} in 13 weight tensors |" in body
+    assert "| mode | `freeze`" in body and "| trained in full | `classifier` |" in body
+    assert "| base model | `google-bert/bert-base-uncased` |" in body and "| revision | `0123abcd` |" in body
+    assert f"*{RandomConfig.paper.title}*, ICLR 2022" in body and f"*{SURVEY.title}*" in body
+    assert (
+        'base = AutoModelForSequenceClassification.from_pretrained("google-bert/bert-base-uncased", '
+        'revision="0123abcd", num_labels=2)' in body
+    )
+    assert f'model = DRTModel.from_pretrained(base, "{tmp_path / "adapter"}")' in body
+    assert "unknown" not in body
+
+
+def test_the_model_cards_snippet_loads_the_adapter(tmp_path, bert_batch: dict) -> None:
+    base = saved_tiny_bert(tmp_path / "base")
+    model = _trained(MagnitudeConfig(density=0.1, modules_to_save=["classifier"]), bert_batch, factory=lambda: base)
+    model.save_pretrained(tmp_path / "adapter")
+    front, body = _card(tmp_path / "adapter")
+    assert "base_model" not in front  # a local folder is no Hub id
+    assert f"| base model | `{tmp_path / 'base'}` |" in body and "revision" not in body
+    snippet = body.split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(snippet, namespace)
+    assert_same_adapter(namespace["model"], model)
+    assert_same_outputs(namespace["model"], model, {"input_ids": bert_batch["input_ids"]}, "the snippet's model")
+
+
+def test_the_model_card_without_a_recorded_base(tmp_path) -> None:
+    model = get_drt_model(tiny_bert(), MagnitudeConfig(num_trainable=500))  # built from a config: no name or path
+    assert model.drt_config.base_model_name_or_path is None
+    model.save_pretrained(tmp_path)
+    front, body = _card(tmp_path)
+    assert front == {"library_name": "drt_peft", "tags": ["drt_peft", "sparse-fine-tuning", "magnitude"]}
+    assert "unknown" not in body and "| base model |" not in body
+    assert "(configured num_trainable=500)" in body and "| d | 500 trained entries" in body
+    assert "base = ...  # the model the adapter was trained on" in body
+    assert f"| base fingerprint | `{model.drt_config.base_model_fingerprint}` |" in body
+    assert f"*{MagnitudeConfig.paper.title}*" in body
+
+
+def test_every_method_names_its_paper() -> None:
+    builtin = [config_class(m) for m in available_methods() if config_class(m).__module__.startswith("drt_peft.")]
+    assert len(builtin) >= 20
+    for cls in builtin:
+        paper = cls.__dict__.get("paper")  # its own, not inherited from the method it extends
+        assert isinstance(paper, Paper) and paper != SURVEY, cls.__name__
+        assert paper.authors and paper.title and paper.venue and 2010 <= paper.year <= 2030, paper

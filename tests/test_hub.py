@@ -83,3 +83,6 @@ def test_push_to_hub_uploads_a_loadable_adapter(hub, tmp_path, bert_batch: dict)
         (tmp_path / name).write_bytes(content)
     assert_loads_identically(model, tiny_bert(), tmp_path, {"input_ids": bert_batch["input_ids"]})
     assert b"library_name: drt_peft" in files["README.md"]
+    assert (
+        b'model = DRTModel.from_pretrained(base, "team/tiny-adapter")' in files["README.md"]
+    )  # not the temporary folder

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, demo
+from . import bench, demo, inspect_adapter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,8 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(commands.add_parser("demo", help="fine-tune the real MiniLM on Rotten Tomatoes with DRT"))
     bench.add_arguments(commands.add_parser("bench", help="run the benchmark suites (from a source checkout)"))
+    inspect_adapter.add_arguments(
+        commands.add_parser("inspect", help="describe an adapter folder or Hub repo: its layers, method and base")
+    )
     args = parser.parse_args(argv)
-    return {"demo": demo.run, "bench": bench.run}[args.command](args)
+    return {"demo": demo.run, "bench": bench.run, "inspect": inspect_adapter.run}[args.command](args)
 
 
 if __name__ == "__main__":

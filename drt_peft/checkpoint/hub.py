@@ -8,9 +8,13 @@ from typing import Protocol
 
 from huggingface_hub import CommitInfo, HfApi
 
+from ..files import atomic_write_bytes
+from .card import model_card
+from .protocol import AdapterModel
 
-class SavesPretrained(Protocol):
-    """Anything with ``save_pretrained(folder)``, such as :class:`~drt_peft.DRTModel`."""
+
+class SavesPretrained(AdapterModel, Protocol):
+    """An adapter model with ``save_pretrained(folder)``, such as :class:`~drt_peft.DRTModel`."""
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None: ...
 
@@ -26,7 +30,8 @@ def push_to_hub(
     create_repo: bool = True,
     endpoint: str | None = None,
 ) -> CommitInfo:
-    """Save ``model``'s adapter to a temporary folder and upload it to ``repo_id`` in one commit.
+    """Save ``model``'s adapter to a temporary folder and upload it to ``repo_id`` in one commit; the model
+    card's snippet loads it from ``repo_id``.
 
     ``endpoint`` overrides the Hub address (default: ``HF_ENDPOINT`` or huggingface.co).
     """
@@ -35,4 +40,5 @@ def push_to_hub(
         api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
+        atomic_write_bytes(os.path.join(folder, "README.md"), model_card(model, repo_id).encode())
         return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message)

@@ -5,7 +5,8 @@ layers' trained values concatenated, in the dtype they trained in; loading casts
 layer's), ψ (omitted when the config regenerates it from the seed, otherwise in the smallest
 lossless encoding per layer), the probe of the base weights
 (:class:`~drt_peft.base_weights.BaseProbe`, which lets the adapter load on the same base in
-another dtype), the config itself and checksums in its metadata. Every file is written to a
+another dtype), and in its metadata the config, the layers' names and weight shapes
+(``drt_layers``, read by ``drt-peft inspect``) and checksums. Every file is written to a
 temporary file and renamed into place, so an interrupted save leaves the previous adapter loadable.
 """
 
@@ -15,9 +16,9 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,31 +29,17 @@ from ..base_weights import BaseProbe
 from ..config import CONFIG_NAME, DRTConfig
 from ..files import atomic_write_bytes, remove_stale_temporaries, resolve_file
 from ..index_codecs import CODECS, decode, encode_smallest
+from .card import model_card
+from .protocol import AdapterModel
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from ..layer import BaseDRTLayer
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = "1"
-
-
-class AdapterModel(Protocol):
-    """What reading and writing checkpoints needs from a model; :class:`~drt_peft.DRTModel` is one."""
-
-    drt_config: DRTConfig
-    base_model: nn.Module
-    base_probe: BaseProbe
-
-    @property
-    def modules_to_save(self) -> list[str]: ...
-
-    def drt_layers(self) -> Iterator[tuple[str, BaseDRTLayer]]: ...
-
-    def training_state_dict(self) -> dict[str, torch.Tensor]: ...
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
+#: Metadata key of the layers' names and weight shapes, in layer order (JSON); adapters saved before it
+#: existed have only the checksum ``drt_targets`` of the names.
+LAYERS_KEY = "drt_layers"
 
 
 def under_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -79,25 +66,6 @@ def indices_checksum(indices: Iterable[torch.Tensor]) -> str:
 
 def _targets_checksum(names: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
-
-
-def model_card(model: AdapterModel) -> str:
-    """A README.md model card describing the adapter."""
-    config = model.drt_config
-    layers = list(model.drt_layers())
-    d = sum(layer.num_trainable for _, layer in layers)
-    total = sum(layer.base_layer.weight.numel() for _, layer in layers)
-    base = config.base_model_name_or_path or "unknown"
-    return (
-        f"---\nlibrary_name: drt_peft\nbase_model: {base}\ntags:\n- drt_peft\n- sparse-fine-tuning\n"
-        f"- {config.method_name}\n---\n\n"
-        f"# {config.method_name} DRT adapter\n\n"
-        f"Trains d = {d:,} of the D = {total:,} entries ({d / total:.4%}) of {len(layers)} weight tensors of "
-        f"`{base}`, Θ = ψ·ϑ + χ·Θ(0) with mode `{config.mode}`, budget `{config.budget}`, structure "
-        f"`{config.structure}`, base init `{config.base_init}`.\n\n"
-        "```python\nfrom drt_peft import DRTModel\n"
-        'model = DRTModel.from_pretrained(base_model, "path/or/repo-id")\n```\n'
-    )
 
 
 def _check_finite(layers: list[tuple[str, Any]], values: list[torch.Tensor]) -> None:
@@ -133,13 +101,15 @@ def save_adapter(
         "drt_peft_format": FORMAT_VERSION,
         "drt_config": model.drt_config.to_json(),
         "drt_targets": _targets_checksum(name for name, _ in layers),
+        LAYERS_KEY: json.dumps([{"name": name, "shape": list(layer.weight_shape)} for name, layer in layers]),
         "drt_index_checksum": indices_checksum(layer.drt_indices for _, layer in layers),
         **probe_metadata,
         "drt_checksum": _checksum(tensors),
     }
     os.makedirs(save_directory, exist_ok=True)
     remove_stale_temporaries(save_directory, ("README.md", WEIGHTS_NAME, CONFIG_NAME))
-    atomic_write_bytes(os.path.join(save_directory, "README.md"), model_card(model).encode())
+    card = model_card(model, os.fspath(save_directory))
+    atomic_write_bytes(os.path.join(save_directory, "README.md"), card.encode())
     atomic_write_bytes(os.path.join(save_directory, WEIGHTS_NAME), safetensors_bytes(tensors, metadata))
     model.drt_config.save_pretrained(save_directory)
 
@@ -225,7 +195,8 @@ def _stored_config(
     return config
 
 
-def _decode_indices(tensors: dict[str, torch.Tensor], file: str) -> list[torch.Tensor]:
+def decode_indices(tensors: dict[str, torch.Tensor], file: str) -> list[torch.Tensor]:
+    """ψ of every layer from the encoded indices of an adapter file's ``tensors``."""
     counts = tensors["drt_counts"].tolist()
     lengths = tensors["drt_index_lengths"].tolist()
     blobs = np.split(tensors["drt_index_bytes"].numpy(), np.cumsum(lengths)[:-1])
@@ -263,7 +234,7 @@ def read_adapter(model_id: str | os.PathLike, **hub_kwargs: Any) -> StoredAdapte
     file = resolve_file(model_id, WEIGHTS_NAME, **hub_kwargs)
     tensors, metadata = read_adapter_file(file)
     config = _stored_config(file, metadata, model_id, **hub_kwargs)
-    indices = _decode_indices(tensors, file) if config.stores_indices else None
+    indices = decode_indices(tensors, file) if config.stores_indices else None
     try:
         probe = BaseProbe.from_tensors(tensors, metadata)
     except ValueError as err:
@@ -306,6 +277,17 @@ def _load_into(model: AdapterModel, tensors: dict[str, torch.Tensor], metadata: 
                     "the adapter was saved"
                 )
             module.load_state_dict(state)
+
+
+def stored_layers(metadata: dict[str, str]) -> list[dict[str, Any]]:
+    """``[{"name": ..., "shape": [...]}, ...]`` as recorded in an adapter file, or [] for files saved without it."""
+    if LAYERS_KEY not in metadata:
+        return []
+    try:
+        layers = json.loads(metadata[LAYERS_KEY])
+        return [{"name": str(entry["name"]), "shape": [int(n) for n in entry["shape"]]} for entry in layers]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"the adapter's {LAYERS_KEY} metadata is malformed: {err}") from None
 
 
 TRAINING_STATE_NAME = "drt_training_state.safetensors"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..config import DRTConfig, register_method
+from ..config import DRTConfig, Paper, register_method
 from ..layer.dct import DCTSparseLayer
 from ..masks.criteria.basic import random_scores
 from ..policy import Policy
@@ -44,6 +44,13 @@ class DCTSparseConfig(DRTConfig):
         config = DCTSparseConfig(density=0.05, base_init="seeded", modules_to_save=["classifier"])
         model = get_drt_model(base_model, config)
     """
+
+    paper = Paper(
+        "Price & Tanner",
+        "Dense for the Price of Sparse: Improved Performance of Sparsely Initialized Networks via a Subspace Offset",
+        "ICML",
+        2021,
+    )
 
     criterion = random_scores
     indices_from_seed = True

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import register_method
+from ..config import Paper, register_method
 from ..masks.budgets import apportion
 from .drop_and_grow import DropAndGrow, DynamicConfig
 
@@ -68,6 +68,13 @@ class DSRConfig(DynamicConfig):
         config = DSRConfig(density=0.1, update_frequency=100, drop_fraction=0.2, initial_threshold=1e-3)
         model = get_drt_model(base_model, config)
     """
+
+    paper = Paper(
+        "Mostafa & Wang",
+        "Parameter Efficient Training of Deep Convolutional Neural Networks by Dynamic Sparse Reparameterization",
+        "ICML",
+        2019,
+    )
 
     policy = DSRPolicy
 

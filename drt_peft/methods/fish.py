@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import register_method
+from ..config import Paper, register_method
 from ..masks import ScoringContext, select_masks
 from ..masks.criteria.fisher import fisher_scores, live_fisher_scores
 from ..masks.dynamic import trained_values_finite
@@ -80,6 +80,8 @@ class FISHConfig(DataDrivenConfig):
         config = FISHConfig(density=0.005, num_samples=1024, modules_to_save=["classifier"])
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
+
+    paper = Paper("Sung, Nair & Raffel", "Training Neural Networks with Fixed Sparse Masks", "NeurIPS", 2021)
 
     criterion = fisher_scores
     policy = FISHPolicy

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..config import DRTConfig, register_method
+from ..config import DRTConfig, Paper, register_method
 from ..layer.fixed_classifier import FixedClassifierLayer
 from ..policy import Policy
 
@@ -56,6 +56,13 @@ class FixedClassifierConfig(DRTConfig):
         config = FixedClassifierConfig(target_modules=["classifier"], modules_to_save=["vit"], seed=0)
         model = get_drt_model(vit_from_scratch, config)   # the ViT trains, its head is α·W·x
     """
+
+    paper = Paper(
+        "Hoffer, Hubara & Soudry",
+        "Fix your classifier: the marginal value of training the last weight layer",
+        "ICLR",
+        2018,
+    )
 
     sized_by_density = False
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import register_method
+from ..config import Paper, register_method
 from ..masks.criteria.gradient import force_scores
 from .base import DataDrivenConfig, IterativeConfig
 
@@ -20,5 +20,12 @@ class FORCEConfig(IterativeConfig, DataDrivenConfig):
         config = FORCEConfig(density=0.01, rounds=10, schedule="exponential", num_batches=4)
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
+
+    paper = Paper(
+        "de Jorge, Sanyal, Behl, Torr, Rogez & Dokania",
+        "Progressive Skeletonization: Trimming More Fat from a Network at Initialization",
+        "ICLR",
+        2021,
+    )
 
     criterion = force_scores

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from ..config import register_method
+from ..config import Paper, register_method
 from ..layer.frozen_decay import FrozenDecayLayer
 from ..layer.layer import DRTLayer
 from ..policy import Policy
@@ -56,6 +56,8 @@ class FreezeNetConfig(SNIPConfig):
         config = FreezeNetConfig(density=0.01, frozen_weight_decay=0.01, num_batches=8)
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
+
+    paper = Paper("Wimmer, Mehnert & Condurache", "FreezeNet: Full Performance by Reduced Storage Costs", "ACCV", 2020)
 
     policy = FreezeNetPolicy
 

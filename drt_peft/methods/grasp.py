@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import register_method
+from ..config import Paper, register_method
 from ..masks.criteria.gradient import grasp_abs_scores, grasp_scores
 from .base import DataDrivenConfig
 
@@ -23,6 +23,10 @@ class GraSPConfig(DataDrivenConfig):
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
 
+    paper = Paper(
+        "Wang, Zhang & Grosse", "Picking Winning Tickets Before Training by Preserving Gradient Flow", "ICLR", 2020
+    )
+
     criterion = grasp_scores
 
 
@@ -36,5 +40,7 @@ class GraSPAbsConfig(DataDrivenConfig):
         config = GraSPAbsConfig(density=0.05, num_batches=4)
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
+
+    paper = Paper("Lubana & Dick", "A Gradient Flow Framework for Analyzing Network Pruning", "ICLR", 2021)
 
     criterion = grasp_abs_scores

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..config import DRTConfig, register_method
+from ..config import DRTConfig, Paper, register_method
 from ..layer.projected import ProjectedLayer, share_projection
 from ..masks.budgets import total_budget
 from ..policy import Policy
@@ -52,6 +52,10 @@ class IntrinsicDimensionConfig(DRTConfig):
         config = IntrinsicDimensionConfig(num_trainable=1000, modules_to_save=["classifier"])
         model = get_drt_model(base_model, config)
     """
+
+    paper = Paper(
+        "Li, Farkhoor, Liu & Yosinski", "Measuring the Intrinsic Dimension of Objective Landscapes", "ICLR", 2018
+    )
 
     policy = IntrinsicDimensionPolicy
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..config import DRTConfig, register_method
+from ..config import DRTConfig, Paper, register_method
 from ..masks.criteria.basic import lamp_scores, magnitude_scores
 from ..policy import Policy
 from ..schedules import lottery_densities, lottery_rounds
@@ -84,6 +84,10 @@ class LotteryTicketConfig(DRTConfig):
         ticket = find_lottery_ticket(model, config, train_fn=my_training, output_dir="imp")
         ticket.save_pretrained("ticket")
     """
+
+    paper = Paper(
+        "Frankle & Carbin", "The Lottery Ticket Hypothesis: Finding Sparse, Trainable Neural Networks", "ICLR", 2019
+    )
 
     mode: str = field(default="prune", metadata={"help": "As in DRTConfig; tickets are pruned networks."})
     budget: str = field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import register_method
+from ..config import Paper, register_method
 from ..masks.criteria.gradient import lubana_dick_scores
 from .base import DataDrivenConfig
 
@@ -19,5 +19,7 @@ class LubanaDickConfig(DataDrivenConfig):
         config = LubanaDickConfig(density=0.01, num_batches=8)
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
+
+    paper = Paper("Lubana & Dick", "A Gradient Flow Framework for Analyzing Network Pruning", "ICLR", 2021)
 
     criterion = lubana_dick_scores

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DRTConfig, register_method
+from ..config import DRTConfig, Paper, register_method
 from ..masks.criteria.basic import magnitude_scores
 
 
@@ -22,5 +22,12 @@ class MagnitudeConfig(DRTConfig):
         config = MagnitudeConfig(density=0.01, mode="prune", budget="global")
         model = get_drt_model(base_model, config)
     """
+
+    paper = Paper(
+        "Han, Pool, Tran & Dally",
+        "Learning both Weights and Connections for Efficient Neural Networks",
+        "NeurIPS",
+        2015,
+    )
 
     criterion = magnitude_scores

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..config import DRTConfig, register_method
+from ..config import DRTConfig, Paper, register_method
 from ..targeting import NORM_TYPES, find_modules_to_save, find_targets, is_normalisation
 from ..validation import check_choice
 
@@ -66,6 +66,13 @@ class NormBiasConfig(DRTConfig):
         config = NormBiasConfig(train="norm_and_bias", modules_to_save=["classifier"])
         model = get_drt_model(base_model, config)
     """
+
+    paper = Paper(
+        "Ben Zaken, Ravfogel & Goldberg",
+        "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked Language-models",
+        "ACL",
+        2022,
+    )
 
     sized_by_density = False
 

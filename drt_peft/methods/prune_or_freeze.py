@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..config import register_method
+from ..config import Paper, register_method
 from ..layer.partly_pruned import PartlyPrunedLayer
 from .lottery_ticket import LotteryPolicy, LotteryTicketConfig
 
@@ -54,6 +54,10 @@ class PruneOrFreezeConfig(LotteryTicketConfig):
         config = PruneOrFreezeConfig(density=0.2, target_modules="all-linear")
         ticket = find_lottery_ticket(model, config, train_fn=my_training, output_dir="pof")
     """
+
+    paper = Paper(
+        "Zhou, Lan, Liu & Yosinski", "Deconstructing Lottery Tickets: Zeros, Signs, and the Supermask", "NeurIPS", 2019
+    )
 
     policy = PruneOrFreezePolicy
 

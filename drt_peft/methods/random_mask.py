@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DRTConfig, register_method
+from ..config import DRTConfig, Paper, register_method
 from ..masks.criteria.basic import random_scores
 
 
@@ -22,6 +22,13 @@ class RandomConfig(DRTConfig):
         config = RandomConfig(density=0.01, target_modules="all-linear", modules_to_save=["classifier"])
         model = get_drt_model(base_model, config)
     """
+
+    paper = Paper(
+        "Liu, Chen, Chen, Shen, Mocanu, Wang & Pechenizkiy",
+        "The Unreasonable Effectiveness of Random Pruning: Return of the Most Naive Baseline for Sparse Training",
+        "ICLR",
+        2022,
+    )
 
     criterion = random_scores
     indices_from_seed = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..config import register_method
+from ..config import Paper, register_method
 from ..masks.dynamic import all_reduce_, capture_dense_gradients
 from .drop_and_grow import DropAndGrow, DynamicConfig
 
@@ -54,6 +54,8 @@ class RigLConfig(DynamicConfig):
         config = RigLConfig(density=0.1, update_frequency=100, drop_fraction=0.3, t_end=7500)
         model = get_drt_model(base_model, config)
     """
+
+    paper = Paper("Evci, Gale, Menick, Castro & Elsen", "Rigging the Lottery: Making All Tickets Winners", "ICML", 2020)
 
     cosine_decay = True
     policy = RigLPolicy

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import register_method
+from ..config import Paper, register_method
 from ..masks.budgets import apportion
 from ..masks.dynamic import all_reduce_, capture_dense_gradients
 from .drop_and_grow import DropAndGrow, DynamicConfig
@@ -85,6 +85,13 @@ class SNFSConfig(DynamicConfig):
         config = SNFSConfig(density=0.05, update_frequency=100, drop_fraction=0.5, t_end=5000)
         model = get_drt_model(base_model, config)
     """
+
+    paper = Paper(
+        "Dettmers & Zettlemoyer",
+        "Sparse Networks from Scratch: Faster Training without Losing Performance",
+        "arXiv",
+        2019,
+    )
 
     cosine_decay = True
     policy = SNFSPolicy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import register_method
+from ..config import Paper, register_method
 from ..masks.criteria.gradient import snip_scores
 from .base import DataDrivenConfig
 
@@ -19,5 +19,9 @@ class SNIPConfig(DataDrivenConfig):
         config = SNIPConfig(density=0.01, num_batches=8, modules_to_save=["classifier"])
         model = get_drt_model(base_model, config, calibration_data=train_batches)
     """
+
+    paper = Paper(
+        "Lee, Ajanthan & Torr", "SNIP: Single-shot Network Pruning based on Connection Sensitivity", "ICLR", 2019
+    )
 
     criterion = snip_scores

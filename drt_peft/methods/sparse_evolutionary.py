@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import register_method
+from ..config import Paper, register_method
 from .drop_and_grow import DynamicConfig
 
 
@@ -22,3 +22,10 @@ class SETConfig(DynamicConfig):
         config = SETConfig(density=0.05, update_frequency=100, drop_fraction=0.3, mode="prune")
         model = get_drt_model(base_model, config)
     """
+
+    paper = Paper(
+        "Mocanu, Mocanu, Stone, Nguyen, Gibescu & Liotta",
+        "Scalable training of artificial neural networks with adaptive sparse connectivity inspired by network science",
+        "Nature Communications",
+        2018,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..config import DRTConfig, register_method
+from ..config import DRTConfig, Paper, register_method
 from ..layer.supermask import VARIANTS, SupermaskLayer
 from ..masks.criteria.basic import random_scores
 from ..policy import Policy
@@ -65,6 +65,13 @@ class SupermaskConfig(DRTConfig):
         # ... train ..., then model.save_pretrained("supermask")  # seed + mask, no weight values
         model = DRTModel.from_pretrained(fresh_base_model, "supermask")
     """
+
+    paper = Paper(
+        "Ramanujan, Wortsman, Kembhavi, Farhadi & Rastegari",
+        "What's Hidden in a Randomly Weighted Neural Network?",
+        "CVPR",
+        2020,
+    )
 
     # Only fixes each layer's count k; the mask itself is the top-k of the scores.
     criterion = random_scores

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import register_method
+from ..config import Paper, register_method
 from ..masks.criteria.synflow import synflow_scores
 from .base import IterativeConfig
 
@@ -22,6 +22,13 @@ class SynFlowConfig(IterativeConfig):
         config = SynFlowConfig(density=0.05, mode="prune", budget="global")
         model = get_drt_model(vision_model, config)
     """
+
+    paper = Paper(
+        "Tanaka, Kunin, Yamins & Ganguli",
+        "Pruning neural networks without any data by iteratively conserving synaptic flow",
+        "NeurIPS",
+        2020,
+    )
 
     criterion = synflow_scores
     default_rounds = 100
