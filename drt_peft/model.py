@@ -7,7 +7,7 @@ import inspect
 import os
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from .base_weights import BaseProbe, fingerprint, seeded_init_
 from .config import DRTConfig
 from .layer import BaseDRTLayer, weight_op
 from .masks import LossFn, compute_indices
+from .masks.calibration import as_calibration_data
 from .policy import Policy
 from .targeting import Target, find_modules_to_save, find_targets, skipped_linear_modules
 
@@ -27,18 +28,26 @@ def get_drt_model(
     config: DRTConfig,
     calibration_data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
+    *,
+    calibration_batch_size: int | None = None,
+    data_collator: Callable[[list[Any]], Any] | None = None,
 ) -> DRTModel:
     """Embed ``model``'s targeted weights per ``config`` and freeze everything else.
 
     Args:
         model: any ``nn.Module``; transformers models get the output head excluded from ``"all-linear"``.
         config: a method config such as ``RandomConfig(density=0.01)``.
-        calibration_data: batches for data-driven criteria (SNIP, GraSP, FISH, ...): dicts of model
-            inputs with labels, so that ``model(**batch).loss`` is the loss; or any batches with ``loss_fn``.
+        calibration_data: data for data-driven criteria (SNIP, GraSP, FISH, ...): batches (dicts of model
+            inputs with labels, so that ``model(**batch).loss`` is the loss; or any batches with ``loss_fn``),
+            a ``datasets.Dataset`` / ``IterableDataset``, or rows (dicts of one example each).
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` for models or batches of other shapes.
+        calibration_batch_size: rows per batch when ``calibration_data`` holds rows (default 8).
+        data_collator: makes a batch of a list of rows (default: transformers' ``default_data_collator``;
+            ``DataCollatorWithPadding(tokenizer)`` pads rows of different lengths).
 
     The model is modified in place (as PEFT does); :meth:`DRTModel.unload` gives it back unchanged.
     """
+    calibration_data = as_calibration_data(calibration_data, calibration_batch_size, data_collator)
     return DRTModel(model, config, calibration_data, loss_fn)
 
 
