@@ -4,6 +4,7 @@ Train d << D entries of a model's weights, Θ = ψ·ϑ + χ·Θ(0), with the met
 by Wimmer, Mehnert and Condurache behind one PEFT-style API.
 """
 
+from . import logging as logging  # progress bar switches and the verbose helper: drt_peft.logging
 from . import methods
 from .config import DRTConfig, available_methods
 from .layer import DRTLayer

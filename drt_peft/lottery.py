@@ -15,8 +15,10 @@ magnitudes. The search lives in ``output_dir``:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +30,7 @@ from torch import nn
 
 from .checkpoint.io import indices_checksum, under_prefix
 from .files import atomic_write_bytes
+from .logging import shown
 from .masks import select_masks
 from .masks.criteria.basic import lamp
 from .masks.selection import indices_of
@@ -38,6 +41,8 @@ from .targeting import Target
 STATE_NAME = "lottery_state.json"
 REWIND_NAME = "rewind.safetensors"
 TrainFn = Callable[[DRTModel], "dict[str, Any] | None"]
+
+logger = logging.getLogger(__name__)
 
 
 def find_lottery_ticket(
@@ -60,20 +65,26 @@ def find_lottery_ticket(
             same class, arguments, data, metrics and user callbacks, plus :class:`~drt_peft.DRTCallback`;
             the round's metrics are ``evaluate()``'s when it has an eval dataset, else the training loss.
         output_dir: where rounds are recorded; a search found there resumes after its last finished round.
-        verbose: print the plan up front and one line per round.
+        verbose: show the plan up front and one line per round: they are logged at INFO to the
+            ``drt_peft.lottery`` logger, and ``verbose`` makes sure they are shown (see
+            :func:`drt_peft.logging.shown`); without it they follow the logging configuration.
     """
     if (train_fn is None) == (trainer is None):
         raise ValueError("pass exactly one of train_fn and trainer")
     if not isinstance(config, LotteryTicketConfig):
         raise TypeError(f"config must be a LotteryTicketConfig, got {type(config).__name__}")
     run = train_fn if train_fn is not None else _trainer_round(trainer)
-    output_dir = os.fspath(output_dir)
+    with shown(logger) if verbose else contextlib.nullcontext():
+        return _search(model, config, run, os.fspath(output_dir))
+
+
+def _search(model: nn.Module, config: LotteryTicketConfig, run: TrainFn, output_dir: str) -> DRTModel:
+    """The rounds of :func:`find_lottery_ticket`, resumed after the last one ``output_dir`` records."""
     os.makedirs(output_dir, exist_ok=True)
     densities = config.round_densities()
     state = _load_state(output_dir, config, densities)
     done = len(state["rounds"])
-    say = print if verbose else (lambda *_: None)
-    say(_plan(config, densities, done, output_dir))
+    logger.info(_plan(config, densities, done, output_dir))
     if done == len(densities):
         return DRTModel.from_pretrained(model, os.path.join(output_dir, "ticket"), is_trainable=True)
     rewind = _load_rewind(output_dir) if config.rewind_step and done else None
@@ -94,7 +105,7 @@ def find_lottery_ticket(
         if r == 0 and config.rewind_step:
             rewind = _keep_rewind(drt, config, output_dir)
         record = _record_round(drt, r, densities[r], metrics, state, output_dir, final)
-        say(f"round {r}: density {densities[r]:.4g}, d = {record['d']:,}, metrics {record['metrics']}")
+        logger.info(f"round {r}: density {densities[r]:.4g}, d = {record['d']:,}, metrics {record['metrics']}")
         if final:
             return drt
         indices = _next_indices(config, drt, densities[r + 1])

@@ -21,6 +21,7 @@ from .composition import ComposedConfig, layer_delta, mask_overlap, weighted_cha
 from .config import DRTConfig
 from .layer import BaseDRTLayer, weight_op
 from .masks import LossFn, compute_indices
+from .masks.calibration import as_calibration_data
 from .policy import Policy
 from .targeting import Target, find_modules_to_save, find_targets, skipped_linear_modules
 
@@ -31,19 +32,27 @@ def get_drt_model(
     calibration_data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
     adapter_name: str = "default",
+    *,
+    calibration_batch_size: int | None = None,
+    data_collator: Callable[[list[Any]], Any] | None = None,
 ) -> DRTModel:
     """Embed ``model``'s targeted weights per ``config`` and freeze everything else.
 
     Args:
         model: any ``nn.Module``; transformers models get the output head excluded from ``"all-linear"``.
         config: a method config such as ``RandomConfig(density=0.01)``.
-        calibration_data: batches for data-driven criteria (SNIP, GraSP, FISH, ...): dicts of model
-            inputs with labels, so that ``model(**batch).loss`` is the loss; or any batches with ``loss_fn``.
+        calibration_data: data for data-driven criteria (SNIP, GraSP, FISH, ...): batches (dicts of model
+            inputs with labels, so that ``model(**batch).loss`` is the loss; or any batches with ``loss_fn``),
+            a ``datasets.Dataset`` / ``IterableDataset``, or rows (dicts of one example each).
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` for models or batches of other shapes.
         adapter_name: the name of this first adapter (more can be added: ``DRTModel.add_adapter``).
+        calibration_batch_size: rows per batch when ``calibration_data`` holds rows (default 8).
+        data_collator: makes a batch of a list of rows (default: transformers' ``default_data_collator``;
+            ``DataCollatorWithPadding(tokenizer)`` pads rows of different lengths).
 
     The model is modified in place (as PEFT does); :meth:`DRTModel.unload` gives it back unchanged.
     """
+    calibration_data = as_calibration_data(calibration_data, calibration_batch_size, data_collator)
     return DRTModel(model, config, calibration_data, loss_fn, adapter_name=adapter_name)
 
 
@@ -550,15 +559,15 @@ class DRTModel(nn.Module):
         config: DRTConfig,
         calibration_data: Iterable[Any] | None = None,
         loss_fn: LossFn | None = None,
+        *,
+        calibration_batch_size: int | None = None,
+        data_collator: Callable[[list[Any]], Any] | None = None,
     ) -> None:
-        """Add a new adapter on the same base, scored on the base itself; it stays inactive until
-        :meth:`set_adapter`. It costs its d values, ψ and Θ(0) at ψ, and its own ``modules_to_save``, never a
-        copy of the base."""
-        self._add(
-            adapter_name,
-            config,
-            lambda _: self._attach(self.base_model, config, calibration_data, loss_fn, None, None),
-        )
+        """Add a new adapter on the same base, scored on the base itself (the arguments are those of
+        :func:`get_drt_model`); it stays inactive until :meth:`set_adapter`. It costs its d values, ψ and Θ(0)
+        at ψ, and its own ``modules_to_save``, never a copy of the base."""
+        data = as_calibration_data(calibration_data, calibration_batch_size, data_collator)
+        self._add(adapter_name, config, lambda _: self._attach(self.base_model, config, data, loss_fn, None, None))
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **hub_kwargs: Any

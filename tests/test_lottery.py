@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 
 import pytest
@@ -133,6 +134,27 @@ def test_interrupted_search_resumes_after_its_last_round(tmp_path) -> None:
     other = LotteryTicketConfig(density=0.2, prune_fraction=0.4, target_modules=TARGETS)
     with pytest.raises(ValueError, match=r"different config \(fields \['prune_fraction', 'rewind_step'\]"):
         find_lottery_ticket(tiny_mlp(), other, Recorder(), output_dir=tmp_path / "b", verbose=False)
+
+
+def test_the_search_logs_its_plan_and_rounds_and_prints_nothing(tmp_path, caplog, capsys) -> None:
+    config = LotteryTicketConfig(density=0.5, prune_fraction=0.5, target_modules=TARGETS)
+
+    def search(folder: str, verbose: bool) -> list[str]:
+        caplog.clear()
+        find_lottery_ticket(tiny_mlp(), config, Recorder(steps=1), output_dir=tmp_path / folder, verbose=verbose)
+        return [r.getMessage() for r in caplog.records if r.name == "drt_peft.lottery" and r.levelno == logging.INFO]
+
+    with caplog.at_level(logging.INFO, logger="drt_peft"):
+        messages = search("configured", verbose=False)
+    assert messages[0].startswith("lottery ticket: 1 pruning round(s) of 50%")
+    assert messages[0].endswith("2 trainings at densities 1, 0.5")
+    assert [m.split(":")[0] for m in messages[1:]] == ["round 0", "round 1"]
+    assert messages[2].startswith("round 1: density 0.5, d = 36, metrics {'loss': ")
+    # verbose shows the plan and the rounds whatever the logging level; without it they follow the level
+    assert search("verbose", verbose=True) == messages
+    assert search("quiet", verbose=False) == []
+    assert logging.getLogger("drt_peft.lottery").level == logging.NOTSET, "verbose must restore the level"
+    assert capsys.readouterr().out == ""
 
 
 def test_final_ticket_saves_and_loads_like_any_adapter(tmp_path) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..logging import progress_bar
 from ..schedules import round_densities
 from .calibration import target_density
 from .scoring import ScoringContext
@@ -31,8 +32,9 @@ def prune_in_rounds(scoring: ScoringContext, score_round: Callable[[list[Tensor]
     originals = [w.detach().clone() for w in weights]
     masks = [torch.ones_like(w, dtype=torch.bool) for w in weights]
     scores: list[Tensor] = []
+    desc = f"{scoring.config.method_name} rounds"
     try:
-        for density in schedule_densities(scoring):
+        for density in progress_bar(schedule_densities(scoring), desc=desc, unit="round"):
             with torch.no_grad():
                 for w, original, mask in zip(weights, originals, masks, strict=True):
                     w.copy_(original * mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,8 @@ from ..targeting import Target
 
 if TYPE_CHECKING:
     from ..config import DRTConfig
+
+logger = logging.getLogger(__name__)
 
 #: ``loss_fn(model, batch) -> scalar loss`` for models whose output carries no ``.loss``.
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -34,6 +37,7 @@ class ScoringContext:
 
 def score(chosen: Criterion, scoring: ScoringContext) -> list[Tensor]:
     """Scores of every target under the criterion ``chosen``, checked for shape and NaNs."""
+    logger.info("scoring %d targeted weights with criterion %r", len(scoring.targets), chosen.name)
     with torch.no_grad():
         scores = chosen(scoring)
     for target, s in zip(scoring.targets, scores, strict=True):

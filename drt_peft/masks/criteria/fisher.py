@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ...criterion import criterion
 from ...layer import DRTLayer
-from ..calibration import batch_loss, calibration_batches, scoring_mode, split_samples
+from ...logging import progress_bar
+from ..calibration import batch_loss, calibration_batches, require_reiterable, scoring_mode, split_samples
 from ..dynamic import capture_dense_gradients
 from ..scoring import ScoringContext
 
@@ -34,27 +35,36 @@ def _negative_log_likelihood(scoring: ScoringContext, sample: object) -> Tensor:
     return -log_probs.max(dim=-1).values.sum()
 
 
-def empirical_fisher(scoring: ScoringContext, gradients: Callable[[Tensor], Sequence[Tensor | None]]) -> list[Tensor]:
-    """Mean over ``num_samples`` samples of the squared per-sample gradients that ``gradients(loss)`` returns."""
+def empirical_fisher(
+    scoring: ScoringContext, gradients: Callable[[Tensor], Sequence[Tensor | None]], progress: bool = False
+) -> list[Tensor]:
+    """Mean over ``num_samples`` samples of the squared per-sample gradients that ``gradients(loss)`` returns
+    (with a progress bar over the samples if ``progress``)."""
     sums = [torch.zeros_like(t.weight, dtype=torch.float32) for t in scoring.targets]
-    count = 0
-    for batch in calibration_batches(scoring, scoring.config.num_batches):
-        for sample in split_samples(batch):
-            for total, grad in zip(sums, gradients(_negative_log_likelihood(scoring, sample)), strict=True):
-                if grad is not None:
-                    total.addcmul_(grad, grad)
-            count += 1
-            if count == scoring.config.num_samples:
-                return [s / count for s in sums]
+    count, limit = 0, scoring.config.num_samples
+    desc = f"{scoring.config.method_name} scoring"
+    with progress_bar(desc=desc, total=limit, unit="sample", enabled=progress) as bar:
+        for batch in calibration_batches(scoring, scoring.config.num_batches):
+            for sample in split_samples(batch):
+                for total, grad in zip(sums, gradients(_negative_log_likelihood(scoring, sample)), strict=True):
+                    if grad is not None:
+                        total.addcmul_(grad, grad)
+                count += 1
+                bar.update()
+                if count == limit:
+                    return [s / count for s in sums]
     return [s / count for s in sums]
 
 
 @criterion("fisher")
 def fisher_scores(scoring: ScoringContext) -> list[Tensor]:
     """Empirical Fisher of the plain targeted weights (before the layers are embedded)."""
+    every = scoring.config.update_frequency
+    if every:
+        require_reiterable(scoring, f"again every update_frequency={every} steps")
     weights = [t.weight for t in scoring.targets]
     with scoring_mode(scoring.model, weights):
-        return empirical_fisher(scoring, lambda loss: torch.autograd.grad(loss, weights, allow_unused=True))
+        return empirical_fisher(scoring, lambda loss: torch.autograd.grad(loss, weights, allow_unused=True), True)
 
 
 def live_fisher_scores(scoring: ScoringContext, layers: Sequence[DRTLayer]) -> list[Tensor]:

@@ -26,6 +26,7 @@ from ..calibration import (
     calibration_batches,
     eager_attention,
     mean_gradients,
+    require_reiterable,
     scoring_mode,
 )
 from ..rounds import prune_in_rounds
@@ -39,7 +40,7 @@ def _weights(scoring: ScoringContext) -> list[Tensor]:
 def _gradients(scoring: ScoringContext) -> list[Tensor]:
     weights = _weights(scoring)
     with scoring_mode(scoring.model, weights):
-        return mean_gradients(scoring, weights, scoring.config.num_batches)
+        return mean_gradients(scoring, weights, scoring.config.num_batches, f"{scoring.config.method_name} scoring")
 
 
 @criterion("snip")
@@ -56,13 +57,15 @@ def lubana_dick_scores(scoring: ScoringContext) -> list[Tensor]:
 
 def hessian_gradient_products(scoring: ScoringContext) -> list[Tensor]:
     """H g over the targeted weights: g from a first pass, then ∇(∇L · g) per batch, averaged."""
+    require_reiterable(scoring, "twice (for g, then for H g)")
     weights = _weights(scoring)
     limit = scoring.config.num_batches
+    name = scoring.config.method_name
     with scoring_mode(scoring.model, weights), eager_attention(scoring.model):
-        g = mean_gradients(scoring, weights, limit)
+        g = mean_gradients(scoring, weights, limit, f"{name} scoring: g")
         sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
         count = 0
-        for batch in calibration_batches(scoring, limit):
+        for batch in calibration_batches(scoring, limit, f"{name} scoring: H g"):
             loss = batch_loss(scoring.model, batch, scoring.loss_fn)
             grads = torch.autograd.grad(loss, weights, create_graph=True)
             dot = sum((gi * g0.to(gi.dtype)).sum() for gi, g0 in zip(grads, g, strict=True))
@@ -92,6 +95,8 @@ def grasp_abs_scores(scoring: ScoringContext) -> list[Tensor]:
 @criterion("force")
 def force_scores(scoring: ScoringContext) -> list[Tensor]:
     """Iterative SNIP / FORCE: |θ ⊙ g(θ ⊙ m)| re-scored on the masked network over ``rounds`` rounds."""
+    if scoring.config.rounds > 1:
+        require_reiterable(scoring, f"once per round (rounds={scoring.config.rounds})")
     weights = _weights(scoring)
 
     def score_round(originals: list[Tensor]) -> list[Tensor]:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ...criterion import criterion
 from ...targeting import is_normalisation
-from ..calibration import scoring_mode
+from ..calibration import calibration_batches, scoring_mode
 from ..rounds import prune_in_rounds
 from ..scoring import ScoringContext
 
@@ -76,12 +76,14 @@ def _ones_input(scoring: ScoringContext) -> tuple[tuple, dict[str, Any]]:
     model = scoring.model
     config = getattr(model, "config", None)
     if scoring.calibration_data is not None:
-        batch = next(iter(scoring.calibration_data))
+        batch = next(calibration_batches(scoring, 1))
         if isinstance(batch, Mapping):
             kwargs = {k: v for k, v in batch.items() if k != "labels" and isinstance(v, Tensor)}
             if "input_ids" in kwargs:
                 ids = kwargs.pop("input_ids")
-                kwargs["inputs_embeds"] = torch.ones(*ids.shape, config.hidden_size, dtype=torch.float64)
+                kwargs["inputs_embeds"] = torch.ones(
+                    *ids.shape, config.hidden_size, dtype=torch.float64, device=ids.device
+                )
             return (), {
                 k: torch.ones_like(v, dtype=torch.float64) if v.is_floating_point() else v for k, v in kwargs.items()
             }
