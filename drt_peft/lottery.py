@@ -193,7 +193,7 @@ def _apply_rewind(drt: DRTModel, rewind: dict[str, torch.Tensor]) -> None:
             layer.drt_values.copy_(rewind[f"drt.{name}"].to(layer.drt_values)[layer.drt_indices])
         for name in drt.modules_to_save:
             state = under_prefix(rewind, f"save.{name}.")
-            drt.base_model.get_submodule(name).load_state_dict(state)
+            drt.get_base_model().get_submodule(name).load_state_dict(state)
 
 
 def _next_indices(config: LotteryTicketConfig, drt: DRTModel, density: float) -> list[torch.Tensor]:

@@ -178,7 +178,7 @@ def _forward_class(cls: type[DRTModel], wrapped: type[nn.Module]) -> type[DRTMod
     if key not in _FORWARD_CLASSES:
 
         def forward(self: DRTModel, *args: Any, **kwargs: Any) -> Any:
-            return self.base_model(*args, **kwargs)
+            return self.get_base_model()(*args, **kwargs)
 
         forward.__signature__ = inspect.signature(wrapped.forward)  # type: ignore[attr-defined]
         forward.__doc__ = wrapped.forward.__doc__
@@ -266,11 +266,11 @@ def _set_aside(model: DRTModel) -> _SetAside:
     """Give ``model``'s base back bare (as ``unload`` would), keeping the active adapter's state aside."""
     layers = dict(model.drt_layers())
     for name, layer in layers.items():
-        _set_submodule(model.base_model, name, layer.suspend())
+        _set_submodule(model.get_base_model(), name, layer.suspend())
     trained = {}
     with torch.no_grad():
         for name, original in model._originals_to_save.items():
-            module = model.base_model.get_submodule(name)
+            module = model.get_base_model().get_submodule(name)
             trained[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
             module.load_state_dict(original)
     return _SetAside(layers, trained)
@@ -280,10 +280,10 @@ def _put_back(model: DRTModel, aside: _SetAside) -> None:
     """Undo :func:`_set_aside`: the same layers and trained tensors, exactly as they were."""
     with torch.no_grad():
         for name, state in aside.trained_to_save.items():
-            model.base_model.get_submodule(name).load_state_dict(state)
+            model.get_base_model().get_submodule(name).load_state_dict(state)
     for name, layer in aside.layers.items():
         layer.resume()
-        _set_submodule(model.base_model, name, layer)
+        _set_submodule(model.get_base_model(), name, layer)
 
 
 @dataclass
@@ -422,7 +422,7 @@ class DRTModel(nn.Module):
                 module = model.get_submodule(name)
                 self._originals_to_save[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 module.requires_grad_(True)
-            self.base_model = model
+            self.add_module("base_model", model)  # the state-dict prefix; read as get_base_model()
             self._backwards_since_update = 0
             self._update_watch = None
             self.drt_policy.on_attach(self)
@@ -432,7 +432,7 @@ class DRTModel(nn.Module):
 
     # -- delegation -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        return self.get_base_model()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -440,7 +440,21 @@ class DRTModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.get_base_model(), name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model, with the DRT layers in it (as PEFT's ``get_base_model``); ``unload()`` gives it back
+        as it was, ``merge_and_unload()`` with Θ written in."""
+        return super().__getattr__("base_model")
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The backbone, as on any transformers model: the wrapped model's ``base_model`` (the ``LlamaModel`` of a
+        ``LlamaForCausalLM``, which returns ``last_hidden_state``), or the wrapped model itself where it has none.
+        Libraries that run the backbone and the head apart (TRL's fused LM head) call it; the wrapped model is
+        :meth:`get_base_model`."""
+        wrapped = self.get_base_model()
+        return getattr(wrapped, "base_model", wrapped)
 
     # -- inspection -------------------------------------------------------------------------
     @property
@@ -450,7 +464,7 @@ class DRTModel(nn.Module):
 
     def drt_layers(self) -> Iterator[tuple[str, BaseDRTLayer]]:
         """``(name, layer)`` for every embedded layer, names as in the original model."""
-        for name, module in self.base_model.named_modules():
+        for name, module in self.get_base_model().named_modules():
             if isinstance(module, BaseDRTLayer):
                 yield name, module
 
@@ -567,7 +581,9 @@ class DRTModel(nn.Module):
         :func:`get_drt_model`); it stays inactive until :meth:`set_adapter`. It costs its d values, ψ and Θ(0)
         at ψ, and its own ``modules_to_save``, never a copy of the base."""
         data = as_calibration_data(calibration_data, calibration_batch_size, data_collator)
-        self._add(adapter_name, config, lambda _: self._attach(self.base_model, config, data, loss_fn, None, None))
+        self._add(
+            adapter_name, config, lambda _: self._attach(self.get_base_model(), config, data, loss_fn, None, None)
+        )
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **hub_kwargs: Any
@@ -580,7 +596,7 @@ class DRTModel(nn.Module):
         config = stored.config if is_trainable else dataclasses.replace(stored.config, inference_mode=True)
 
         def build(_: dict[str, _InactiveAdapter]) -> None:
-            self._attach(self.base_model, config, None, None, stored.indices, stored.probe)
+            self._attach(self.get_base_model(), config, None, None, stored.indices, stored.probe)
             stored.load_into(self)
 
         self._add(adapter_name, config, build)
@@ -653,7 +669,7 @@ class DRTModel(nn.Module):
             weighted_union([layer_delta(n, layer) for n, layer in named], config.weights)
             for named in zip(*(r.aside.layers.items() for r in chosen), strict=True)
         ]
-        self._attach(self.base_model, config, None, None, [idx for idx, _ in combined], None)
+        self._attach(self.get_base_model(), config, None, None, [idx for idx, _ in combined], None)
         with torch.no_grad():
             for (name, layer), (_, delta) in zip(self.drt_layers(), combined, strict=True):
                 values = layer.drt_base_values.double() if layer.mode == "freeze" else 0
@@ -663,7 +679,7 @@ class DRTModel(nn.Module):
                     layer.base_layer.bias.copy_(weighted_change(layer.drt_base_bias, trained, config.weights))
             for module_name, original in self._originals_to_save.items():
                 trained = [r.aside.trained_to_save.get(module_name) for r in chosen]
-                self.base_model.get_submodule(module_name).load_state_dict(
+                self.get_base_model().get_submodule(module_name).load_state_dict(
                     weighted_state(original, trained, config.weights)
                 )
 
@@ -708,7 +724,7 @@ class DRTModel(nn.Module):
             self._inactive[adapter_name] = self._deactivate()
         except BaseException:
             if "drt_policy" in self._modules:
-                _restore_base(self.base_model, self._originals_to_save, {})
+                _restore_base(self.get_base_model(), self._originals_to_save, {})
             self._activate(active_name, active)
             raise
         self._activate(active_name, active)
@@ -735,7 +751,7 @@ class DRTModel(nn.Module):
         """Take the active adapter out of the model (which is then its bare base) and return it."""
         aside = _set_aside(self)
         for name in self._originals_to_save:
-            self.base_model.get_submodule(name).requires_grad_(False)
+            self.get_base_model().get_submodule(name).requires_grad_(False)
         policy = self.drt_policy
         del self.drt_policy
         return _InactiveAdapter(
@@ -757,13 +773,13 @@ class DRTModel(nn.Module):
         self._backwards_since_update, self._update_watch = 0, adapter.update_watch
         _put_back(self, adapter.aside)
         for name in self._originals_to_save:
-            self.base_model.get_submodule(name).requires_grad_(not self.drt_config.inference_mode)
+            self.get_base_model().get_submodule(name).requires_grad_(not self.drt_config.inference_mode)
 
     # -- leaving ---------------------------------------------------------------------------
     def _replace_layers(self, how: str) -> nn.Module:
         for name, layer in list(self.drt_layers()):
-            _set_submodule(self.base_model, name, getattr(layer, how)())
-        return self.base_model
+            _set_submodule(self.get_base_model(), name, getattr(layer, how)())
+        return self.get_base_model()
 
     def merge_and_unload(self) -> nn.Module:
         """The plain model with the active adapter's Θ written into each weight (prune mode: zeros at untrained
@@ -774,9 +790,9 @@ class DRTModel(nn.Module):
     def unload(self) -> nn.Module:
         """The plain model as it was before ``get_drt_model``: trained values and modules_to_save undone,
         and every parameter's ``requires_grad`` as it was. Inactive adapters are dropped."""
-        _restore_base(self.base_model, self._originals_to_save, self._requires_grad_before)
+        _restore_base(self.get_base_model(), self._originals_to_save, self._requires_grad_before)
         self._inactive.clear()
-        return self.base_model
+        return self.get_base_model()
 
     # -- checkpoints -----------------------------------------------------------------------
     def training_state_dict(self) -> dict[str, Tensor]:

@@ -115,7 +115,7 @@ def test_freezenet_decays_frozen_entries_and_trains_the_rest(tmp_path) -> None:
         optimizer.step()
         optimizer.zero_grad()
         model.update_masks(step, optimizer)
-    layer = model.base_model.bert.encoder.layer[0].intermediate.dense
+    layer = model.get_base_model().bert.encoder.layer[0].intermediate.dense
     weight, mask = layer.effective_weight(), layer.get_mask()
     assert layer.frozen_scale == pytest.approx(0.95**3)
     assert torch.allclose(weight[~mask], original[~mask] * 0.95**3)

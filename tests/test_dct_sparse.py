@@ -85,7 +85,8 @@ def test_bert_trains_only_theta_saves_loads_and_merges(tmp_path) -> None:
     layers = [layer for _, layer in model.drt_layers()]
     assert all(isinstance(layer, DCTSparseLayer) for layer in layers)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    expected = {id(layer.drt_values) for layer in layers} | {id(p) for p in model.base_model.classifier.parameters()}
+    head = model.get_base_model().classifier
+    expected = {id(layer.drt_values) for layer in layers} | {id(p) for p in head.parameters()}
     assert trainable == expected
     g = torch.Generator().manual_seed(0)
     batch = random_bert_batch(g, size=8)

@@ -26,7 +26,7 @@ from drt_peft.seeding import generator
 
 
 def _head_weight(model: DRTModel) -> torch.Tensor:
-    return model.base_model.classifier.fixed_weight
+    return model.get_base_model().classifier.fixed_weight
 
 
 @pytest.mark.parametrize(("rows", "cols"), [(2, 32), (3, 3), (40, 8)])
@@ -71,7 +71,7 @@ def test_logits_are_alpha_times_w_x_and_only_alpha_trains() -> None:
 
     batch = random_bert_batch(torch.Generator().manual_seed(0), size=8)
     train_steps(model, [batch] * 3)
-    alpha = model.base_model.classifier.temperature.detach()
+    alpha = model.get_base_model().classifier.temperature.detach()
     assert alpha != 1.0
     inputs = {"input_ids": batch["input_ids"]}
     with torch.no_grad():
@@ -85,7 +85,7 @@ def test_logits_are_alpha_times_w_x_and_only_alpha_trains() -> None:
 
 def test_trained_bias_is_added_with_bias_all() -> None:
     model = get_drt_model(tiny_bert(), FixedClassifierConfig(bias="all", temperature_init=2.5))
-    head = model.base_model.classifier
+    head = model.get_base_model().classifier
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "base_model.classifier.temperature",
         "base_model.classifier.base_layer.bias",
@@ -107,7 +107,7 @@ def test_save_load_holds_no_head_matrix_and_merge_is_identical(tmp_path) -> None
     probe = {"drt_base_probe_numels", "drt_base_probe_stats", "drt_base_probe_values"}  # 36 numbers of Θ(0)
     assert set(stored) == {"drt_counts", "drt_values", "drt_layer.0.temperature"} | probe
     assert max(t.numel() for k, t in stored.items() if k not in probe) == 1  # α and a count: no W, no head weight
-    assert torch.equal(stored["drt_layer.0.temperature"], model.base_model.classifier.temperature.detach())
+    assert torch.equal(stored["drt_layer.0.temperature"], model.get_base_model().classifier.temperature.detach())
     assert DRTConfig.from_pretrained(tmp_path) == model.drt_config
 
     assert torch.equal(_head_weight(loaded), _head_weight(model))  # regenerated from the seed
@@ -127,7 +127,7 @@ def test_vit_from_scratch_trains_behind_the_fixed_head() -> None:
     losses = train_steps(model, [batch] * 8, lr=3e-3)
     assert losses[-1] < losses[0]
     assert torch.equal(_head_weight(model), w)
-    assert torch.equal(model.base_model.classifier.base_layer.weight, head_before)
+    assert torch.equal(model.get_base_model().classifier.base_layer.weight, head_before)
     restored = model.unload()
     assert all(torch.equal(p, q) for p, q in zip(restored.parameters(), tiny_vit().parameters(), strict=True))
 

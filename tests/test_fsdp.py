@@ -28,7 +28,7 @@ def _worker(rank: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     model = get_drt_model(tiny_bert(), RandomConfig(density=0.2, modules_to_save=["classifier"]))
-    for block in model.base_model.bert.encoder.layer:
+    for block in model.get_base_model().bert.encoder.layer:
         fully_shard(block)
     fully_shard(model)
     _train(model, _batches(rank))

@@ -36,7 +36,7 @@ def test_trainer_trains_only_the_embedded_entries(tmp_path) -> None:
         assert not (moved & ~layer.get_mask()).any(), name
         assert moved.any(), name
     optimized = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
-    assert optimized == d_total + sum(p.numel() for p in model.base_model.classifier.parameters())
+    assert optimized == d_total + sum(p.numel() for p in model.get_base_model().classifier.parameters())
 
 
 def test_accelerate_prepared_loop_trains_the_values() -> None:

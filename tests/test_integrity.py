@@ -83,7 +83,7 @@ def test_failed_from_pretrained_leaves_the_base_as_it_was(tmp_path) -> None:
 def test_embedding_a_model_twice_is_refused() -> None:
     model = get_drt_model(tiny_bert(), RandomConfig(density=0.2))
     with pytest.raises(ValueError, match=r"already contains DRT layers .* call unload\(\) or merge_and_unload\(\)"):
-        get_drt_model(model.base_model, RandomConfig(density=0.2))
+        get_drt_model(model.get_base_model(), RandomConfig(density=0.2))
 
 
 def test_dynamic_update_needs_the_optimizer_that_holds_the_values() -> None:
@@ -92,7 +92,7 @@ def test_dynamic_update_needs_the_optimizer_that_holds_the_values() -> None:
     model(**random_bert_batch(torch.Generator().manual_seed(0))).loss.backward()
     with pytest.raises(ValueError, match=r"optimizer=None: SETConfig needs the optimizer"):
         model.update_masks(1, None)
-    other = torch.optim.SGD(model.base_model.classifier.parameters(), lr=0.1)
+    other = torch.optim.SGD(model.get_base_model().classifier.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"optimizer: the SGD passed to update_masks does not hold the trained"):
         model.update_masks(1, other)
     assert all(torch.equal(a, layer.drt_indices) for a, (_, layer) in zip(before, model.drt_layers(), strict=True))

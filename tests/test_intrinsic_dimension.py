@@ -50,7 +50,7 @@ def test_hadamard_equals_the_explicit_matrix() -> None:
 
 def test_each_block_is_the_fastfood_product_and_p_has_unit_columns() -> None:
     model = get_drt_model(tiny_bert().double(), IntrinsicDimensionConfig(num_trainable=5))
-    layer = model.base_model.bert.encoder.layer[1].intermediate.dense
+    layer = model.get_base_model().bert.encoder.layer[1].intermediate.dense
     blocks, n = layer.fastfood_signs.shape
     assert n == 8 and blocks * n == layer.base_layer.weight.numel()
     eye = torch.eye(5, dtype=torch.float64)
@@ -94,7 +94,7 @@ def test_only_theta_trains_and_it_is_counted_once(capsys) -> None:
     theta = layers[0].theta
     assert all(layer.theta is theta for layer in layers)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    classifier = list(model.base_model.classifier.parameters())
+    classifier = list(model.get_base_model().classifier.parameters())
     assert len(trainable) == 1 + len(classifier) and any(p is theta for p in trainable)
     for layer in layers:
         assert not layer.base_layer.weight.requires_grad and not layer.base_layer.bias.requires_grad
@@ -139,7 +139,7 @@ def test_save_load_merge_unload(tmp_path) -> None:
         keys = set(handle.keys())
         names = len(handle.metadata()["drt_layers"])  # the layers' names and shapes, for drt-peft inspect
     assert not any(k.startswith("drt_index") for k in keys) and not any(k.startswith("drt_layer.") for k in keys)
-    classifier_bytes = sum(p.numel() * 4 for p in model.base_model.classifier.parameters())
+    classifier_bytes = sum(p.numel() * 4 for p in model.get_base_model().classifier.parameters())
     assert 4 * d < os.path.getsize(file) - classifier_bytes - names < 4 * d + 4096
 
     assert not any(p.requires_grad for p in loaded.parameters())

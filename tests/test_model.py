@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import adamw, assert_merge_matches, tiny_bert, tiny_convnet, tiny_gpt2, tiny_vit, train_steps
+from conftest import (
+    adamw,
+    assert_merge_matches,
+    tiny_bert,
+    tiny_convnet,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mlp,
+    tiny_vit,
+    train_steps,
+)
 
 from drt_peft import DRTModel, MagnitudeConfig, RandomConfig, get_drt_model
 from drt_peft.layer.layer import CSR_MAX_DENSITY
@@ -53,7 +63,7 @@ def test_optimizer_sees_only_d_values_and_the_head(bert_batch: dict) -> None:
     model = get_drt_model(tiny_bert(), RandomConfig(density=0.05, modules_to_save=["classifier"]))
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     d = sum(layer.num_trainable for _, layer in model.drt_layers())
-    head = sum(p.numel() for p in model.base_model.classifier.parameters())
+    head = sum(p.numel() for p in model.get_base_model().classifier.parameters())
     assert sum(trainable.values()) == d + head
     assert all(n.endswith("drt_values") or ".classifier." in n for n in trainable)
     assert model.get_nb_trainable_parameters() == (d + head, sum(p.numel() for p in tiny_bert().parameters()))
@@ -65,6 +75,21 @@ def test_all_linear_excludes_the_output_head() -> None:
     gpt2 = get_drt_model(tiny_gpt2(), RandomConfig(density=0.1))
     names = [n for n, _ in gpt2.drt_layers()]
     assert "lm_head" not in names and "transformer.h.0.attn.c_attn" in names
+
+
+def test_base_model_is_the_backbone_and_get_base_model_the_wrapped_model() -> None:
+    wrapped = tiny_llama()
+    model = get_drt_model(wrapped, RandomConfig(density=0.2))
+    assert model.get_base_model() is wrapped
+    assert model.base_model is wrapped.model  # as on the transformers model: the backbone, without the LM head
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids).last_hidden_state  # what TRL's fused LM head runs
+        assert torch.equal(model.get_output_embeddings()(hidden), model(input_ids=ids).logits)
+    assert all(key.startswith("base_model.") for key in model.state_dict())  # checkpoints keep their keys
+    assert model.unload() is wrapped
+    plain = get_drt_model(tiny_mlp(), RandomConfig(density=0.5))
+    assert plain.base_model is plain.get_base_model()  # a model without a backbone of its own is its own
 
 
 def test_merge_and_unload_reproduce_logits(bert_batch: dict) -> None:
@@ -98,7 +123,7 @@ def test_seeded_base_init_is_regenerable() -> None:
     pretrained = tiny_bert(seed=0).bert.encoder.layer[0].attention.self.query.weight
     for (name, la), (_, lb) in zip(a.drt_layers(), b.drt_layers(), strict=True):
         assert torch.equal(la.base_layer.weight, lb.base_layer.weight), name
-    query = a.base_model.bert.encoder.layer[0].attention.self.query.base_layer.weight
+    query = a.get_base_model().bert.encoder.layer[0].attention.self.query.base_layer.weight
     assert not torch.equal(query, pretrained)
     assert query.std().item() == pytest.approx(0.02, rel=0.2)  # BERT's initializer_range
     assert a.drt_config.base_model_fingerprint == b.drt_config.base_model_fingerprint
@@ -109,9 +134,9 @@ def test_bias_all_trains_the_targeted_biases(bert_batch: dict) -> None:
     before = base.bert.encoder.layer[0].output.dense.bias.detach().clone()
     model = get_drt_model(base, RandomConfig(density=0.1, bias="all"))
     _train(model, bert_batch)
-    after = model.base_model.bert.encoder.layer[0].output.dense.base_layer.bias
+    after = model.get_base_model().bert.encoder.layer[0].output.dense.base_layer.bias
     assert after.requires_grad and not torch.equal(after, before)
-    assert not model.base_model.bert.embeddings.LayerNorm.bias.requires_grad
+    assert not model.get_base_model().bert.embeddings.LayerNorm.bias.requires_grad
 
 
 def test_vision_transformer_and_conv_models() -> None:

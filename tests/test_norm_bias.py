@@ -200,9 +200,9 @@ def test_norm_matching_rules_and_batchnorm_statistics_round_trip(tmp_path) -> No
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    assert not torch.equal(model.base_model.bn.running_mean, original["bn.running_mean"])
+    assert not torch.equal(model.get_base_model().bn.running_mean, original["bn.running_mean"])
     loaded = assert_save_load_roundtrip(model, _NormNet(), (x, labels), tmp_path)
-    assert torch.equal(loaded.base_model.bn.running_var, model.base_model.bn.running_var)
+    assert torch.equal(loaded.get_base_model().bn.running_var, model.get_base_model().bn.running_var)
     restored = model.unload().state_dict()
     assert all(torch.equal(restored[k], original[k]) for k in original)
 

@@ -85,7 +85,7 @@ def test_bernoulli_gradient_passes_through_the_sample_to_sigmoid_of_the_scores()
     (layer,) = _layers(model)
     x = torch.randn(5, 6)
     model.train()
-    model.base_model[0](x).sum().backward()
+    model.get_base_model()[0](x).sum().backward()
     # y = x W_effᵀ + b, L = Σ y: ∂L/∂W_eff = 1ᵀ x whatever mask was drawn.
     grad_weight = torch.ones(5, 8).t() @ x
     sigmoid = torch.sigmoid(layer.scores.detach())

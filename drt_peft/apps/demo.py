@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), args.output_dir
     )
     reloaded_acc = accuracy(reloaded, test_data)
-    head = sum(p.numel() for p in model.base_model.classifier.parameters())
+    head = sum(p.numel() for p in model.get_base_model().classifier.parameters())
     print(
         f"\nheld-out accuracy: {before:.2%} -> {after:.2%} after {args.steps} steps ({seconds:.0f} s, "
         f"{seconds / args.steps:.2f} s/step); reloaded adapter: {reloaded_acc:.2%}\n"

@@ -71,7 +71,7 @@ def usage_snippet(model: AdapterModel, adapter_id: str) -> str:
     """Python that builds the base model and loads the adapter onto it."""
     config = model.drt_config
     base = config.base_model_name_or_path
-    loader = loader_class(model.base_model) if base else None
+    loader = loader_class(model.get_base_model()) if base else None
     if loader is None:
         return (
             "from drt_peft import DRTModel\n\n"
@@ -81,7 +81,7 @@ def usage_snippet(model: AdapterModel, adapter_id: str) -> str:
     arguments = [json.dumps(base)]
     if config.revision:
         arguments.append(f"revision={json.dumps(config.revision)}")
-    num_labels = getattr(getattr(model.base_model, "config", None), "num_labels", None)
+    num_labels = getattr(getattr(model.get_base_model(), "config", None), "num_labels", None)
     if "Classification" in loader and isinstance(num_labels, int):
         arguments.append(f"num_labels={num_labels}")
     return (

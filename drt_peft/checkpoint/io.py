@@ -140,7 +140,7 @@ def _adapter_tensors(model: AdapterModel, state_dict: dict[str, torch.Tensor] | 
     if config.bias == "all" and biases:
         tensors["drt_biases"] = torch.cat([b.detach().reshape(-1).cpu() for b in biases])
     for name in model.modules_to_save:
-        for key, value in model.base_model.get_submodule(name).state_dict().items():
+        for key, value in model.get_base_model().get_submodule(name).state_dict().items():
             tensors[f"modules_to_save.{name}.{key}"] = live(f"{name}.{key}", value).contiguous()
     return tensors
 
@@ -267,7 +267,7 @@ def _load_into(model: AdapterModel, tensors: dict[str, torch.Tensor], metadata: 
                 bias.copy_(value.reshape(bias.shape))
         for name in model.modules_to_save:
             state = under_prefix(tensors, f"modules_to_save.{name}.")
-            module = model.base_model.get_submodule(name)
+            module = model.get_base_model().get_submodule(name)
             expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
             found = {k: tuple(v.shape) for k, v in state.items()}
             if found != expected:

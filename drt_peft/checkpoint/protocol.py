@@ -18,11 +18,12 @@ class AdapterModel(Protocol):
     """What reading and writing checkpoints needs from a model; :class:`~drt_peft.DRTModel` is one."""
 
     drt_config: DRTConfig
-    base_model: nn.Module
     base_probe: BaseProbe
 
     @property
     def modules_to_save(self) -> list[str]: ...
+
+    def get_base_model(self) -> nn.Module: ...
 
     def drt_layers(self) -> Iterator[tuple[str, BaseDRTLayer]]: ...
 

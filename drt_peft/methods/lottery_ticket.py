@@ -47,7 +47,7 @@ class LotteryPolicy(Policy):
             with torch.no_grad():
                 snapshot = {f"drt.{name}": layer.drt_values.detach().clone() for name, layer in model.drt_layers()}
                 for name in model.modules_to_save:
-                    for key, value in model.base_model.get_submodule(name).state_dict().items():
+                    for key, value in model.get_base_model().get_submodule(name).state_dict().items():
                         snapshot[f"save.{name}.{key}"] = value.detach().clone()
             self.rewind = snapshot
         return {}
