@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import os
@@ -78,17 +79,15 @@ def _check_untied(model: nn.Module, targets: list[Target]) -> None:
             )
 
 
-def _restore_base(
-    model: nn.Module, originals_to_save: dict[str, dict[str, Tensor]], flags: dict[nn.Parameter, bool]
-) -> None:
+def _restore_base(model: nn.Module, originals_to_save: dict[str, nn.Module], flags: dict[nn.Parameter, bool]) -> None:
     """Undo an embedding in place: DRT layers back to their base modules at Θ(0), modules_to_save and
     ``requires_grad`` flags as they were."""
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseDRTLayer):
             _set_submodule(model, name, module.unload())
     with torch.no_grad():
-        for name, state in originals_to_save.items():
-            model.get_submodule(name).load_state_dict(state)
+        for name, original in originals_to_save.items():
+            model.get_submodule(name).load_state_dict(original.state_dict())
     for param, flag in flags.items():
         param.requires_grad_(flag)
 
@@ -255,35 +254,39 @@ def _check_other_dtype(
 
 @dataclass
 class _SetAside:
-    """What an adapter put into its base, kept aside while the base runs bare: its layers (out of the module
-    tree) and the trained state of its ``modules_to_save``."""
+    """What an adapter put into its base, kept aside while the base runs bare: its layers and its trained
+    ``modules_to_save``, all out of the module tree."""
 
     layers: dict[str, BaseDRTLayer]
-    trained_to_save: dict[str, dict[str, Tensor]]
+    trained_to_save: dict[str, nn.Module]
 
 
-def _set_aside(model: DRTModel) -> _SetAside:
-    """Give ``model``'s base back bare (as ``unload`` would), keeping the active adapter's state aside."""
+def _set_aside(model: DRTModel, lend_originals: bool) -> _SetAside:
+    """Give ``model``'s base back bare (as ``unload`` would), keeping the active adapter aside.
+
+    Modules are swapped, never written in place, so a graph built before (a forward awaiting its
+    backward) stays valid. The ``modules_to_save`` make way for their originals: lent for the
+    while (``lend_originals``, nothing trains meanwhile) or copied (another adapter becomes active).
+    """
+    base = model.get_base_model()
     layers = dict(model.drt_layers())
     for name, layer in layers.items():
-        _set_submodule(model.get_base_model(), name, layer.suspend())
+        _set_submodule(base, name, layer.suspend())
     trained = {}
-    with torch.no_grad():
-        for name, original in model._originals_to_save.items():
-            module = model.get_base_model().get_submodule(name)
-            trained[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-            module.load_state_dict(original)
+    for name, original in model._originals_to_save.items():
+        trained[name] = base.get_submodule(name)
+        _set_submodule(base, name, original if lend_originals else copy.deepcopy(original))
     return _SetAside(layers, trained)
 
 
 def _put_back(model: DRTModel, aside: _SetAside) -> None:
-    """Undo :func:`_set_aside`: the same layers and trained tensors, exactly as they were."""
-    with torch.no_grad():
-        for name, state in aside.trained_to_save.items():
-            model.get_base_model().get_submodule(name).load_state_dict(state)
+    """Undo :func:`_set_aside`: the same layers and trained modules, exactly as they were."""
+    base = model.get_base_model()
+    for name, module in aside.trained_to_save.items():
+        _set_submodule(base, name, module)
     for name, layer in aside.layers.items():
         layer.resume()
-        _set_submodule(model.get_base_model(), name, layer)
+        _set_submodule(base, name, layer)
 
 
 @dataclass
@@ -294,7 +297,7 @@ class _InactiveAdapter:
     policy: Policy
     probe: BaseProbe
     aside: _SetAside
-    originals_to_save: dict[str, dict[str, Tensor]]
+    originals_to_save: dict[str, nn.Module]
     calibration_data: Iterable[Any] | None
     loss_fn: LossFn | None
     #: The hook of ``DRTModel.expect_update_masks`` on the adapter's first ``drt_values`` (it fires only while active).
@@ -420,7 +423,7 @@ class DRTModel(nn.Module):
                 _set_submodule(model, target.name, layer)
             for name in save_names:
                 module = model.get_submodule(name)
-                self._originals_to_save[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                self._originals_to_save[name] = copy.deepcopy(module).requires_grad_(False)
                 module.requires_grad_(True)
             self.add_module("base_model", model)  # the state-dict prefix; read as get_base_model()
             self._backwards_since_update = 0
@@ -429,6 +432,26 @@ class DRTModel(nn.Module):
         except BaseException:
             _restore_base(model, self._originals_to_save, flags)
             raise
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> DRTModel:
+        """As ``nn.Module._apply`` (``to``, ``cuda``, ``half``, ...), and for what waits outside the module tree to
+        come back into it: the originals of ``modules_to_save`` and every inactive adapter."""
+        super()._apply(fn, recurse)
+        if recurse:
+            modules, layers = self._outside_the_tree()
+            for module in modules:
+                module._apply(fn)
+            for layer in layers:  # their base modules are in the tree
+                layer._apply(fn, recurse=False)
+        return self
+
+    def _outside_the_tree(self) -> tuple[list[nn.Module], list[BaseDRTLayer]]:
+        modules = list(self._originals_to_save.values())
+        layers: list[BaseDRTLayer] = []
+        for adapter in self._inactive.values():
+            modules += [adapter.policy, *adapter.originals_to_save.values(), *adapter.aside.trained_to_save.values()]
+            layers += adapter.aside.layers.values()
+        return modules, layers
 
     # -- delegation -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -675,12 +698,12 @@ class DRTModel(nn.Module):
                 values = layer.drt_base_values.double() if layer.mode == "freeze" else 0
                 layer.drt_values.copy_(values + delta)
                 if config.bias == "all" and layer.base_layer.bias is not None:
-                    trained = [r.aside.layers[name].__dict__.get("_trained_bias") for r in chosen]
+                    trained = [r.aside.layers[name].trained_bias() for r in chosen]
                     layer.base_layer.bias.copy_(weighted_change(layer.drt_base_bias, trained, config.weights))
             for module_name, original in self._originals_to_save.items():
                 trained = [r.aside.trained_to_save.get(module_name) for r in chosen]
                 self.get_base_model().get_submodule(module_name).load_state_dict(
-                    weighted_state(original, trained, config.weights)
+                    weighted_state(original.state_dict(), [m and m.state_dict() for m in trained], config.weights)
                 )
 
     @contextlib.contextmanager
@@ -688,7 +711,7 @@ class DRTModel(nn.Module):
         """Within the block the model computes exactly as its base: Θ(0) in every targeted weight, the original
         biases and ``modules_to_save`` (as :meth:`unload` gives them). The adapter comes back unchanged after,
         the same tensors, so an optimizer built before keeps working (TRL's reference model for DPO)."""
-        aside = _set_aside(self)
+        aside = _set_aside(self, lend_originals=True)
         try:
             yield
         finally:
@@ -749,7 +772,7 @@ class DRTModel(nn.Module):
 
     def _deactivate(self) -> _InactiveAdapter:
         """Take the active adapter out of the model (which is then its bare base) and return it."""
-        aside = _set_aside(self)
+        aside = _set_aside(self, lend_originals=False)
         for name in self._originals_to_save:
             self.get_base_model().get_submodule(name).requires_grad_(False)
         policy = self.drt_policy

@@ -233,3 +233,33 @@ def test_composition_refuses_what_does_not_add_up(saved: dict) -> None:
     with pytest.raises(ValueError, match=r"every weight must be a finite number"):
         model.add_weighted_adapter(["a"], [float("nan")], "nan")
     assert list(model.adapters) == ["a", "b"]
+
+
+def test_disable_adapter_between_a_forward_and_its_backward_leaves_the_gradients_as_they_were() -> None:
+    """The reference pass of DPO: the adapter's graph stays valid, its modules_to_save are swapped, not rewritten."""
+    batch = _batches(1, 1)[0]
+    grads = []
+    for disable in (False, True):
+        model = get_drt_model(tiny_bert(), A)
+        train_steps(model, _batches(2))
+        model.train()
+        loss = model(**batch).loss
+        if disable:
+            with model.disable_adapter(), torch.no_grad():
+                reference = model(**batch).loss
+            assert reference != loss
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_moving_the_model_moves_its_inactive_adapters_too(saved: dict) -> None:
+    model = DRTModel.from_pretrained(tiny_bert(), saved["a_dir"], adapter_name="a")
+    model.load_adapter(saved["b_dir"], "b")
+    model.double()
+    expected = outputs(DRTModel.from_pretrained(tiny_bert().double(), saved["b_dir"]), INPUTS)
+    model.set_adapter("b")
+    assert all(t.dtype == torch.float64 for t in model.state_dict().values() if t.is_floating_point())
+    assert torch.equal(outputs(model, INPUTS), expected)
+    with model.disable_adapter():
+        assert torch.equal(outputs(model, INPUTS), outputs(tiny_bert().double(), INPUTS))

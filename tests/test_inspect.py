@@ -104,7 +104,7 @@ def test_inspect_json_matches_the_model(tmp_path, capsys) -> None:
         (name, list(layer.weight_shape), layer.num_trainable, "varint") for name, layer in layers
     ]
     assert described["modules_to_save_bytes"] == sum(
-        t.numel() * t.element_size() for t in model.base_model.classifier.state_dict().values()
+        t.numel() * t.element_size() for t in model.get_base_model().classifier.state_dict().values()
     )
 
 

@@ -119,19 +119,25 @@ class BaseDRTLayer(nn.Module):
 
     def suspend(self) -> nn.Module:
         """The base module as :meth:`unload` gives it, while the layer keeps its trained state (a trained bias
-        included), so that :meth:`resume` puts it back exactly: another adapter becomes active, or the adapter
-        is disabled for a while."""
+        included, as the buffer ``drt_trained_bias``), so that :meth:`resume` puts it back exactly: another
+        adapter becomes active, or the adapter is disabled for a while."""
         if hasattr(self, "drt_base_bias"):
-            self._trained_bias = self.base_layer.bias.detach().clone()
+            self.register_buffer("drt_trained_bias", self.base_layer.bias.detach().clone(), persistent=False)
         return self.unload()
 
     def resume(self) -> None:
         """Undo :meth:`suspend` before the layer takes the base module's place again: the trained bias goes
         back (the products write ϑ into Θ in each forward)."""
-        trained = self.__dict__.pop("_trained_bias", None)
+        trained = self._buffers.pop("drt_trained_bias", None)
         if trained is not None:
             with torch.no_grad():
                 self.base_layer.bias.copy_(trained)
+
+    def trained_bias(self) -> Tensor | None:
+        """The bias this layer trains (set aside while suspended), or None when the bias does not train."""
+        if not hasattr(self, "drt_base_bias"):
+            return None
+        return self._buffers.get("drt_trained_bias", self.base_layer.bias.detach())
 
     def unload(self) -> nn.Module:
         """The base module with its original weight Θ(0) and bias (the trained values and bias dropped)."""
