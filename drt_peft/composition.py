@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .config import DRTConfig, register_method
+from .config import DRTConfig, Paper, register_method
 from .layer import BaseDRTLayer, DRTLayer
 
 
@@ -97,6 +97,9 @@ class ComposedConfig(DRTConfig):
     """
 
     sized_by_density = False
+    paper = Paper(
+        "Ansell, Ponti, Korhonen & Vulić", "Composable Sparse Fine-Tuning for Cross-Lingual Transfer", "ACL", 2022
+    )
 
     adapters: list[str] = field(
         default_factory=list, metadata={"help": "Names of the combined adapters, in the order of `weights`."}

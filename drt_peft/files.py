@@ -59,7 +59,16 @@ def resolve_file(path_or_repo: str | os.PathLike, filename: str, **hub_kwargs: A
     if os.path.isdir(path_or_repo):
         file = os.path.join(path_or_repo, filename)
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file} does not exist; is {path_or_repo} a drt_peft adapter folder?")
+            inside = sorted(
+                entry.name for entry in os.scandir(path_or_repo) if os.path.isfile(os.path.join(entry, filename))
+            )
+            hint = (
+                f"; it holds adapters in the sub-folders {inside} (the layout of several adapters): "
+                f"name one, e.g. {os.path.join(path_or_repo, inside[0])!r}"
+                if inside
+                else f"; is {path_or_repo} a drt_peft adapter folder?"
+            )
+            raise FileNotFoundError(f"{file} does not exist{hint}")
         return file
     try:
         return hf_hub_download(str(path_or_repo), filename, **hub_kwargs)

@@ -79,7 +79,12 @@ def _check_untied(model: nn.Module, targets: list[Target]) -> None:
             )
 
 
-def _restore_base(model: nn.Module, originals_to_save: dict[str, nn.Module], flags: dict[nn.Parameter, bool]) -> None:
+def _requires_grad_flags(model: nn.Module) -> dict[str, bool]:
+    """Parameter name → ``requires_grad``, under every name a shared parameter has (names survive module swaps)."""
+    return {name: param.requires_grad for name, param in model.named_parameters(remove_duplicate=False)}
+
+
+def _restore_base(model: nn.Module, originals_to_save: dict[str, nn.Module], flags: dict[str, bool]) -> None:
     """Undo an embedding in place: DRT layers back to their base modules at Θ(0), modules_to_save and
     ``requires_grad`` flags as they were."""
     for name, module in list(model.named_modules()):
@@ -88,8 +93,9 @@ def _restore_base(model: nn.Module, originals_to_save: dict[str, nn.Module], fla
     with torch.no_grad():
         for name, original in originals_to_save.items():
             model.get_submodule(name).load_state_dict(original.state_dict())
-    for param, flag in flags.items():
-        param.requires_grad_(flag)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in flags:
+            param.requires_grad_(flags[name])
 
 
 def _check_embeddable(model: nn.Module, targets: list[Target]) -> None:
@@ -252,6 +258,25 @@ def _check_other_dtype(
     )
 
 
+class _UpdateWatch:
+    """The gradient hook of :meth:`DRTModel.expect_update_masks`: counts backward passes since the last
+    ``update_masks`` and warns once past ``2 · every``. An object rather than a closure, so models pickle."""
+
+    def __init__(self, model: DRTModel, every: int) -> None:
+        self.model, self.every = model, every
+
+    def __call__(self, _: Tensor) -> None:
+        model = self.model
+        model._backwards_since_update += 1
+        if model._backwards_since_update == 2 * self.every + 1:
+            warnings.warn(
+                f"{type(model.drt_config).__name__} changes the mask every {self.every} steps, but "
+                f"model.update_masks(step, optimizer) has not been called for {2 * self.every + 1} backward passes; "
+                "call it after each optimizer step, or train with DRTTrainer / DRTCallback",
+                stacklevel=2,
+            )
+
+
 @dataclass
 class _SetAside:
     """What an adapter put into its base, kept aside while the base runs bare: its layers and its trained
@@ -300,8 +325,8 @@ class _InactiveAdapter:
     originals_to_save: dict[str, nn.Module]
     calibration_data: Iterable[Any] | None
     loss_fn: LossFn | None
-    #: The hook of ``DRTModel.expect_update_masks`` on the adapter's first ``drt_values`` (it fires only while active).
-    update_watch: Any
+    #: ``every`` of ``DRTModel.expect_update_masks`` (None: the method did not ask), re-armed when it comes back.
+    update_every: int | None
 
 
 class DRTModel(nn.Module):
@@ -350,7 +375,7 @@ class DRTModel(nn.Module):
         if isinstance(model, DRTModel):
             raise TypeError("model is already a DRTModel; call unload() or merge_and_unload() first")
         _check_adapter_name(adapter_name)
-        self._requires_grad_before = {param: param.requires_grad for param in model.parameters()}
+        self._requires_grad_before = _requires_grad_flags(model)
         #: The name of the adapter in the model (its layers are in the module tree).
         self.active_adapter = adapter_name
         self._inactive: dict[str, _InactiveAdapter] = {}
@@ -411,11 +436,10 @@ class DRTModel(nn.Module):
 
         All-or-nothing: if any step fails, ``model`` is put back as it was given.
         """
-        flags = {param: param.requires_grad for param in model.parameters()}
+        flags = _requires_grad_flags(model)
         self._originals_to_save = {}
         try:
-            for param in flags:
-                param.requires_grad_(False)
+            model.requires_grad_(False)
             for target, idx in zip(targets, indices, strict=True):
                 layer = self.drt_policy.build_layer(target.module, idx)
                 if self.drt_config.autocast_adapter_dtype:
@@ -427,7 +451,7 @@ class DRTModel(nn.Module):
                 module.requires_grad_(True)
             self.add_module("base_model", model)  # the state-dict prefix; read as get_base_model()
             self._backwards_since_update = 0
-            self._update_watch = None
+            self._update_watch, self._update_every = None, None
             self.drt_policy.on_attach(self)
         except BaseException:
             _restore_base(model, self._originals_to_save, flags)
@@ -438,20 +462,24 @@ class DRTModel(nn.Module):
         come back into it: the originals of ``modules_to_save`` and every inactive adapter."""
         super()._apply(fn, recurse)
         if recurse:
-            modules, layers = self._outside_the_tree()
-            for module in modules:
+            for module in self._outside_the_tree():
                 module._apply(fn)
-            for layer in layers:  # their base modules are in the tree
-                layer._apply(fn, recurse=False)
+            in_tree = {id(module) for module in self.modules()}
+            for adapter in self._inactive.values():
+                for layer in adapter.aside.layers.values():
+                    # a base module in the tree was converted with it; one that is not (a copy made while another
+                    # adapter's modules_to_save took its place) goes with the layer, once
+                    layer._apply(fn, recurse=id(layer.base_layer) not in in_tree)
+                    in_tree.add(id(layer.base_layer))
         return self
 
-    def _outside_the_tree(self) -> tuple[list[nn.Module], list[BaseDRTLayer]]:
+    def _outside_the_tree(self) -> list[nn.Module]:
+        """Whole modules that wait outside the tree: originals of ``modules_to_save``, and the policies and trained
+        ``modules_to_save`` of the inactive adapters."""
         modules = list(self._originals_to_save.values())
-        layers: list[BaseDRTLayer] = []
         for adapter in self._inactive.values():
             modules += [adapter.policy, *adapter.originals_to_save.values(), *adapter.aside.trained_to_save.values()]
-            layers += adapter.aside.layers.values()
-        return modules, layers
+        return modules
 
     # -- delegation -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -563,21 +591,25 @@ class DRTModel(nn.Module):
 
         Dynamic methods call this: without the hook their mask would silently never move.
         """
+        self._update_every = every
+        self._arm_update_watch()
+
+    def _arm_update_watch(self) -> None:
+        """Hook :class:`_UpdateWatch` on the first trained values, if the method asked for it and it is not there."""
         layers = [layer for _, layer in self.drt_layers()]
-        if self._update_watch is not None or not layers:
+        if self._update_every is None or self._update_watch is not None or not layers:
             return
+        watch = _UpdateWatch(self, self._update_every)
+        self._update_watch = layers[0].drt_values.register_post_accumulate_grad_hook(watch)
 
-        def count(_: Tensor) -> None:
-            self._backwards_since_update += 1
-            if self._backwards_since_update == 2 * every + 1:
-                warnings.warn(
-                    f"{type(self.drt_config).__name__} changes the mask every {every} steps, but "
-                    f"model.update_masks(step, optimizer) has not been called for {2 * every + 1} backward passes; "
-                    "call it after each optimizer step, or train with DRTTrainer / DRTCallback",
-                    stacklevel=2,
-                )
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the gradient hook behind (tensors do not carry it); :meth:`__setstate__` re-arms
+        it."""
+        return {**self.__dict__, "_update_watch": None}
 
-        self._update_watch = layers[0].drt_values.register_post_accumulate_grad_hook(count)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._arm_update_watch()
 
     # -- several adapters ------------------------------------------------------------------
     @property
@@ -652,7 +684,19 @@ class DRTModel(nn.Module):
         :class:`~drt_peft.DRTLayer` layers). It stays inactive until :meth:`set_adapter`. Returns how their
         masks overlap (:func:`~drt_peft.composition.mask_overlap`).
         """
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError(
+                f"adapters={adapters!r}, weights={weights!r}: name at least one adapter and give one weight per adapter"
+            )
         names = [self._known(name) for name in adapters]
+        layers = [self._adapter_layers(name) for name in names]
+        targets = {name: [n for n, _ in named] for name, named in zip(names, layers, strict=True)}
+        if any(t != targets[names[0]] for t in targets.values()):
+            differ = [name for name in names if targets[name] != targets[names[0]]]
+            raise ValueError(
+                f"adapters={names}: composed adapters must target the same layers; {differ} target other layers "
+                f"than {names[0]!r}"
+            )
         configs = [self.adapters[name] for name in names]
         for field_name in ("mode", "base_model_fingerprint"):
             values = {name: getattr(c, field_name) for name, c in zip(names, configs, strict=True)}
@@ -665,16 +709,13 @@ class DRTModel(nn.Module):
             mode=first.mode,
             bias="all" if any(c.bias == "all" for c in configs) else "none",
             seed=first.seed,
-            target_modules=[name for name, _ in self._adapter_layers(names[0])],
+            target_modules=targets[names[0]],
             modules_to_save=sorted({m for c in configs for m in c.modules_to_save or []}) or None,
             base_model_name_or_path=first.base_model_name_or_path,
             revision=first.revision,
             base_model_fingerprint=first.base_model_fingerprint,
             autocast_adapter_dtype=first.autocast_adapter_dtype,
         )
-        layers = [self._adapter_layers(name) for name in names]
-        if any([n for n, _ in named] != config.target_modules for named in layers):
-            raise ValueError(f"adapters={names}: composed adapters must target the same layers")
         overlap = mask_overlap(names, [[layer.drt_indices for _, layer in named] for named in layers])
         self._add(adapter_name, config, lambda records: self._compose(records, config, names))
         return overlap
@@ -772,6 +813,9 @@ class DRTModel(nn.Module):
 
     def _deactivate(self) -> _InactiveAdapter:
         """Take the active adapter out of the model (which is then its bare base) and return it."""
+        if self._update_watch is not None:
+            self._update_watch.remove()
+            self._update_watch = None
         aside = _set_aside(self, lend_originals=False)
         for name in self._originals_to_save:
             self.get_base_model().get_submodule(name).requires_grad_(False)
@@ -784,7 +828,7 @@ class DRTModel(nn.Module):
             self._originals_to_save,
             self.calibration_data,
             self.loss_fn,
-            self._update_watch,
+            self._update_every,
         )
 
     def _activate(self, adapter_name: str, adapter: _InactiveAdapter) -> None:
@@ -793,8 +837,9 @@ class DRTModel(nn.Module):
         self.base_probe, self._originals_to_save = adapter.probe, adapter.originals_to_save
         self.calibration_data, self.loss_fn = adapter.calibration_data, adapter.loss_fn
         self.active_adapter = adapter_name
-        self._backwards_since_update, self._update_watch = 0, adapter.update_watch
+        self._backwards_since_update, self._update_every = 0, adapter.update_every
         _put_back(self, adapter.aside)
+        self._arm_update_watch()
         for name in self._originals_to_save:
             self.get_base_model().get_submodule(name).requires_grad_(not self.drt_config.inference_mode)
 

@@ -263,3 +263,59 @@ def test_moving_the_model_moves_its_inactive_adapters_too(saved: dict) -> None:
     assert torch.equal(outputs(model, INPUTS), expected)
     with model.disable_adapter():
         assert torch.equal(outputs(model, INPUTS), outputs(tiny_bert().double(), INPUTS))
+
+
+def test_unload_after_switching_gives_the_flags_and_values_back() -> None:
+    original = tiny_bert()
+    flags = [p.requires_grad for p in original.parameters()]
+    model = get_drt_model(tiny_bert(), A)
+    train_steps(model, _batches(1))
+    model.add_adapter("b", RandomConfig(density=0.1, seed=5))
+    model.set_adapter("b")
+    base = model.unload()
+    assert [p.requires_grad for p in base.parameters()] == flags
+    got, expected = base.state_dict(), original.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_moving_the_model_moves_an_inactive_layer_on_another_adapters_module() -> None:
+    """Adapter b embeds the classifier that adapter a trains in full: b's layer wraps a copy outside the tree."""
+    model = get_drt_model(tiny_bert(), A)
+    model.add_adapter("b", RandomConfig(density=0.5, target_modules=["classifier"]))
+    model.double()
+    model.set_adapter("b")
+    assert all(t.dtype == torch.float64 for t in model.state_dict().values() if t.is_floating_point())
+    with model.disable_adapter():
+        assert torch.equal(outputs(model, INPUTS), outputs(tiny_bert().double(), INPUTS))
+
+
+def test_multi_adapter_models_with_dynamic_methods_pickle_and_keep_their_watch() -> None:
+    import pickle
+
+    from drt_peft import SETConfig
+
+    model = get_drt_model(tiny_bert(), SETConfig(density=0.1, update_frequency=1))
+    model.add_adapter("r", RandomConfig(density=0.1))
+    copy = pickle.loads(pickle.dumps(model))
+    assert list(copy.adapters) == ["default", "r"]
+    batch = _batches(1, 1)[0]
+    with pytest.warns(UserWarning, match=r"SETConfig changes the mask every 1 steps"):
+        for _ in range(3):
+            copy(**batch).loss.backward()
+
+
+def test_a_folder_of_several_adapters_names_them_when_loaded_as_one(saved: dict, tmp_path) -> None:
+    model = DRTModel.from_pretrained(tiny_bert(), saved["a_dir"], adapter_name="a")
+    model.load_adapter(saved["b_dir"], "b")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"it holds adapters in the sub-folders \['a', 'b'\]"):
+        DRTModel.from_pretrained(tiny_bert(), tmp_path)
+
+
+def test_composition_errors_say_what_differs(saved: dict) -> None:
+    model = get_drt_model(tiny_bert(), A)
+    model.add_adapter("query", RandomConfig(density=0.1, target_modules=["query"]))
+    with pytest.raises(ValueError, match=r"must target the same layers; \['query'\] target other layers"):
+        model.add_weighted_adapter(["default", "query"], [1.0, 1.0], "x")
+    with pytest.raises(ValueError, match=r"name at least one adapter and give one weight per adapter"):
+        model.add_weighted_adapter([], [], "x")
