@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,7 @@ def layer_delta(name: str, layer: BaseDRTLayer) -> tuple[Tensor, Tensor]:
     return layer.drt_indices, values - base
 
 
-def weighted_union(deltas: list[tuple[Tensor, Tensor]], weights: list[float]) -> tuple[Tensor, Tensor]:
+def weighted_union(deltas: list[tuple[Tensor, Tensor]], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
     """ψ = ∪ᵢ ψᵢ (sorted) and Σᵢ wᵢ·Δᵢ on it, in float64."""
     indices = torch.unique(torch.cat([idx for idx, _ in deltas]))
     total = torch.zeros(indices.numel(), dtype=torch.float64, device=indices.device)
@@ -40,7 +41,7 @@ def weighted_union(deltas: list[tuple[Tensor, Tensor]], weights: list[float]) ->
     return indices, total
 
 
-def weighted_change(original: Tensor, trained: list[Tensor | None], weights: list[float]) -> Tensor:
+def weighted_change(original: Tensor, trained: list[Tensor | None], weights: Sequence[float]) -> Tensor:
     """original + Σᵢ wᵢ·(trainedᵢ − original), where an adapter that did not train the tensor (None) adds nothing;
     a tensor that is not floating point (a counter) keeps the original."""
     if not original.is_floating_point():
@@ -53,7 +54,7 @@ def weighted_change(original: Tensor, trained: list[Tensor | None], weights: lis
 
 
 def weighted_state(
-    original: dict[str, Tensor], trained: list[dict[str, Tensor] | None], weights: list[float]
+    original: dict[str, Tensor], trained: list[dict[str, Tensor] | None], weights: Sequence[float]
 ) -> dict[str, Tensor]:
     """:func:`weighted_change` of every tensor of a module's state dict."""
     return {
@@ -101,15 +102,15 @@ class ComposedConfig(DRTConfig):
         "Ansell, Ponti, Korhonen & Vulić", "Composable Sparse Fine-Tuning for Cross-Lingual Transfer", "ACL", 2022
     )
 
-    adapters: list[str] = field(
-        default_factory=list, metadata={"help": "Names of the combined adapters, in the order of `weights`."}
+    adapters: tuple[str, ...] = field(
+        default=(), metadata={"help": "Names of the combined adapters, in the order of `weights`."}
     )
-    weights: list[float] = field(default_factory=list, metadata={"help": "The weight wᵢ of each adapter."})
+    weights: tuple[float, ...] = field(default=(), metadata={"help": "The weight wᵢ of each adapter."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._normalise("adapters", list(self.adapters))
-        self._normalise("weights", list(self.weights))
+        self._normalise("adapters", tuple(self.adapters))
+        self._normalise("weights", tuple(self.weights))
         if not self.adapters or len(self.adapters) != len(self.weights):
             raise ValueError(
                 f"adapters={self.adapters!r}, weights={self.weights!r}: name at least one adapter and give one "

@@ -16,10 +16,10 @@ import dataclasses
 import json
 import os
 import re
-import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from .criterion import Criterion
 from .files import atomic_write_bytes, resolve_file
 from .policy import Policy
 from .validation import check_choice, check_int
@@ -27,7 +27,6 @@ from .validation import check_choice, check_int
 if TYPE_CHECKING:
     from torch import nn
 
-    from .criterion import Criterion
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -81,17 +80,32 @@ def register_method(name: str):
     def wrap(cls: type[C]) -> type[C]:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__name__}")
-        if isinstance(cls.__dict__.get("criterion"), (str, types.FunctionType)):
-            raise TypeError(
-                f"{cls.__name__}.criterion={cls.__dict__['criterion']!r}: name the criterion by reference, a "
-                "Criterion made with the drt_peft.masks.criterion decorator (e.g. drt_peft.masks.criteria.gradient."
-                "snip_scores)"
-            )
+        _check_method_class(cls)
         cls.method_name = name
         _METHODS[name] = cls
         return cls
 
     return wrap
+
+
+def _check_method_class(cls: type) -> None:
+    """A method config is its own frozen dataclass whose ``criterion`` (a :class:`~drt_peft.criterion.Criterion` or
+    None) and ``policy`` (a :class:`~drt_peft.policy.Policy` subclass) are class attributes, not fields."""
+    if "__dataclass_fields__" not in cls.__dict__:
+        raise TypeError(f"{cls.__name__}: declare a method config with @dataclass(frozen=True), or its fields are lost")
+    fields = {f.name for f in dataclasses.fields(cls)} & {"criterion", "policy"}
+    if fields:
+        raise TypeError(
+            f"{cls.__name__}: {sorted(fields)} are class attributes, not fields; assign them without a type annotation"
+        )
+    chosen = cls.__dict__.get("criterion")
+    if "criterion" in cls.__dict__ and not (chosen is None or isinstance(chosen, (Criterion, property))):
+        raise TypeError(
+            f"{cls.__name__}.criterion={chosen!r}: name the criterion by reference, a Criterion made with the "
+            "drt_peft.masks.criterion decorator (e.g. drt_peft.masks.criteria.gradient.snip_scores)"
+        )
+    if not (isinstance(cls.policy, type) and issubclass(cls.policy, Policy)):
+        raise TypeError(f"{cls.__name__}.policy={cls.policy!r} must be a subclass of drt_peft.policy.Policy")
 
 
 def available_methods() -> list[str]:
@@ -188,18 +202,21 @@ class DRTConfig:
             "channels), or 'N:M' such as '2:4' (at most N trained entries in each block of M inputs)."
         },
     )
-    target_modules: list[str] | str | None = field(
+    target_modules: tuple[str, ...] | str | None = field(
         default="all-linear",
         metadata={
-            "help": "Modules whose weight is embedded: a list of names (a name matches itself or any module "
-            "whose name ends with '.name'), a regular expression matched against the full module name, or "
+            "help": "Modules whose weight is embedded: a list of names, stored as a tuple (a name matches itself or "
+            "any module whose name ends with '.name'), a regular expression matched against the full module name, or "
             "'all-linear' for every Linear/Conv1D layer except the output head. Supported types: "
             "nn.Linear, transformers' Conv1D, nn.Conv2d."
         },
     )
-    modules_to_save: list[str] | None = field(
+    modules_to_save: tuple[str, ...] | None = field(
         default=None,
-        metadata={"help": "Modules trained in full and stored in the adapter, e.g. a new classifier head."},
+        metadata={
+            "help": "Modules trained in full and stored in the adapter, e.g. a new classifier head: a list of "
+            "names (stored as a tuple) or one name."
+        },
     )
     bias: str = field(
         default="none",
@@ -243,8 +260,9 @@ class DRTConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed={self.seed!r} must be an integer with 0 <= seed < 2**32")
         self._check_modules()
-        if not isinstance(self.autocast_adapter_dtype, bool):
-            raise ValueError(f"autocast_adapter_dtype={self.autocast_adapter_dtype!r} must be True or False")
+        for flag in ("inference_mode", "autocast_adapter_dtype"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
 
     def _check_size(self) -> None:
         """Exactly one of ``density`` and ``num_trainable`` (neither for methods that decide what trains)."""
@@ -266,8 +284,8 @@ class DRTConfig:
         check_int("num_trainable", self.num_trainable, optional=True)
 
     def _check_modules(self) -> None:
-        """``target_modules`` is ``"all-linear"``, a valid regular expression or a list of names (stored as a list),
-        and ``modules_to_save`` a list of names or None."""
+        """``target_modules`` is ``"all-linear"``, a valid regular expression or a list of names (stored as a tuple),
+        and ``modules_to_save`` names (one, or a list stored as a tuple) or None."""
         if self.target_modules is None:
             raise ValueError("target_modules=None: name the modules to embed, or use 'all-linear'")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
@@ -278,11 +296,15 @@ class DRTConfig:
                     f"target_modules={self.target_modules!r} is not a valid regular expression: {err}"
                 ) from None
         elif not isinstance(self.target_modules, str):
-            self._normalise("target_modules", list(self.target_modules))
-            if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
+            names = tuple(self.target_modules)
+            if not names or not all(isinstance(t, str) for t in names):
                 raise ValueError(f"target_modules={self.target_modules!r} must be a non-empty list of module names")
+            self._normalise("target_modules", names)
         if self.modules_to_save is not None:
-            self._normalise("modules_to_save", list(self.modules_to_save))
+            names = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else tuple(self.modules_to_save)
+            if not all(isinstance(name, str) for name in names):
+                raise ValueError(f"modules_to_save={self.modules_to_save!r} must be module names (strings)")
+            self._normalise("modules_to_save", names)
 
     def _normalise(self, name: str, value: Any) -> None:
         """Store the canonical form of a field while ``__post_init__`` validates it (the config is frozen after)."""
@@ -323,8 +345,9 @@ class DRTConfig:
         return parsed if isinstance(parsed, tuple) else None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields, with the method name first."""
-        return {"method": self.method_name, **dataclasses.asdict(self)}
+        """JSON-ready fields (tuples as lists), with the method name first."""
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {"method": self.method_name, **fields}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

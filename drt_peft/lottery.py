@@ -126,13 +126,14 @@ def _plan(config: LotteryTicketConfig, densities: list[float], done: int, output
 
 def _keep_rewind(drt: DRTModel, config: LotteryTicketConfig, output_dir: str) -> dict[str, torch.Tensor]:
     """Θ(k) as the dense round recorded it at step ``rewind_step``, written next to the rounds."""
-    rewind = drt.drt_policy.rewind
+    rewind = drt.drt_policy.rewind_snapshot(drt)
     if rewind is None:
         raise RuntimeError(
             f"rewind_step={config.rewind_step} but the dense round never reached optimizer step "
             f"{config.rewind_step} through model.update_masks(step, optimizer) (or DRTCallback)"
         )
-    atomic_write_bytes(os.path.join(output_dir, REWIND_NAME), safetensors_bytes(rewind))
+    tensors = {key: value.detach().cpu().contiguous() for key, value in rewind.items()}
+    atomic_write_bytes(os.path.join(output_dir, REWIND_NAME), safetensors_bytes(tensors))
     return rewind
 
 
@@ -187,10 +188,12 @@ def _load_rewind(output_dir: str) -> dict[str, torch.Tensor]:
 
 
 def _apply_rewind(drt: DRTModel, rewind: dict[str, torch.Tensor]) -> None:
-    """Set ϑ to Θ(k) at the current ψ, and ``modules_to_save`` to their state at step k."""
+    """Set ϑ to Θ(k) at the current ψ, trained biases and ``modules_to_save`` to their state at step k."""
     with torch.no_grad():
         for name, layer in drt.drt_layers():
             layer.drt_values.copy_(rewind[f"drt.{name}"].to(layer.drt_values)[layer.drt_indices])
+            if f"bias.{name}" in rewind and layer.trained_bias() is not None:
+                layer.base_layer.bias.copy_(rewind[f"bias.{name}"])
         for name in drt.modules_to_save:
             state = under_prefix(rewind, f"save.{name}.")
             drt.get_base_model().get_submodule(name).load_state_dict(state)

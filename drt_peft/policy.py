@@ -5,14 +5,17 @@ What a method *does* lives in its :class:`Policy`, which the config names by ref
 (``DRTConfig.policy``) and ``DRTModel`` builds and owns as ``model.drt_policy`` (as PEFT pairs
 ``LoraConfig`` with ``LoraModel``, and jaxpruner an updater with its state). The policy builds
 each layer, acts when the model is attached and after each optimizer step, and keeps whatever
-state the method carries (DSR's threshold, SNFS's momentum, the ITOP exploration bitmap) as
-buffers of its own: they move with ``model.to(...)`` and travel in ``DRTModel.training_state_dict``.
+state the method carries (DSR's threshold, SNFS's momentum, the ITOP exploration bitmap, the
+lottery's rewind snapshot) as buffers of its own: they move with ``model.to(...)`` and travel in
+``DRTModel.training_state_dict``. Register them in ``on_attach`` on the layers' device; a buffer
+registered later (at some step) is registered again when a checkpoint holding it is loaded.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .layer import BaseDRTLayer, DRTLayer
@@ -61,6 +64,31 @@ class Policy(nn.Module):
     def statistics(self, model: Any) -> dict[str, float]:
         """Values of the method's state worth reporting in ``DRTModel.drt_statistics`` (none here)."""
         return {}
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """A checkpoint may hold state the policy creates only during training (a buffer registered at some step):
+        such buffers are registered here, so that resuming restores them rather than dropping them."""
+        for key, value in state_dict.items():
+            name = key[len(prefix) :]
+            if (
+                key.startswith(prefix)
+                and "." not in name
+                and name not in self._buffers
+                and name not in self._parameters
+            ):
+                self.register_buffer(name, torch.empty_like(value))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return type(self.config).__name__

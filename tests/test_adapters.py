@@ -202,7 +202,7 @@ def test_a_composition_of_one_adapter_reproduces_it_and_reloads(tmp_path) -> Non
     expected = outputs(model, INPUTS)
     model.add_weighted_adapter(["default"], [1.0], "copy")
     model.set_adapter("copy")
-    assert isinstance(model.drt_config, ComposedConfig) and model.drt_config.weights == [1.0]
+    assert isinstance(model.drt_config, ComposedConfig) and model.drt_config.weights == (1.0,)
     assert torch.allclose(outputs(model, INPUTS), expected, rtol=1e-6, atol=1e-7)
     model.save_pretrained(tmp_path, selected_adapters=["copy"])
     loaded = DRTModel.from_pretrained(tiny_bert(), tmp_path / "copy")

@@ -58,8 +58,10 @@ def test_registry_and_nm_parsing() -> None:
 
 
 def test_configs_are_frozen_data() -> None:
-    config = RandomConfig(density=0.1, target_modules=("0", "2"))
-    assert config.target_modules == ["0", "2"]  # the canonical form is stored while validating
+    config = RandomConfig(density=0.1, target_modules=["0", "2"], modules_to_save="classifier")
+    assert config.target_modules == ("0", "2") and config.modules_to_save == ("classifier",)  # canonical forms
+    assert hash(config) == hash(RandomConfig(density=0.1, target_modules=("0", "2"), modules_to_save=["classifier"]))
+    assert config.to_dict()["target_modules"] == ["0", "2"]  # JSON-ready
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.density = 0.2  # type: ignore[misc]
     changed = dataclasses.replace(config, density=0.2)
@@ -91,6 +93,54 @@ def test_a_config_names_its_criterion_by_reference() -> None:
             criterion = "snip"
 
     assert "by_name" not in available_methods()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"modules_to_save": ["classifier", 3]}, r"modules_to_save=\['classifier', 3\] must be module names"),
+        ({"inference_mode": "yes"}, r"inference_mode='yes' must be True or False"),
+    ],
+)
+def test_more_bad_fields_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RandomConfig(density=0.1, **kwargs)
+
+
+@pytest.mark.usefixtures("scratch_registry")
+def test_register_method_refuses_configs_that_would_lose_data_or_behaviour() -> None:
+    from drt_peft.criterion import Criterion
+    from drt_peft.masks.criteria.gradient import snip_scores
+
+    with pytest.raises(TypeError, match=r"Undecorated: declare a method config with @dataclass\(frozen=True\)"):
+
+        @register_method("undecorated")
+        class Undecorated(RandomConfig):
+            extra: int = 3
+
+    with pytest.raises(TypeError, match=r"\['criterion'\] are class attributes, not fields"):
+
+        @register_method("annotated")
+        @dataclasses.dataclass(frozen=True)
+        class Annotated(DRTConfig):
+            criterion: Criterion = snip_scores
+
+    with pytest.raises(TypeError, match=r"Wrapped\.criterion=.*name the criterion by reference"):
+
+        @register_method("wrapped")
+        @dataclasses.dataclass(frozen=True)
+        class Wrapped(DRTConfig):
+            criterion = staticmethod(lambda scoring: [])
+
+    with pytest.raises(TypeError, match=r"NoPolicy\.policy=.* must be a subclass of drt_peft\.policy\.Policy"):
+
+        @register_method("no_policy")
+        @dataclasses.dataclass(frozen=True)
+        class NoPolicy(DRTConfig):
+            criterion = snip_scores
+            policy = object
+
+    assert not {"undecorated", "annotated", "wrapped", "no_policy"} & set(available_methods())
 
 
 @pytest.mark.usefixtures("scratch_registry")

@@ -144,7 +144,7 @@ def test_bad_input_is_refused() -> None:
         FixedClassifierConfig(mode="prune")
     with pytest.raises(ValueError, match=r"base_init='seeded' is not supported by 'fixed_classifier'"):
         FixedClassifierConfig(base_init="seeded")
-    with pytest.raises(ValueError, match=r"target_modules=\['head'\] matches no module"):
+    with pytest.raises(ValueError, match=r"target_modules=\('head',\) matches no module"):
         get_drt_model(tiny_bert(), FixedClassifierConfig(target_modules=["head"]))
     with pytest.raises(ValueError, match=r"cannot embed lm_head: its weight is tied"):
         get_drt_model(tiny_gpt2(), FixedClassifierConfig(target_modules=["lm_head"]))

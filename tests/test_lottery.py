@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -22,7 +23,7 @@ from conftest import (
 from torch import nn
 from transformers import Trainer
 
-from drt_peft import DRTModel, LotteryTicketConfig, PruneOrFreezeConfig, find_lottery_ticket
+from drt_peft import DRTModel, LotteryTicketConfig, PruneOrFreezeConfig, find_lottery_ticket, get_drt_model
 from drt_peft.masks.criteria.basic import lamp
 
 TARGETS = ["0", "2"]
@@ -111,6 +112,37 @@ def test_late_rewinding_restarts_from_step_k(tmp_path) -> None:
         rewound = train.after_step[2][name][train.indices[1][name]]
         torch.testing.assert_close(train.starts[1][name], rewound, rtol=0, atol=0)
         assert not torch.equal(rewound, train.after_step[train.steps][name][train.indices[1][name]])
+
+
+def test_late_rewinding_restores_trained_biases_too(tmp_path) -> None:
+    config = LotteryTicketConfig(density=0.5, one_shot=True, rewind_step=2, target_modules=TARGETS, bias="all")
+    biases: list[torch.Tensor] = []
+
+    def train(model: DRTModel) -> dict[str, float]:
+        biases.append(model.get_base_model()[0].bias.detach().clone())
+        return Recorder()(model)
+
+    find_lottery_ticket(tiny_mlp(), config, train, output_dir=tmp_path, verbose=False)
+    dense = get_drt_model(tiny_mlp(), dataclasses.replace(config, density=1.0))
+    Recorder(steps=2)(dense)  # the dense round up to step k, as the search ran it
+    assert torch.equal(biases[1], dense.get_base_model()[0].bias) and not torch.equal(biases[1], biases[0])
+
+
+def test_the_rewind_snapshot_is_policy_state_that_moves_and_resumes() -> None:
+    config = LotteryTicketConfig(density=1.0, rewind_step=2, target_modules=TARGETS)
+    model = get_drt_model(tiny_mlp(), config)
+    assert model.drt_policy.rewind_snapshot(model) is None
+    Recorder(steps=3)(model)
+    snapshot = model.drt_policy.rewind_snapshot(model)
+    assert sorted(snapshot) == ["drt.0", "drt.2"]
+    state = model.training_state_dict()
+    assert {"drt_policy.rewind_0", "drt_policy.rewind_1"} <= state.keys()
+    resumed = get_drt_model(tiny_mlp(), config)
+    resumed.load_state_dict(state, strict=False)  # as a Trainer resume does: the buffers come back
+    again = resumed.drt_policy.rewind_snapshot(resumed)
+    assert again is not None and all(torch.equal(again[k], snapshot[k]) for k in snapshot)
+    resumed.double()
+    assert all(v.dtype == torch.float64 for v in resumed.drt_policy.rewind_snapshot(resumed).values())
 
 
 def test_rewind_without_the_step_hook_is_an_error(tmp_path) -> None:

@@ -154,7 +154,7 @@ def test_vision_transformer_and_conv_models() -> None:
 def test_target_modules_regex_and_errors() -> None:
     model = get_drt_model(tiny_bert(), RandomConfig(density=0.1, target_modules=r".*attention\.self\.(query|value)"))
     assert len(list(model.drt_layers())) == 4
-    with pytest.raises(ValueError, match="target_modules=\\['nothing_here'\\] matches no module"):
+    with pytest.raises(ValueError, match="target_modules=\\('nothing_here',\\) matches no module"):
         get_drt_model(tiny_bert(), RandomConfig(density=0.1, target_modules=["nothing_here"]))
     with pytest.raises(ValueError, match="unsupported modules"):
         get_drt_model(tiny_bert(), RandomConfig(density=0.1, target_modules=["word_embeddings"]))

@@ -73,8 +73,10 @@ def _check_finite(layers: list[tuple[str, Any]], values: list[torch.Tensor]) -> 
     if bad:
         raise ValueError(
             f"refusing to save: the trained values of {len(bad)} layer(s) are not finite (NaN or inf): {bad[:5]}"
-            f"{' ...' if len(bad) > 5 else ''}; training diverged (lower the learning rate, clip gradients, or "
-            "train half-precision bases with float32 adapter values); the adapter on disk is left as it was"
+            f"{' ...' if len(bad) > 5 else ''}; training diverged: lower the learning rate or clip gradients; on a "
+            "half-precision base, keep autocast_adapter_dtype=True and train under autocast (Trainer bf16/fp16) "
+            "rather than in pure half precision, where modules_to_save train in the base's dtype and AdamW's "
+            "updates underflow. The adapter on disk is left as it was"
         )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
 
 from ..config import DRTConfig, Paper, register_method
@@ -23,16 +22,14 @@ class LotteryPolicy(Policy):
     """What a lottery round does besides training: keep Θ(k) for late rewinding, and hand per-layer state
     over to the next round.
 
-    State: :attr:`rewind`, the snapshot of step ``rewind_step`` of the dense round (None before),
-    which :func:`drt_peft.find_lottery_ticket` writes next to the rounds.
+    State: Θ(k), the values at optimizer step ``rewind_step`` of the dense round, as buffers (so they follow
+    ``model.to`` and travel in Trainer checkpoints): ``rewind_<i>`` for the i-th layer's ϑ,
+    ``rewind_bias_<i>`` for its trained bias, ``rewind_save_<j>`` for the j-th tensor of the
+    ``modules_to_save``. :meth:`rewind_snapshot` names them as :func:`drt_peft.find_lottery_ticket`
+    writes them next to the rounds.
     """
 
     config: LotteryTicketConfig
-
-    def __init__(self, config: LotteryTicketConfig) -> None:
-        super().__init__(config)
-        #: Θ(k) of every targeted weight (``drt.<layer>``) and ``modules_to_save`` (``save.<module>.<key>``).
-        self.rewind: dict[str, Tensor] | None = None
 
     def _records_rewind(self) -> bool:
         return bool(self.config.rewind_step) and self.config.density == 1.0
@@ -42,15 +39,42 @@ class LotteryPolicy(Policy):
             model.expect_update_masks(self.config.rewind_step)
 
     def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
-        """In the dense round, keep Θ(k) (every targeted weight and ``modules_to_save``) at step k."""
+        """In the dense round, keep Θ(k) (every targeted weight, trained bias and ``modules_to_save``) at step k."""
         if step == self.config.rewind_step and self._records_rewind():
-            with torch.no_grad():
-                snapshot = {f"drt.{name}": layer.drt_values.detach().clone() for name, layer in model.drt_layers()}
-                for name in model.modules_to_save:
-                    for key, value in model.get_base_model().get_submodule(name).state_dict().items():
-                        snapshot[f"save.{name}.{key}"] = value.detach().clone()
-            self.rewind = snapshot
+            for key, value in self._named_state(model):
+                self.register_buffer(key, value.detach().clone())
         return {}
+
+    def _named_state(self, model: DRTModel) -> list[tuple[str, Tensor]]:
+        """What Θ(k) holds, under the names of its buffers, in a fixed order."""
+        state = []
+        for i, (_, layer) in enumerate(model.drt_layers()):
+            state.append((f"rewind_{i}", layer.drt_values))
+            bias = layer.trained_bias()
+            if bias is not None:
+                state.append((f"rewind_bias_{i}", bias))
+        saved = [
+            v
+            for name in model.modules_to_save
+            for v in model.get_base_model().get_submodule(name).state_dict().values()
+        ]
+        return state + [(f"rewind_save_{j}", value) for j, value in enumerate(saved)]
+
+    def rewind_snapshot(self, model: DRTModel) -> dict[str, Tensor] | None:
+        """Θ(k) by name (``drt.<layer>``, ``bias.<layer>``, ``save.<module>.<key>``), or None before step k."""
+        if not hasattr(self, "rewind_0"):
+            return None
+        snapshot = {}
+        for i, (name, layer) in enumerate(model.drt_layers()):
+            snapshot[f"drt.{name}"] = getattr(self, f"rewind_{i}")
+            if layer.trained_bias() is not None:
+                snapshot[f"bias.{name}"] = getattr(self, f"rewind_bias_{i}")
+        j = 0
+        for name in model.modules_to_save:
+            for key in model.get_base_model().get_submodule(name).state_dict():
+                snapshot[f"save.{name}.{key}"] = getattr(self, f"rewind_save_{j}")
+                j += 1
+        return snapshot
 
     def carry_over(self, model: DRTModel, indices: list[Tensor]) -> list[Tensor] | None:
         """Per-layer state the next round inherits when ψ shrinks to ``indices`` (none: dropped entries are
