@@ -56,6 +56,29 @@ def chunks(data: dict[str, Tensor], batch_size: int, batches: int | None = None)
     return [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
 
 
+def classifier_and_calibration(quick: bool, samples: int, batch_size: int) -> tuple[nn.Module, list[dict]]:
+    """:func:`bert_classifier` and ``samples`` Rotten Tomatoes snippets (length 48) in batches of ``batch_size``,
+    the calibration data of the scoring suites (random tokens for ``quick``)."""
+    from transformers import AutoTokenizer
+
+    from drt_peft.apps.offline import rotten_tomatoes
+    from drt_peft.apps.recipes.text_classification import tokenize
+
+    if quick:
+        model = bert_classifier(quick, seed=0, vocab_size=100)
+        g = torch.Generator().manual_seed(0)
+        data = {
+            "input_ids": torch.randint(0, 100, (samples, 16), generator=g),
+            "attention_mask": torch.ones(samples, 16, dtype=torch.int64),
+            "labels": torch.randint(0, 2, (samples,), generator=g),
+        }
+    else:
+        texts, labels = rotten_tomatoes()
+        model = bert_classifier(quick)
+        data = tokenize(AutoTokenizer.from_pretrained(minilm_path()), texts[:samples], labels[:samples], max_length=48)
+    return model, chunks(data, batch_size)
+
+
 # -- methods ------------------------------------------------------------------------------------
 #: What a method does to the base model: (model, density, training steps, seed, calibration batches) → model.
 Builder = Callable[[nn.Module, float, int, int, list], nn.Module]

@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-from _builders import MINILM, bert_classifier, chunks
+from _builders import MINILM, classifier_and_calibration
 from _report import PeakMemory, add_options, command, cpu_threads, machine, mib, parse_suite_args, write_report
 
 METHODS = {
@@ -32,32 +31,11 @@ METHODS = {
 }
 
 
-def _model_and_batches(quick: bool, samples: int, batch_size: int) -> tuple[torch.nn.Module, list[dict]]:
-    from transformers import AutoTokenizer
-
-    from drt_peft.apps.offline import minilm_path, rotten_tomatoes
-    from drt_peft.apps.recipes.text_classification import tokenize
-
-    if quick:
-        model = bert_classifier(quick, seed=0, vocab_size=100)
-        g = torch.Generator().manual_seed(0)
-        data = {
-            "input_ids": torch.randint(0, 100, (samples, 16), generator=g),
-            "attention_mask": torch.ones(samples, 16, dtype=torch.int64),
-            "labels": torch.randint(0, 2, (samples,), generator=g),
-        }
-    else:
-        texts, labels = rotten_tomatoes()
-        model = bert_classifier(quick)
-        data = tokenize(AutoTokenizer.from_pretrained(minilm_path()), texts[:samples], labels[:samples], max_length=48)
-    return model, chunks(data, batch_size)
-
-
 def run_one(method: str, quick: bool, samples: int, batch_size: int, density: float) -> dict:
     from drt_peft import get_drt_model
     from drt_peft.config import config_class
 
-    model, batches = _model_and_batches(quick, samples, batch_size)
+    model, batches = classifier_and_calibration(quick, samples, batch_size)
     kwargs = dict(METHODS[method])
     if "num_samples" in kwargs:
         kwargs["num_samples"] = samples

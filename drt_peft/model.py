@@ -23,6 +23,7 @@ from .config import DRTConfig
 from .layer import BaseDRTLayer, weight_op
 from .masks import LossFn, compute_indices
 from .masks.calibration import as_calibration_data
+from .masks.statistics import mask_statistics
 from .policy import Policy
 from .targeting import Target, find_modules_to_save, find_targets, skipped_linear_modules
 
@@ -535,8 +536,10 @@ class DRTModel(nn.Module):
         return trainable, total
 
     def drt_statistics(self, per_layer: bool = False) -> dict[str, float]:
-        """Trained entries d, overall density, the smallest and largest layer density, the ITOP exploration
-        rate (dynamic methods) and, with ``per_layer``, each layer's density (``drt/density/<name>``)."""
+        """Trained entries d, overall density, the smallest and largest layer density, how ψ concentrates
+        (:func:`~drt_peft.masks.statistics.mask_statistics`: the largest layer's share of d, the share of the
+        top 1% rows, the rows and input columns touched), the ITOP exploration rate (dynamic methods) and, with
+        ``per_layer``, each layer's density (``drt/density/<name>``) and concentration."""
         layers = list(self.drt_layers())
         d = sum(layer.num_trainable for _, layer in layers)
         sizes = [layer.base_layer.weight.numel() for _, layer in layers]
@@ -545,6 +548,10 @@ class DRTModel(nn.Module):
         stats = {"drt/trainable": float(d), "drt/density": d / total if total else 0.0}
         if densities:
             stats.update({"drt/density_min": min(densities), "drt/density_max": max(densities)})
+        names = [name for name, _ in layers]
+        indices = [layer.drt_indices for _, layer in layers]
+        shapes = [layer.op.pattern_shape for _, layer in layers]
+        stats.update(mask_statistics(names, indices, shapes, per_layer))
         stats.update(self.drt_policy.statistics(self))
         if per_layer:
             stats.update({f"drt/density/{name}": v for (name, _), v in zip(layers, densities, strict=True)})

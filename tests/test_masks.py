@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_mlp
 from torch import nn
 
 from drt_peft import MagnitudeConfig, RandomConfig
@@ -134,3 +135,33 @@ def test_conv1d_masks_follow_the_input_dimension() -> None:
     mask[idx] = True
     # blocks of 4 run along the input dimension, which is dim 0 of a Conv1D weight
     assert (mask.reshape(8, 6).t().reshape(6, 2, 4).sum(-1) == 2).all()
+
+
+def test_concentration_counts_rows_and_columns_as_by_hand() -> None:
+    from drt_peft.masks.statistics import concentration, mask_statistics
+
+    row_zero_and_one = torch.tensor([0, 1, 2, 3, 4, 7])  # all of row 0 of a 4 × 5 weight, and (1, 2)
+    assert concentration(row_zero_and_one, (4, 5)) == pytest.approx(
+        {"top_rows_share": 5 / 6, "rows_touched": 2 / 4, "columns_touched": 5 / 5}
+    )
+    one_column = torch.tensor([3, 8, 13])  # column 3 of rows 0, 1 and 2 of a 200 × 5 weight: top 2 rows of 200
+    assert concentration(one_column, (200, 5)) == pytest.approx(
+        {"top_rows_share": 2 / 3, "rows_touched": 3 / 200, "columns_touched": 1 / 5}
+    )
+    stats = mask_statistics(["a", "b"], [row_zero_and_one, one_column], [(4, 5), (200, 5)], per_layer=True)
+    assert stats["drt/largest_layer_share"] == pytest.approx(6 / 9)
+    assert stats["drt/columns_touched"] == pytest.approx((6 * 1.0 + 3 * 0.2) / 9)
+    assert stats["drt/top_rows_share/b"] == pytest.approx(2 / 3)
+    assert mask_statistics(["a"], [torch.empty(0, dtype=torch.int64)], [(4, 5)]) == {}
+
+
+def test_drt_statistics_show_how_a_mask_concentrates() -> None:
+    from drt_peft import get_drt_model
+
+    model = get_drt_model(tiny_mlp((64, 64, 4)), RandomConfig(density=0.05, target_modules=["0"]))
+    layer = dict(model.drt_layers())["0"]
+    with torch.no_grad():  # the same d, all in the first rows: a concentrated mask
+        layer.update_indices(torch.arange(layer.num_trainable))
+    stats = model.drt_statistics(per_layer=True)
+    assert stats["drt/top_rows_share"] == pytest.approx(64 / layer.num_trainable)
+    assert stats["drt/rows_touched/0"] == pytest.approx(4 / 64) and stats["drt/columns_touched"] == 1.0

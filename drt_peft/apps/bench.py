@@ -21,6 +21,7 @@ SUITES = {
     "kernels": "layer_kernels.py",
     "step-time": "step_time.py",
     "scoring": "scoring.py",
+    "mask-diagnostics": "mask_diagnostics.py",
 }
 
 
