@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from ..validation import check_choice
+
 # sampled_addmm has CPU kernels for these dtypes; others are computed in float32 and cast back.
 _SDDMM_DTYPES = (torch.float32, torch.float64)
 # The dtypes autocast casts to its lower precision (it leaves float64 alone).
@@ -126,14 +128,35 @@ def _row_major(tensor: Tensor, slot: int, dtype: torch.dtype) -> Tensor:
     return buffers[key][: tensor.numel()].view(tensor.shape).copy_(tensor)
 
 
+#: The SDDMM kernels for CUDA tensors: PyTorch's ``sampled_addmm`` (cuSPARSE) or the Triton kernel of
+#: :mod:`drt_peft.layer.triton_sddmm` (needs the ``triton`` package). CPU tensors always use ``sampled_addmm``.
+CUDA_SDDMM_KERNELS = ("sampled_addmm", "triton")
+_cuda_sddmm = {"kernel": "sampled_addmm"}
+
+
+def set_cuda_sddmm_kernel(kernel: str) -> None:
+    """Choose the SDDMM kernel for CUDA tensors, one of :data:`CUDA_SDDMM_KERNELS` (``"sampled_addmm"`` until
+    ``scripts/gpu_check.sh`` has measured which is faster)."""
+    check_choice("kernel", kernel, CUDA_SDDMM_KERNELS)
+    if kernel == "triton":
+        from . import triton_sddmm  # noqa: F401  (fails here, not in a backward, without triton)
+    _cuda_sddmm["kernel"] = kernel
+
+
 def sddmm(pattern: Tensor, a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``(a @ b)`` at the non-zeros of ``pattern``, in CSR order: the sampled dense-dense product.
 
     Computes in ``pattern.dtype`` and returns ``dtype`` (default ``a.dtype``): the gradient of
     float32 values from bfloat16 factors is computed and returned in float32, never rounded to
     bfloat16 on the way. The CPU kernel reads ``a`` row-major and ``b`` column-major and otherwise
-    copies them itself, more slowly than the explicit transposing copies made here.
+    copies them itself, more slowly than the explicit transposing copies made here. On CUDA with
+    :func:`set_cuda_sddmm_kernel` ``("triton")`` the Triton kernel reads both in their own strides.
     """
+    if a.device.type == "cuda" and _cuda_sddmm["kernel"] == "triton":
+        from .triton_sddmm import coordinates
+        from .triton_sddmm import sddmm as triton_sddmm
+
+        return triton_sddmm(*coordinates(pattern), a, b).to(a.dtype if dtype is None else dtype)
     a_rows = _row_major(a, 0, pattern.dtype)
     b_cols = _row_major(b.t(), 1, pattern.dtype).t()
     out = torch.sparse.sampled_addmm(pattern, a_rows, b_cols, beta=0.0).values()
