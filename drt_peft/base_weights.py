@@ -23,21 +23,32 @@ from transformers.pytorch_utils import Conv1D
 from .seeding import generator
 from .targeting import Target
 
+#: How ``base_init="seeded"`` draws Θ(0) (see :func:`seeded_init_`).
+WEIGHT_INITS = ("model", "signed_constant")
 
-def seeded_init_(targets: Sequence[Target], model: nn.Module, seed: int) -> None:
-    """Re-initialise each target's weight from ``(seed, name)`` as the model's own init would.
 
-    transformers models with ``config.initializer_range`` draw N(0, initializer_range²) (their
-    ``_init_weights`` convention); transformers' ``Conv1D`` draws N(0, 0.02²) (its own init);
-    other modules use PyTorch's default ``kaiming_uniform_(a=√5)``. Draws happen in float32 on a
-    CPU generator, so the frozen values are regenerable from the 32-bit seed on any device
+def seeded_init_(targets: Sequence[Target], model: nn.Module, seed: int, weight_init: str = "model") -> None:
+    """Re-initialise each target's weight from ``(seed, name)``, by default as the model's own init would.
+
+    ``weight_init="model"``: transformers models with ``config.initializer_range`` draw
+    N(0, initializer_range²) (their ``_init_weights`` convention); transformers' ``Conv1D`` draws
+    N(0, 0.02²) (its own init); other modules use PyTorch's default ``kaiming_uniform_(a=√5)``.
+    ``"signed_constant"``: every entry is ±σ with a random sign, σ = gain/√fan_in, gain = √2 (ReLU),
+    fan_in from the weight's ``[out, fan_in]`` view: the "signed Kaiming constant" of Ramanujan et al.
+    2020 (their code's ``--init signed_constant``, mode fan_in, nonlinearity relu). Draws happen in
+    float32 on a CPU generator, so the frozen values are regenerable from the 32-bit seed on any device
     (survey eqs. 21-22).
     """
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(f"weight_init={weight_init!r} is not supported; use one of {list(WEIGHT_INITS)}")
     std = getattr(getattr(model, "config", None), "initializer_range", None)
     for target in targets:
         values = torch.empty(target.weight.shape, dtype=torch.float32)
         g = generator(seed, "init", target.name)
-        if std is not None:
+        if weight_init == "signed_constant":
+            sigma = nn.init.calculate_gain("relu") / math.sqrt(target.op.to_matrix(values).shape[1])
+            values = torch.where(torch.rand(values.shape, generator=g) < 0.5, -sigma, sigma)
+        elif std is not None:
             nn.init.normal_(values, 0.0, std, generator=g)
         elif isinstance(target.module, Conv1D):
             nn.init.normal_(values, 0.0, 0.02, generator=g)

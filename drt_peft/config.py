@@ -16,7 +16,9 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .criterion import Criterion
@@ -74,6 +76,11 @@ SURVEY = Paper(
 )
 
 
+def setting(**fields: Any) -> Mapping[str, Any]:
+    """Fields and their values as a read-only mapping: a method's :attr:`DRTConfig.paper_setting`."""
+    return MappingProxyType(fields)
+
+
 def register_method(name: str):
     """Class decorator: register a :class:`DRTConfig` subclass under the method ``name``."""
 
@@ -106,6 +113,14 @@ def _check_method_class(cls: type) -> None:
         )
     if not (isinstance(cls.policy, type) and issubclass(cls.policy, Policy)):
         raise TypeError(f"{cls.__name__}.policy={cls.policy!r} must be a subclass of drt_peft.policy.Policy")
+    setting = cls.__dict__.get("paper_setting")
+    if setting is not None:
+        unknown = sorted(set(setting) - {f.name for f in dataclasses.fields(cls)})
+        if not isinstance(setting, Mapping) or unknown:
+            raise TypeError(
+                f"{cls.__name__}.paper_setting={setting!r} must map fields of {cls.__name__} to values"
+                + (f"; {unknown} are not fields" if unknown else "")
+            )
 
 
 def available_methods() -> list[str]:
@@ -161,6 +176,10 @@ class DRTConfig:
     #: False when the method itself fixes what trains (norm/bias-only, fixed classifier): ``density``
     #: and ``num_trainable`` then have no meaning and must stay unset.
     sized_by_density: ClassVar[bool] = True
+    #: The fields the method's paper fixes where they differ from the defaults (or are worth stating), e.g.
+    #: ``{"budget": "global", "mode": "prune"}``: what :meth:`as_in_paper` applies. Read from the class itself,
+    #: never inherited: None (the default) when no paper setting is recorded, and the method's page says why.
+    paper_setting: ClassVar[Mapping[str, Any] | None] = None
 
     density: float | None = field(
         default=None,
@@ -318,6 +337,30 @@ class DRTConfig:
             if value not in values:
                 choices = " or ".join(repr(v) for v in values)
                 raise ValueError(f"{name}={value!r} is not supported by {self.method_name!r}; use {choices}: {reason}")
+
+    @classmethod
+    def as_in_paper(cls: type[C], **fields: Any) -> C:
+        """The config with the setting of the method's paper (:attr:`paper_setting`), the given fields on top.
+
+        The defaults suit fine-tuning a pretrained model, which the papers do not do; this is the paper's
+        setting, e.g. ``SNIPConfig.as_in_paper(density=0.05)`` is ``SNIPConfig(density=0.05, budget="global",
+        mode="prune", num_batches=1)``. ``fields`` (the size, ``target_modules``, ...) are applied after the
+        setting, so one given here wins. The result is an ordinary config, equal to the one written out.
+        """
+        setting = cls.__dict__.get("paper_setting")
+        if setting is None:
+            recorded = sorted(c.__name__ for c in _METHODS.values() if c.__dict__.get("paper_setting") is not None)
+            raise NotImplementedError(
+                f"{cls.__name__} records no paper setting (its page in docs/methods/ says why); set the fields "
+                f"yourself. Configs with one: {recorded}"
+            )
+        return cls(**{**setting, **fields})
+
+    @property
+    def seeded_weight_init(self) -> str:
+        """How ``base_init="seeded"`` draws Θ(0) (:func:`drt_peft.base_weights.seeded_init_`): ``"model"``, the
+        model's own initialisation; methods with a choice override this (the supermask's ``weight_init``)."""
+        return "model"
 
     @property
     def stores_indices(self) -> bool:

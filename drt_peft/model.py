@@ -417,7 +417,7 @@ class DRTModel(nn.Module):
         """Fix Θ(0) (seeded re-initialisation), check it against the config's fingerprint (or, across dtypes, the
         adapter's probe) and return the config with the base recorded; keeps this base's probe."""
         if config.base_init == "seeded":
-            seeded_init_(targets, model, config.seed)
+            seeded_init_(targets, model, config.seed, config.seeded_weight_init)
         found = fingerprint(targets)
         #: The probe of the targeted Θ(0) (see :class:`~drt_peft.base_weights.BaseProbe`), saved with the adapter.
         self.base_probe = BaseProbe.of(targets, config.seed)

@@ -144,6 +144,30 @@ def test_register_method_refuses_configs_that_would_lose_data_or_behaviour() -> 
 
 
 @pytest.mark.usefixtures("scratch_registry")
+def test_a_paper_setting_names_fields_and_is_never_inherited() -> None:
+    from drt_peft import SNIPConfig
+    from drt_peft.config import setting
+
+    with pytest.raises(TypeError, match=r"Typo\.paper_setting=.*\['bugdet'\] are not fields"):
+
+        @register_method("typo")
+        @dataclasses.dataclass(frozen=True)
+        class Typo(RandomConfig):
+            paper_setting = setting(bugdet="global")
+
+    @register_method("snip_variant")
+    @dataclasses.dataclass(frozen=True)
+    class SNIPVariantConfig(SNIPConfig):
+        """Another paper's method on SNIP's fields: SNIP's setting is not its own."""
+
+    with pytest.raises(NotImplementedError, match="SNIPVariantConfig records no paper setting"):
+        SNIPVariantConfig.as_in_paper(density=0.1)
+    assert SNIPConfig.as_in_paper(density=0.1).budget == "global"
+    with pytest.raises(TypeError):
+        SNIPConfig.paper_setting["budget"] = "uniform"  # read-only
+
+
+@pytest.mark.usefixtures("scratch_registry")
 def test_a_new_method_is_a_criterion_a_config_and_a_policy(tmp_path) -> None:
     """The example of docs/api.md: a criterion, a frozen config naming it, and a policy with checkpointed state."""
     from conftest import adamw, tiny_mlp

@@ -71,8 +71,9 @@ class Kind:
         return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def _convnet_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return nn.functional.cross_entropy(model(batch["x"]), batch["labels"])
+def _convnet_loss(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """The CNN's loss; GraSP passes its ``temperature``, which divides the logits."""
+    return nn.functional.cross_entropy(model(batch["x"]) / temperature, batch["labels"])
 
 
 KINDS = {

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
 import torch
+from conftest import random_bert_batch, random_lm_batch, tiny_bert, tiny_gpt2
 from torch import nn
 
 from drt_peft import (
     FISHConfig,
     FORCEConfig,
+    FreezeNetConfig,
     GraSPAbsConfig,
     GraSPConfig,
     LubanaDickConfig,
@@ -22,7 +25,7 @@ from drt_peft.config import DRTConfig
 from drt_peft.layer import weight_op
 from drt_peft.masks import ScoringContext, select_masks
 from drt_peft.masks.scoring import score
-from drt_peft.targeting import Target
+from drt_peft.targeting import Target, find_targets
 
 
 def _mlp(bias: bool = True) -> nn.Sequential:
@@ -37,9 +40,9 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
     x, y = batch
-    return nn.functional.cross_entropy(model(x), y)
+    return nn.functional.cross_entropy(model(x) / temperature, y)
 
 
 def _scores(config: DRTConfig, model: nn.Module, data=None, loss_fn=_loss) -> list[torch.Tensor]:
@@ -48,14 +51,15 @@ def _scores(config: DRTConfig, model: nn.Module, data=None, loss_fn=_loss) -> li
     return score(config.criterion, ScoringContext(model, targets, config, data, loss_fn, select))
 
 
-def _flat_loss(model: nn.Module, batches: list, flat: torch.Tensor) -> torch.Tensor:
-    """Mean batch loss as a function of the concatenated Linear weights (biases fixed)."""
+def _flat_loss(model: nn.Module, batches: list, flat: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean batch loss, of the logits divided by ``temperature``, as a function of the concatenated Linear weights
+    (biases fixed)."""
     w0 = model[0].weight.numel()
     w1 = flat[w0:].reshape(model[2].weight.shape)
     losses = []
     for x, y in batches:
         h = torch.tanh(x @ flat[:w0].reshape(model[0].weight.shape).t() + model[0].bias)
-        losses.append(nn.functional.cross_entropy(h @ w1.t() + model[2].bias, y))
+        losses.append(nn.functional.cross_entropy((h @ w1.t() + model[2].bias) / temperature, y))
     return torch.stack(losses).mean()
 
 
@@ -68,8 +72,15 @@ def _unflat(model: nn.Module, flat: torch.Tensor) -> list[torch.Tensor]:
     return [flat[:w0].reshape(model[0].weight.shape), flat[w0:].reshape(model[2].weight.shape)]
 
 
-def _gradient(model: nn.Module, batches: list) -> torch.Tensor:
-    return torch.autograd.functional.jacobian(functools.partial(_flat_loss, model, batches), _flat(model))
+def _gradient(model: nn.Module, batches: list, temperature: float = 1.0) -> torch.Tensor:
+    loss = functools.partial(_flat_loss, model, batches, temperature=temperature)
+    return torch.autograd.functional.jacobian(loss, _flat(model))
+
+
+def _hessian_gradient(model: nn.Module, batches: list, temperature: float) -> torch.Tensor:
+    """H g of the mean loss of logits / ``temperature``, from the explicit Hessian."""
+    loss = functools.partial(_flat_loss, model, batches, temperature=temperature)
+    return torch.autograd.functional.hessian(loss, _flat(model)) @ _gradient(model, batches, temperature)
 
 
 def test_snip_and_lubana_dick_match_plain_autograd() -> None:
@@ -84,25 +95,100 @@ def test_snip_and_lubana_dick_match_plain_autograd() -> None:
             assert torch.allclose(s.double(), e, rtol=1e-5, atol=1e-7), config.method_name
 
 
-def test_grasp_matches_an_explicit_hessian() -> None:
+@pytest.mark.parametrize("temperature", [1.0, 200.0])
+def test_grasp_matches_an_explicit_hessian(temperature: float) -> None:
+    """g and H g of the loss of logits / T, T = 200 as Wang et al.'s code, against the explicit Hessian."""
     model, data = _mlp(), _batches()
-    theta, g = _flat(model), _gradient(model, data)
-    hessian = torch.autograd.functional.hessian(functools.partial(_flat_loss, model, data), theta)
-    hg = hessian @ g
-    for config, expected in ((GraSPConfig(density=0.5), theta * hg), (GraSPAbsConfig(density=0.5), (theta * hg).abs())):
+    theta, hg = _flat(model), _hessian_gradient(model, data, temperature)
+    for config, expected in (
+        (GraSPConfig(density=0.5, temperature=temperature), theta * hg),
+        (GraSPAbsConfig(density=0.5, temperature=temperature), (theta * hg).abs()),
+    ):
         got = _scores(config, model, data)
         for s, e in zip(got, _unflat(model, expected), strict=True):
-            assert torch.allclose(s.double(), e, rtol=1e-4, atol=1e-8), config.method_name
+            assert torch.allclose(s.double(), e, rtol=1e-4, atol=1e-6 * float(expected.abs().max())), config
     # GraSP keeps the lowest −θ ⊙ Hg: the selected entries are the largest θ ⊙ Hg
     model_copy = _mlp()
     drt = get_drt_model(
         model_copy,
-        GraSPConfig(num_trainable=10, budget="global", target_modules=["0", "2"]),
+        GraSPConfig(num_trainable=10, budget="global", target_modules=["0", "2"], temperature=temperature),
         calibration_data=data,
         loss_fn=_loss,
     )
     chosen = torch.cat([m.flatten() for m in drt.get_masks().values()])
     assert set(chosen.nonzero().flatten().tolist()) == set((-(theta * hg)).argsort()[:10].tolist())
+
+
+def test_grasp_temperature_changes_the_scores_not_just_their_scale() -> None:
+    model, data = _mlp(), _batches()
+    plain, tempered = _hessian_gradient(model, data, 1.0), _hessian_gradient(model, data, 200.0)
+    assert plain @ tempered < 0.9 * plain.norm() * tempered.norm(), "T = 200 changes the direction of H g"
+    assert GraSPConfig(density=0.5).temperature == 200.0 == GraSPAbsConfig(density=0.5).temperature
+
+
+def _causal_lm_loss(model: nn.Module, batch: dict, temperature: float) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"]).logits / temperature
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+
+
+def _classifier_loss(model: nn.Module, batch: dict, temperature: float) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(input_ids=batch["input_ids"]).logits / temperature, batch["labels"])
+
+
+def _transformer_scores(config: DRTConfig, model: nn.Module, data: list, loss_fn) -> list[torch.Tensor]:
+    names = find_targets(model, config.target_modules)
+    targets = [Target(n, model.get_submodule(n), weight_op(model.get_submodule(n))) for n in names]
+    select = functools.partial(select_masks, targets, config)
+    return score(config.criterion, ScoringContext(model, targets, config, data, loss_fn, select))
+
+
+@pytest.mark.parametrize("kind", ["classification", "causal_lm"])
+def test_grasp_recomputes_a_transformers_loss_from_tempered_logits(kind: str) -> None:
+    """Without loss_fn the model's loss is recomputed from logits / T: the same scores as a loss_fn dividing by T."""
+    g = torch.Generator().manual_seed(4)
+    build, batches, loss_fn = (
+        (tiny_bert, [random_bert_batch(g) for _ in range(2)], _classifier_loss)
+        if kind == "classification"
+        else (tiny_gpt2, [random_lm_batch(g) for _ in range(2)], _causal_lm_loss)
+    )
+    config = GraSPConfig(density=0.1, target_modules=r".*(query|c_attn)")
+    ours = _transformer_scores(config, build(), batches, None)
+    assert all(
+        torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+        for a, b in zip(ours, _transformer_scores(config, build(), batches, loss_fn), strict=True)
+    )
+    plain = _transformer_scores(dataclasses.replace(config, temperature=1.0), build(), batches, None)
+    largest = [max(float(s.abs().max()) for s in scores) for scores in (ours, plain)]
+    assert 0 < largest[0] < 1e-3 * largest[1], "T = 200 reaches the loss: g and H g shrink with 1/T"
+
+
+def test_grasp_temperature_is_validated_and_reaches_loss_fn_or_fails_clearly() -> None:
+    for bad in (0, -1.0, float("inf"), "200", True):
+        with pytest.raises(ValueError, match=rf"temperature={bad!r} must be a finite number > 0"):
+            GraSPConfig(density=0.5, temperature=bad)
+    model, data = _mlp(), _batches()
+
+    def untempered(model: nn.Module, batch: tuple) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    with pytest.raises(ValueError, match=r"temperature=200\.0.*give it a `temperature` parameter"):
+        _scores(GraSPConfig(density=0.5), model, data, loss_fn=untempered)
+    _scores(GraSPConfig(density=0.5, temperature=1.0), model, data, loss_fn=untempered)  # T = 1: as before
+    seen = []
+
+    def keywords(model: nn.Module, batch: tuple, **options: float) -> torch.Tensor:
+        seen.append(options)
+        return _loss(model, batch, **options)
+
+    _scores(GraSPConfig(density=0.5, temperature=7.0), model, data, loss_fn=keywords)
+    assert seen and all(options == {"temperature": 7.0} for options in seen)
+    # a transformers loss that is not the cross-entropy of its logits (regression) is refused, not guessed
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"is not the cross-entropy of its `logits` and `labels`.*temperature=1\.0"):
+        get_drt_model(tiny_bert(num_labels=1), GraSPConfig(density=0.1), [{"input_ids": ids, "labels": torch.randn(4)}])
+    # multi-label classification: binary cross-entropy of the tempered logits
+    multi = tiny_bert(num_labels=3, problem_type="multi_label_classification")
+    get_drt_model(multi, GraSPConfig(density=0.1), [{"input_ids": ids, "labels": (torch.rand(4, 3) > 0.5).float()}])
 
 
 @pytest.mark.parametrize("labels", ["true", "predicted"])
@@ -197,3 +283,57 @@ def test_data_driven_bad_inputs() -> None:
         FORCEConfig(density=0.5, schedule="cosine")
     with pytest.raises(ValueError, match="fisher_labels='gold' is not supported"):
         FISHConfig(density=0.5, fisher_labels="gold")
+
+
+# -- the papers' settings: one global threshold, pruned -------------------------------------------------------------
+PAPER_SETTINGS = {
+    SNIPConfig: {"budget": "global", "mode": "prune", "num_batches": 1},
+    GraSPConfig: {"budget": "global", "mode": "prune", "temperature": 200.0},
+    GraSPAbsConfig: {"budget": "global", "mode": "prune", "temperature": 200.0},
+    SynFlowConfig: {"budget": "global", "mode": "prune", "rounds": 100, "schedule": "exponential"},
+    FORCEConfig: {"budget": "global", "mode": "prune"},
+    FreezeNetConfig: {"budget": "global", "mode": "freeze"},
+}
+
+
+def _global_top_k(scores: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The entries of one threshold over all layers, by sorting: the k largest scores, ties to the lower position."""
+    flat = torch.cat([s.flatten().double() for s in scores])
+    return torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, flat.argsort(descending=True, stable=True)[:k], True)
+
+
+def test_snip_as_in_paper_is_a_global_pruned_mask_from_one_batch() -> None:
+    """By hand: |g ⊙ θ| with g of the first batch only, one threshold over both layers, the rest zero."""
+    model, data = _mlp(), _batches()
+    theta = _flat(model)
+    expected = _global_top_k([(_gradient(model, data[:1]) * theta).abs()], 10)
+    config = SNIPConfig.as_in_paper(num_trainable=10, target_modules=["0", "2"])
+    assert config == SNIPConfig(
+        num_trainable=10, target_modules=["0", "2"], budget="global", mode="prune", num_batches=1
+    )
+    drt = get_drt_model(_mlp(), config, calibration_data=data, loss_fn=_loss)
+    assert torch.equal(torch.cat([m.flatten() for m in drt.get_masks().values()]), expected)
+    merged = drt.merge_and_unload()
+    assert torch.equal(torch.cat([merged[0].weight.flatten(), merged[2].weight.flatten()]), theta * expected)
+
+
+@pytest.mark.parametrize("cls", list(PAPER_SETTINGS), ids=lambda cls: cls.__name__)
+def test_as_in_paper_equals_the_explicit_config_and_thresholds_globally(cls: type[DRTConfig]) -> None:
+    fields = {"num_trainable": 12, "target_modules": ["0", "2"]}
+    paper = cls.as_in_paper(**fields)
+    explicit = cls(**fields, **PAPER_SETTINGS[cls])
+    assert paper == explicit and type(paper) is cls
+    assert cls.as_in_paper(**fields, budget="uniform") == dataclasses.replace(explicit, budget="uniform")  # fields win
+    data = [(torch.ones(1, 4, dtype=torch.float64), None)] if cls is SynFlowConfig else _batches()
+    loss_fn = None if cls is SynFlowConfig else _loss
+    expected = _global_top_k(_scores(explicit, _mlp(), data, loss_fn), 12)
+    drt = get_drt_model(_mlp(), paper, calibration_data=data, loss_fn=loss_fn)
+    assert torch.equal(torch.cat([m.flatten() for m in drt.get_masks().values()]), expected)
+    assert all(layer.mode == PAPER_SETTINGS[cls]["mode"] for _, layer in drt.drt_layers())
+
+
+def test_as_in_paper_needs_a_recorded_setting_of_the_class_itself() -> None:
+    with pytest.raises(NotImplementedError, match=r"LubanaDickConfig records no paper setting.*'SNIPConfig'"):
+        LubanaDickConfig.as_in_paper(density=0.1)
+    # defaults are the fine-tuning setting: frozen, uniform
+    assert (SNIPConfig(density=0.1).mode, SNIPConfig(density=0.1).budget) == ("freeze", "uniform")

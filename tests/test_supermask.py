@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 
 import pytest
@@ -15,12 +17,14 @@ from conftest import (
     random_bert_batch,
     random_lm_batch,
     tiny_bert,
+    tiny_convnet,
     tiny_gpt2,
     tiny_mlp,
     tiny_vit,
     train_steps,
 )
 from safetensors import safe_open
+from torch import nn
 from transformers import Trainer
 
 from drt_peft import DRTCallback, DRTConfig, DRTModel, SupermaskConfig, get_drt_model
@@ -63,9 +67,11 @@ def test_only_the_scores_train_and_the_base_weights_never_change(variant: str) -
         assert torch.equal(effective[kept].abs(), weight[kept].abs())
 
 
-@pytest.mark.parametrize("variant", ["top_k", "signed"])
-def test_straight_through_gradient_is_weight_gradient_times_frozen_weight(variant: str) -> None:
-    model = get_drt_model(tiny_mlp(), SupermaskConfig(density=0.5, variant=variant, target_modules=["0", "2"]))
+@pytest.mark.parametrize(("variant", "ranking"), [("top_k", "abs"), ("top_k", "value"), ("signed", "abs")])
+def test_straight_through_gradient_is_weight_gradient_times_frozen_weight(variant: str, ranking: str) -> None:
+    """∂L/∂s = ∂L/∂W_eff ⊙ Θ(0); ranking |s| (top_k, as the reference code) chains it through |s|: times sign(s)."""
+    config = SupermaskConfig(density=0.5, variant=variant, score_ranking=ranking, target_modules=["0", "2"])
+    model = get_drt_model(tiny_mlp(), config)
     first, second = _layers(model)
     x, c = torch.randn(5, 6), torch.randn(5, 3)
     model.train()
@@ -76,8 +82,56 @@ def test_straight_through_gradient_is_weight_gradient_times_frozen_weight(varian
     out = F.linear(torch.relu(F.linear(x, w1, first.base_layer.bias)), w2, second.base_layer.bias)
     (out * c).sum().backward()
     for layer, w in ((first, w1), (second, w2)):
-        assert torch.allclose(layer.scores.grad, w.grad * layer.base_layer.weight, atol=1e-6)
+        expected = w.grad * layer.base_layer.weight
+        if variant == "top_k" and ranking == "abs":
+            expected = expected * layer.scores.detach().sign()
+        assert torch.allclose(layer.scores.grad, expected, atol=1e-6)
         assert w.grad.abs().sum() > 0
+
+
+def test_top_k_keeps_the_largest_absolute_scores_as_the_reference_code() -> None:
+    """Ramanujan et al.'s code ranks |s|: a large negative score keeps its weight; ``"value"`` ranks s itself."""
+    masks = {}
+    for ranking in ("abs", "value"):
+        base = nn.Sequential(nn.Linear(3, 2))
+        model = get_drt_model(base, SupermaskConfig(density=0.5, score_ranking=ranking, target_modules=["0"]))
+        (layer,) = _layers(model)
+        with torch.no_grad():
+            layer.scores.copy_(torch.tensor([[-5.0, 1.0, 0.5], [-0.1, 3.0, -2.0]]))
+        masks[ranking] = layer.get_mask()
+        model.train()
+        model(torch.randn(4, 3)).sum().backward()  # the training forward keeps the same mask
+        assert torch.equal(layer.effective_weight() != 0, masks[ranking])
+    assert masks["abs"].tolist() == [[True, False, False], [False, True, True]]  # -5, 3, -2
+    assert masks["value"].tolist() == [[False, True, True], [False, True, False]]  # 3, 1, 0.5
+    assert SupermaskConfig(density=0.5).score_ranking == "abs"
+
+
+@pytest.mark.parametrize("build", [tiny_mlp, tiny_convnet, tiny_gpt2], ids=["linear", "conv2d", "conv1d"])
+def test_signed_kaiming_constant_weights_are_plus_or_minus_sigma(build, tmp_path) -> None:
+    """weight_init="signed_constant": every seeded weight is ±√2/√fan_in, the sign drawn from the seed."""
+    config = SupermaskConfig(density=0.5, weight_init="signed_constant")
+    model = get_drt_model(build(), config)
+    for name, layer in model.drt_layers():
+        weight = layer.base_layer.weight
+        sigma = math.sqrt(2.0) / math.sqrt(layer.op.to_matrix(weight).shape[1])
+        assert sorted(torch.unique(weight).tolist()) == pytest.approx([-sigma, sigma], rel=1e-6), name
+        assert 0.2 < float((weight > 0).float().mean()) < 0.8, name
+    again = get_drt_model(build(), config)
+    other = get_drt_model(build(), dataclasses.replace(config, seed=1))
+    weights = [[layer.base_layer.weight for _, layer in m.drt_layers()] for m in (model, again, other)]
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], weights[2], strict=True))
+    model.save_pretrained(tmp_path)  # the base is re-drawn on load, the same way, from the stored config
+    loaded = DRTModel.from_pretrained(build(), tmp_path)
+    for (_, a), (_, b) in zip(model.drt_layers(), loaded.drt_layers(), strict=True):
+        assert torch.equal(a.base_layer.weight, b.base_layer.weight) and torch.equal(a.get_mask(), b.get_mask())
+
+
+def test_as_in_paper_is_edge_popup_on_signed_constant_weights() -> None:
+    paper = SupermaskConfig.as_in_paper(density=0.5, modules_to_save=["classifier"])
+    explicit = SupermaskConfig(density=0.5, weight_init="signed_constant", modules_to_save=["classifier"])
+    assert paper == explicit and (paper.variant, paper.score_ranking, paper.base_init) == ("top_k", "abs", "seeded")
 
 
 def test_bernoulli_gradient_passes_through_the_sample_to_sigmoid_of_the_scores() -> None:
@@ -107,7 +161,7 @@ def test_exactly_k_weights_kept_per_layer(variant: str, budget: str) -> None:
     for name, layer in model.drt_layers():
         mask = layer.get_mask()
         assert int(mask.sum()) == counts[name] == layer.num_trainable == layer.k
-        key = layer.scores.abs() if variant == "signed" else layer.scores
+        key = layer.scores.abs()  # both rank |s| ("top_k" by default, as the reference code)
         assert key[mask].min() >= key[~mask].max()  # the mask is the top-k of the scores
 
 
@@ -231,14 +285,14 @@ def test_the_mask_follows_the_scores_through_fused_steps_and_in_place_edits() ->
     model.train()
     model(**random_bert_batch(torch.Generator().manual_seed(0))).loss.backward()
     optimizer.step()
-    expected = torch.nonzero(top_k_mask(layer.scores.detach().flatten(), layer.k)).flatten()
+    expected = torch.nonzero(top_k_mask(layer.scores.detach().flatten().abs(), layer.k)).flatten()
     assert torch.equal(layer.get_mask().flatten().nonzero().flatten(), expected)
     assert not torch.equal(layer.get_mask(), before)
     model.requires_grad_(False)
     model.eval()
     mask = layer.get_mask()
     with torch.no_grad():
-        layer.scores.neg_()  # k = D/2: the top-k of −s is the complement
+        layer.scores.reciprocal_()  # k = D/2: the top-k of |1/s| is the complement
     assert torch.equal(layer.get_mask(), ~mask)
 
 
@@ -286,6 +340,13 @@ def test_vision_transformer_and_conv1d(build) -> None:
         ({"budget": "global"}, "budget='global'"),
         ({"structure": "2:4"}, "structure='2:4'"),
         ({"density": 1.5}, "density=1.5"),
+        ({"score_ranking": "sigmoid"}, "score_ranking='sigmoid' is not supported; use one of"),
+        ({"variant": "signed", "score_ranking": "value"}, "score_ranking='value' applies to variant='top_k' only"),
+        ({"weight_init": "xavier"}, "weight_init='xavier' is not supported; use one of"),
+        (
+            {"weight_init": "signed_constant", "base_init": "pretrained"},
+            "weight_init='signed_constant' draws Θ\\(0\\) from the seed; use it with base_init='seeded'",
+        ),
     ],
 )
 def test_bad_config_values_raise_clear_errors(kwargs: dict, message: str) -> None:

@@ -19,6 +19,8 @@ from .layer import DRTLayer
 from .ops import autocast_forward
 
 VARIANTS = ("top_k", "signed", "bernoulli")
+#: What the ``"top_k"`` variant ranks: |s| (the reference code of Ramanujan et al. 2020) or s itself.
+SCORE_RANKINGS = ("abs", "value")
 
 
 class StraightThroughMask(torch.autograd.Function):
@@ -61,7 +63,9 @@ class SupermaskLayer(DRTLayer):
 
     Variants (m is the mask the forward uses):
 
-    - ``"top_k"`` (Ramanujan et al. 2020): m = the top-k of s, k = the layer's budget (density·D);
+    - ``"top_k"`` (Ramanujan et al. 2020): m = the top-k of |s| (``score_ranking="abs"``, as the
+      reference code ranks; the gradient then reaches s through |s|, i.e. times sign(s)) or of s
+      (``"value"``), k = the layer's budget (density·D);
     - ``"signed"`` (Koster et al. 2022): m = sign(s) on the top-k of |s|, so a kept weight may be
       inverted; the signs of the kept weights are stored with the adapter (1 bit each);
     - ``"bernoulli"`` (Zhou et al. 2019): training draws m ~ Bernoulli(sigmoid(s)) from a CPU
@@ -70,7 +74,8 @@ class SupermaskLayer(DRTLayer):
 
     Training forward: a dense product with W_eff = Θ(0) ⊙ m through :class:`StraightThroughMask`,
     so ∂L/∂s = ∂L/∂W_eff ⊙ Θ(0) (for ``"bernoulli"`` the gradient reaches sigmoid(s) and is
-    chained through the sigmoid). This forms a dense weight gradient, unlike the base layer.
+    chained through the sigmoid; for ``"top_k"`` ranking |s| it reaches |s|, so ∂L/∂s is multiplied
+    by sign(s), as in the reference code). This forms a dense weight gradient, unlike the base layer.
     Evaluation forward (not training, no grad, or frozen scores): the base layer's prune-mode
     product with ψ and ϑ of the deterministic mask.
 
@@ -78,11 +83,22 @@ class SupermaskLayer(DRTLayer):
     not the D scores the optimizer updates; ``DRTModel.get_nb_trainable_parameters`` counts those.
     """
 
-    def __init__(self, base_layer: nn.Module, indices: Tensor, variant: str, train_bias: bool = False) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        indices: Tensor,
+        variant: str,
+        train_bias: bool = False,
+        score_ranking: str = "abs",
+    ) -> None:
         super().__init__(base_layer, indices, "prune", train_bias)
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not supported; use one of {list(VARIANTS)}")
+        if score_ranking not in SCORE_RANKINGS:
+            raise ValueError(f"score_ranking={score_ranking!r} is not supported; use one of {list(SCORE_RANKINGS)}")
         self.variant = variant
+        #: What ``"top_k"`` ranks: ``"abs"`` (|s|) or ``"value"`` (s); ``"signed"`` always ranks |s|.
+        self.score_ranking = score_ranking
         #: k, the number of weights the top-k variants keep (the layer's budget).
         self.k = indices.numel()
         self.drt_values.requires_grad_(False)
@@ -121,10 +137,10 @@ class SupermaskLayer(DRTLayer):
     def _kept(self, sample: bool) -> Tensor:
         """Flat boolean mask of the kept weights; ``sample``: a fresh Bernoulli draw (bernoulli only)."""
         flat = self.scores.detach().reshape(-1)
+        if self.variant == "signed" or (self.variant == "top_k" and self.score_ranking == "abs"):
+            return top_k_mask(flat.abs(), self.k)
         if self.variant == "top_k":
             return top_k_mask(flat, self.k)
-        if self.variant == "signed":
-            return top_k_mask(flat.abs(), self.k)
         if not sample:
             return torch.sigmoid(flat) > 0.5
         draw = generator(self.seed, "supermask-draws", f"{self.name}:{self.draws}")
@@ -224,9 +240,14 @@ class SupermaskLayer(DRTLayer):
         mask = self._kept(sample=True).to(weight.dtype)
         if self.variant == "signed":
             mask = mask * self._signs()
-        source = torch.sigmoid(self.scores) if self.variant == "bernoulli" else self.scores
+        source = self.scores
+        if self.variant == "bernoulli":
+            source = torch.sigmoid(self.scores)
+        elif self.variant == "top_k" and self.score_ranking == "abs":
+            source = self.scores.abs()  # the mask ranks |s|: the straight-through gradient reaches s times sign(s)
         effective = StraightThroughMask.apply(source, weight, mask.view(weight.shape))
         return autocast_forward(self.op, x, effective, self.base_layer.bias)
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant!r}, {super().extra_repr()}"
+        ranking = f", score_ranking={self.score_ranking!r}" if self.variant == "top_k" else ""
+        return f"variant={self.variant!r}{ranking}, {super().extra_repr()}"

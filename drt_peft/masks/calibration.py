@@ -253,10 +253,14 @@ def require_reiterable(scoring: ScoringContext, reads: str) -> None:
         )
 
 
-def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
-    """``loss_fn(model, batch)``, or the ``.loss`` of ``model(**batch)`` for dict batches."""
+def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, temperature: float = 1.0) -> Tensor:
+    """``loss_fn(model, batch)``, or the ``.loss`` of ``model(**batch)`` for dict batches.
+
+    With a ``temperature`` T other than 1 (GraSP's, Wang et al. 2020) the loss is that of the logits divided
+    by T: ``loss_fn(model, batch, temperature=T)``, or the model's loss recomputed by :func:`tempered_loss`.
+    """
     if loss_fn is not None:
-        return loss_fn(model, batch)
+        return loss_fn(model, batch) if temperature == 1 else loss_fn(model, batch, temperature=temperature)
     if not isinstance(batch, Mapping):
         raise ValueError(
             f"calibration_data gave batches of type {type(batch).__name__}, not dicts of model inputs; pass dicts "
@@ -264,13 +268,80 @@ def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
             "or loss_fn=lambda model, batch: ... to get_drt_model"
         )
     output = model(**batch)
-    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    loss = _field(output, "loss")
     if loss is None:
         raise ValueError(
             "the model output has no loss: add labels to the calibration batches, "
             "or pass loss_fn=lambda model, batch: ... to get_drt_model"
         )
-    return loss
+    return loss if temperature == 1 else tempered_loss(model, output, batch.get("labels"), loss, temperature)
+
+
+def _field(output: Any, name: str) -> Any:
+    """``output[name]`` of a dict output, ``output.name`` of a ``ModelOutput`` (None if it has none)."""
+    return output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+
+
+def tempered_loss(model: nn.Module, output: Any, labels: Tensor | None, loss: Tensor, temperature: float) -> Tensor:
+    """The model's loss recomputed from its logits divided by ``temperature``.
+
+    transformers computes the loss inside ``forward``, so it is recomputed here from ``output.logits / T``
+    and the labels: cross-entropy for integer labels (sequence, token and image classification, masked LM;
+    causal LMs, models that generate without an encoder-decoder split, shift the labels by one as transformers
+    does; -100 is ignored) and binary cross-entropy for float labels shaped like the logits (multi-label
+    classification). The rule must give back the model's own ``loss`` at T = 1, else this raises: other
+    losses (regression, label smoothing, auxiliary terms) need a ``loss_fn`` that applies T itself.
+    """
+    logits = _field(output, "logits")
+    generates = getattr(model, "can_generate", lambda: False)()
+    shift = generates and not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+
+    def rule(z: Tensor) -> Tensor | None:
+        z = z if z.dtype == torch.float64 else z.float()  # half-precision logits upcast, as transformers does
+        if labels.is_floating_point():  # multi-label classification, or a loss this cannot recompute
+            return (
+                nn.functional.binary_cross_entropy_with_logits(z, labels.to(z.dtype))
+                if labels.shape == z.shape
+                else None
+            )
+        z, target = (z[..., :-1, :], labels[..., 1:]) if shift else (z, labels)
+        try:
+            return nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), target.reshape(-1), ignore_index=-100)
+        except (RuntimeError, ValueError, IndexError):
+            return None
+
+    own = rule(logits.detach()) if isinstance(logits, Tensor) and isinstance(labels, Tensor) else None
+    tolerance = max(1e-5, 4 * torch.finfo(loss.dtype).eps) if loss.is_floating_point() else 0.0
+    if own is None or not torch.allclose(own, loss.detach().to(own.dtype), rtol=tolerance, atol=tolerance):
+        found = "" if own is None else f" ({float(own):.6g})"
+        raise ValueError(
+            f"temperature={temperature} divides the logits, but the model's loss ({float(loss.detach()):.6g}) is not "
+            f"the cross-entropy of its `logits` and `labels`{found}, so it cannot be recomputed from logits / "
+            "temperature; pass loss_fn=lambda model, batch, temperature: ... to get_drt_model, or temperature=1.0"
+        )
+    return rule(logits / temperature)
+
+
+def check_tempered_loss_fn(scoring: ScoringContext, temperature: float) -> None:
+    """Refuse, before any data is read, a ``loss_fn`` that cannot take the ``temperature`` it must apply."""
+    if scoring.loss_fn is None or temperature == 1:
+        return
+    try:
+        parameters = inspect.signature(scoring.loss_fn).parameters.values()
+    except (TypeError, ValueError):
+        parameters = []
+    takes = any(
+        p.kind == inspect.Parameter.VAR_KEYWORD
+        or (p.name == "temperature" and p.kind != inspect.Parameter.POSITIONAL_ONLY)
+        for p in parameters
+    )
+    if not takes:
+        raise ValueError(
+            f"method {scoring.config.method_name!r} scores the loss of logits / temperature "
+            f"(temperature={temperature}), which a loss_fn computes itself: give it a `temperature` parameter, "
+            "loss_fn=lambda model, batch, temperature: cross_entropy(model(batch[0]) / temperature, batch[1]), "
+            "or set temperature=1.0 in the config"
+        )
 
 
 def split_samples(batch: Any) -> Iterator[Any]:
@@ -322,14 +393,19 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 
 
 def mean_gradients(
-    scoring: ScoringContext, weights: Sequence[Tensor], limit: int | None, progress: str | None = None
+    scoring: ScoringContext,
+    weights: Sequence[Tensor],
+    limit: int | None,
+    progress: str | None = None,
+    temperature: float = 1.0,
 ) -> list[Tensor]:
     """Mean over calibration batches of ∂L/∂w for each of ``weights`` (one backward per batch; ``progress``:
-    the description of a progress bar, None for none)."""
+    the description of a progress bar, None for none; ``temperature``: see :func:`batch_loss`)."""
     sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     count = 0
     for batch in calibration_batches(scoring, limit, progress):
-        grads = torch.autograd.grad(batch_loss(scoring.model, batch, scoring.loss_fn), weights, allow_unused=True)
+        loss = batch_loss(scoring.model, batch, scoring.loss_fn, temperature)
+        grads = torch.autograd.grad(loss, weights, allow_unused=True)
         for total, grad in zip(sums, grads, strict=True):
             if grad is not None:
                 total.add_(grad)

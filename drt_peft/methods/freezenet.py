@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from ..config import Paper, register_method
+from ..config import Paper, register_method, setting
 from ..layer.frozen_decay import FrozenDecayLayer
 from ..layer.layer import DRTLayer
 from ..policy import Policy
@@ -51,6 +51,10 @@ class FreezeNetConfig(SNIPConfig):
     D-sized optimizer state. Call ``model.update_masks(step, optimizer)`` once per step, or train
     with the Trainer and :class:`drt_peft.DRTCallback`.
 
+    The paper freezes (the default here too) and keeps one global threshold over all layers;
+    :meth:`as_in_paper` gives that (``budget="global"``), while the default ``"uniform"`` keeps the
+    global ranking from spending the budget next to a new head.
+
     Example::
 
         config = FreezeNetConfig(density=0.01, frozen_weight_decay=0.01, num_batches=8)
@@ -58,6 +62,7 @@ class FreezeNetConfig(SNIPConfig):
     """
 
     paper = Paper("Wimmer, Mehnert & Condurache", "FreezeNet: Full Performance by Reduced Storage Costs", "ACCV", 2020)
+    paper_setting = setting(budget="global", mode="freeze")
 
     policy = FreezeNetPolicy
 

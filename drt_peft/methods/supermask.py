@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..config import DRTConfig, Paper, register_method
-from ..layer.supermask import VARIANTS, SupermaskLayer
+from ..base_weights import WEIGHT_INITS
+from ..config import DRTConfig, Paper, register_method, setting
+from ..layer.supermask import SCORE_RANKINGS, VARIANTS, SupermaskLayer
 from ..masks.criteria.basic import random_scores
 from ..policy import Policy
 from ..validation import check_choice
@@ -21,7 +22,8 @@ class SupermaskPolicy(Policy):
     """Supermask layers whose initial scores are drawn from ``(seed, layer name)``."""
 
     def build_layer(self, module: nn.Module, indices: Tensor) -> SupermaskLayer:
-        return SupermaskLayer(module, indices, self.config.variant, self.config.bias == "all")
+        config = self.config
+        return SupermaskLayer(module, indices, config.variant, config.bias == "all", config.score_ranking)
 
     def on_attach(self, model: DRTModel, step: int = 0) -> None:
         """Draw each layer's initial scores from ``(seed, layer name)``; a layer keeps scores it already has."""
@@ -42,7 +44,8 @@ class SupermaskConfig(DRTConfig):
     eq. 7) ψ is the mask, ϑ = Θ(0)[ψ] is never trained, and χ·Θ(0) is zero (prune mode); see
     docs/methods/supermask.md.
 
-    ``variant``: ``"top_k"`` (edge-popup); ``"signed"`` keeps the top-k of |s| and multiplies the
+    ``variant``: ``"top_k"`` (edge-popup; ranking |s| as the reference code does, or s with
+    ``score_ranking="value"``); ``"signed"`` keeps the top-k of |s| and multiplies the
     kept weights by sign(s), so a weight can be kept, hidden or inverted (Koster et al. 2022,
     *Signing the Supermask: Keep, Hide, Invert*); ``"bernoulli"`` samples m ~ Bernoulli(sigmoid(s))
     in training (seeded draws, straight-through to sigmoid(s)) and uses the deterministic mask
@@ -57,9 +60,14 @@ class SupermaskConfig(DRTConfig):
     holds no weight values. The scores are not saved with the adapter: loading gives the trained
     model's mask, and resuming score training needs a Trainer checkpoint (its state dict holds them).
 
+    ``weight_init="signed_constant"`` draws Θ(0) as the paper's best initialisation, the "signed
+    Kaiming constant" ±√2/√fan_in; the default ``"model"`` draws it as the model's own init.
+    :meth:`as_in_paper` gives the paper's setting (top-k of |s| over signed-constant weights).
+
     Example::
 
         config = SupermaskConfig(density=0.5, variant="top_k", seed=0, modules_to_save=["classifier"])
+        config = SupermaskConfig.as_in_paper(density=0.5, modules_to_save=["classifier"])  # Θ(0) = ±σ
         model = get_drt_model(base_model, config)       # Θ(0) re-drawn from the seed, scores trainable
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
         # ... train ..., then model.save_pretrained("supermask")  # seed + mask, no weight values
@@ -72,6 +80,7 @@ class SupermaskConfig(DRTConfig):
         "CVPR",
         2020,
     )
+    paper_setting = setting(variant="top_k", base_init="seeded", weight_init="signed_constant", score_ranking="abs")
 
     # Only fixes each layer's count k; the mask itself is the top-k of the scores.
     criterion = random_scores
@@ -99,9 +108,43 @@ class SupermaskConfig(DRTConfig):
         },
     )
 
+    score_ranking: str = field(
+        default="abs",
+        metadata={
+            "help": "What variant 'top_k' ranks: 'abs' keeps the top-k |s|, as the reference code of Ramanujan et "
+            "al. 2020 does (the straight-through gradient reaches s through |s|); 'value' keeps the top-k s. "
+            "'signed' always ranks |s|; 'bernoulli' ranks nothing."
+        },
+    )
+    weight_init: str = field(
+        default="model",
+        metadata={
+            "help": "How base_init='seeded' draws Θ(0): 'model' as the model's own init; 'signed_constant' sets "
+            "each weight to ±σ, σ = √2/√fan_in, with a random sign from `seed` (the signed Kaiming constant of "
+            "Ramanujan et al. 2020, their best initialisation)."
+        },
+    )
+
+    @property
+    def seeded_weight_init(self) -> str:
+        """``weight_init``: how ``base_init="seeded"`` draws this adapter's Θ(0)."""
+        return self.weight_init
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("variant", self.variant, VARIANTS)
+        check_choice("score_ranking", self.score_ranking, SCORE_RANKINGS)
+        check_choice("weight_init", self.weight_init, WEIGHT_INITS)
+        if self.score_ranking != "abs" and self.variant != "top_k":
+            raise ValueError(
+                f"score_ranking={self.score_ranking!r} applies to variant='top_k' only (got variant={self.variant!r}): "
+                "'signed' ranks |s| and 'bernoulli' samples sigmoid(s); use score_ranking='abs'"
+            )
+        if self.weight_init != "model" and self.base_init != "seeded":
+            raise ValueError(
+                f"weight_init={self.weight_init!r} draws Θ(0) from the seed; use it with base_init='seeded' "
+                f"(got base_init={self.base_init!r})"
+            )
         self.allow_only(
             "weights outside the mask are zero, and each layer's mask is the top-k of its scores",
             mode="prune",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Paper, register_method
+from ..config import Paper, register_method, setting
 from ..masks.criteria.synflow import synflow_scores
 from .base import IterativeConfig
 
@@ -17,9 +17,14 @@ class SynFlowConfig(IterativeConfig):
     How norms, softmax and attention are treated is in :mod:`drt_peft.masks.criteria.synflow`.
     ``calibration_data``, if given, only sets the input shape.
 
+    The defaults (``mode="freeze"``, ``budget="uniform"``) suit fine-tuning a pretrained model;
+    :meth:`as_in_paper` gives the paper's setting: one global threshold, the rest pruned, 100
+    rounds on the exponential schedule (Tanaka et al. 2020).
+
     Example::
 
-        config = SynFlowConfig(density=0.05, mode="prune", budget="global")
+        config = SynFlowConfig.as_in_paper(density=0.05)   # the same as below
+        config = SynFlowConfig(density=0.05, mode="prune", budget="global", rounds=100, schedule="exponential")
         model = get_drt_model(vision_model, config)
     """
 
@@ -29,6 +34,7 @@ class SynFlowConfig(IterativeConfig):
         "NeurIPS",
         2020,
     )
+    paper_setting = setting(budget="global", mode="prune", rounds=100, schedule="exponential")
 
     criterion = synflow_scores
     default_rounds = 100

@@ -6,7 +6,8 @@ only (the other weights are held fixed), in eval mode.
 - SNIP (Lee et al. 2019, eq. 16): s = |g ⊙ θ|.
 - GraSP (Wang et al. 2020): the paper removes the weights with the largest −θ ⊙ (H g); here the
   kept score is s = θ ⊙ (H g), so keeping the largest s keeps the lowest −θ ⊙ (H g) exactly as the
-  paper does. H g is a Hessian-vector product by double backprop.
+  paper does. H g is a Hessian-vector product by double backprop. As the reference code does, g and
+  H g are those of the loss of the logits divided by the config's ``temperature`` T (200).
 - GraSP-abs (Lubana & Dick 2021): s = |θ ⊙ (H g)|.
 - Lubana & Dick (2021): s = |g| · θ².
 - FORCE (de Jorge et al. 2021): k rounds at densities density^(r/k) (or linearly spaced; N:M
@@ -24,6 +25,7 @@ from ...criterion import criterion
 from ..calibration import (
     batch_loss,
     calibration_batches,
+    check_tempered_loss_fn,
     eager_attention,
     mean_gradients,
     require_reiterable,
@@ -56,17 +58,23 @@ def lubana_dick_scores(scoring: ScoringContext) -> list[Tensor]:
 
 
 def hessian_gradient_products(scoring: ScoringContext) -> list[Tensor]:
-    """H g over the targeted weights: g from a first pass, then ∇(∇L · g) per batch, averaged."""
+    """H g over the targeted weights: g from a first pass, then ∇(∇L · g) per batch, averaged.
+
+    L is the loss of the logits divided by the config's ``temperature`` T (Wang et al. 2020's code uses
+    T = 200): the model's loss recomputed from ``logits / T``, or ``loss_fn(model, batch, temperature=T)``.
+    """
     require_reiterable(scoring, "twice (for g, then for H g)")
+    temperature = scoring.config.temperature
+    check_tempered_loss_fn(scoring, temperature)
     weights = _weights(scoring)
     limit = scoring.config.num_batches
     name = scoring.config.method_name
     with scoring_mode(scoring.model, weights), eager_attention(scoring.model):
-        g = mean_gradients(scoring, weights, limit, f"{name} scoring: g")
+        g = mean_gradients(scoring, weights, limit, f"{name} scoring: g", temperature)
         sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
         count = 0
         for batch in calibration_batches(scoring, limit, f"{name} scoring: H g"):
-            loss = batch_loss(scoring.model, batch, scoring.loss_fn)
+            loss = batch_loss(scoring.model, batch, scoring.loss_fn, temperature)
             grads = torch.autograd.grad(loss, weights, create_graph=True)
             dot = sum((gi * g0.to(gi.dtype)).sum() for gi, g0 in zip(grads, g, strict=True))
             for total, hg in zip(sums, torch.autograd.grad(dot, weights), strict=True):
