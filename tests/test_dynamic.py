@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
@@ -487,3 +488,60 @@ def test_a_non_finite_step_skips_the_mask_update_with_a_warning(method: str) -> 
     if method == "snfs":
         momenta = [model.drt_policy.momentum(i) for i in range(len(before))]
         assert all(torch.equal(m, torch.zeros_like(m)) for m in momenta)
+
+
+def test_retaining_layer_freezes_dropped_entries_at_their_trained_values() -> None:
+    """By hand on a 2 × 3 weight: ψ moves {0, 1, 2} → {0, 4, 5} → {0, 1, 5}; what leaves keeps ϑ, what comes
+    back starts from it, unload gives Θ(0) back exactly, and state dicts and adapter tensors carry it all."""
+    from drt_peft.layer.retaining import RetainingLayer
+
+    linear = nn.Linear(3, 2)
+    original = linear.weight.detach().clone()
+    pristine = copy.deepcopy(linear)
+    layer = RetainingLayer(linear, torch.tensor([0, 1, 2]))
+    optimizer = torch.optim.AdamW([layer.drt_values], lr=0.1)
+    layer(torch.randn(4, 3)).pow(2).sum().backward()
+    optimizer.step()
+    trained = layer.drt_values.detach().clone()
+    layer.update_indices(torch.tensor([0, 4, 5]), optimizer)
+    expected = original.clone().reshape(-1)
+    expected[[1, 2]] = trained[[1, 2]]  # dropped: frozen at their trained values
+    expected[[0, 4, 5]] = layer.drt_values.detach()
+    assert torch.equal(layer.drt_values.detach()[0], trained[0])
+    assert torch.equal(layer.drt_values.detach()[1:], original.reshape(-1)[[4, 5]])  # grown: from Θ(0)
+    assert torch.equal(layer.effective_weight().reshape(-1), expected)
+    assert layer.drt_retained.tolist() == [1, 2]
+    assert layer.adapter_tensors()["retained_values"].tolist() == trained[[1, 2]].tolist()
+
+    with torch.no_grad():
+        layer.drt_values.add_(1.0)
+    moved = layer.drt_values.detach().clone()
+    layer.update_indices(torch.tensor([0, 1, 5]), optimizer)
+    assert layer.drt_values.detach().tolist() == [moved[0], trained[1], moved[2]]  # 1 comes back from ϑ
+    assert layer.drt_retained.tolist() == [2, 4]
+    assert (optimizer.state[layer.drt_values]["exp_avg"][1] == 0).all()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    trained_weight = layer.effective_weight().clone()
+    adapter = {k: v.clone() for k, v in layer.adapter_tensors().items()}
+
+    for load in ("state_dict", "adapter"):
+        if load == "state_dict":  # a Trainer resume: the state of the moved ψ into a layer built at the start
+            other = RetainingLayer(copy.deepcopy(pristine), torch.tensor([0, 1, 2]))
+            other.load_state_dict(state)
+        else:  # a saved adapter: a layer built at the stored ψ, then ϑ and the adapter tensors
+            other = RetainingLayer(copy.deepcopy(pristine), state["drt_indices"])
+            with torch.no_grad():
+                other.drt_values.copy_(state["drt_values"])
+            other.load_adapter_tensors(adapter)
+        assert torch.equal(other.effective_weight(), trained_weight), load
+        assert torch.equal(other.unload().weight, original), load
+
+    x = torch.randn(2, 3)
+    out = layer(x)
+    layer.suspend()
+    assert torch.equal(layer.base_layer.weight, original)
+    layer.resume()
+    assert torch.equal(layer(x), out)
+    assert torch.equal(layer.unload().weight, original)
+    with pytest.raises(ValueError, match="retained entries must lie outside ψ"):
+        RetainingLayer(nn.Linear(3, 2), torch.tensor([0])).retain(torch.tensor([0]), torch.tensor([1.0]))
