@@ -174,3 +174,52 @@ def test_fish_rescoring_during_training_uses_the_fisher_of_the_current_weights()
     assert sum(int(m.sum()) for m in masks.values()) == d
     expected = select_masks(targets, config, live)
     assert all(torch.equal(masks[n], e) for (n, _), e in zip(named, expected, strict=True))
+
+
+def test_fish_rescoring_keeps_the_trained_values_of_the_entries_it_stops_training(tmp_path) -> None:
+    """Sung et al. 2021: the weights FISH stops training keep their current values (freeze mode), every other
+    untrained entry stays at Θ(0); the adapter carries them and unload still restores the base exactly."""
+    from torch import nn
+
+    data = _text_batches()
+    base = tiny_bert()
+    original = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, nn.Linear)}
+    config = FISHConfig(density=0.1, num_samples=6, update_frequency=2, modules_to_save=["classifier"])
+    model = get_drt_model(base, config, calibration_data=data)
+    optimizer = adamw(model, lr=5e-2)
+    layers = dict(model.drt_layers())
+    model.train()
+    for step in (1, 2):
+        model(**data[step - 1]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        before = {n: (layer.drt_indices.clone(), layer.drt_values.detach().clone()) for n, layer in layers.items()}
+        model.update_masks(step, optimizer)
+    left_in_all = 0
+    for name, layer in layers.items():
+        indices, values = before[name]
+        left = ~torch.isin(indices, layer.drt_indices)
+        left_in_all += int(left.sum())
+        weight = layer.effective_weight().reshape(-1)
+        assert torch.equal(weight[indices[left]], values[left]), name
+        untouched = torch.ones_like(weight, dtype=torch.bool)
+        untouched[indices] = False
+        untouched[layer.drt_indices] = False
+        assert torch.equal(weight[untouched], original[name].reshape(-1)[untouched]), name
+    assert left_in_all > 0
+    model.eval()
+    loaded = assert_save_load_roundtrip(model, tiny_bert(), {"input_ids": data[0]["input_ids"]}, tmp_path)
+    pairs = list(zip(model.drt_layers(), loaded.drt_layers(), strict=True))
+    assert all(torch.equal(a.drt_retained_values, b.drt_retained_values) for (_, a), (_, b) in pairs)
+    assert sum(a.drt_retained.numel() for (_, a), _ in pairs) == left_in_all
+    unloaded = model.unload()
+    assert all(torch.equal(unloaded.get_submodule(name).weight, weight) for name, weight in original.items())
+
+
+def test_fish_counts_only_the_targeted_weights_in_its_budget() -> None:
+    """The paper's 0.5% includes a new classifier; here ``modules_to_save`` train in full beside d."""
+    config = FISHConfig(density=0.1, num_samples=6, modules_to_save=["classifier"])
+    model = get_drt_model(tiny_bert(), config, calibration_data=_text_batches())
+    sizes = sum(layer.base_layer.weight.numel() for _, layer in model.drt_layers())
+    assert sum(layer.num_trainable for _, layer in model.drt_layers()) == round(0.1 * sizes)
+    assert "classifier" not in {name.rpartition(".")[2] for name, _ in model.drt_layers()}

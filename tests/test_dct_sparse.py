@@ -61,24 +61,27 @@ def test_layer_output_is_sparse_plus_dct(module: nn.Module) -> None:
     numel = module.weight.numel()
     indices = torch.randperm(numel, generator=torch.Generator().manual_seed(0))[:7].sort().values
     layer = DCTSparseLayer(module, indices, train_bias=True)
+    assert layer.dct_scale.item() == 1.0  # α starts at 1, as in the authors' code
     with torch.no_grad():
         layer.drt_values.add_(torch.randn(7, dtype=torch.float64))
+        layer.dct_scale.fill_(0.75)
     x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
     s = torch.zeros(numel, dtype=torch.float64)
     s[indices] = layer.drt_values.detach()
     s = layer.op.to_matrix(s.reshape(module.weight.shape))  # [out, in]
     c = _textbook_dct(max(layer.in_features, layer.out_features))[: layer.out_features, : layer.in_features]
     out = layer(x)
-    assert torch.allclose(out, x @ (s + c).t() + module.bias)
+    assert torch.allclose(out, x @ (s + 0.75 * c).t() + module.bias)
     out.sum().backward()
-    assert torch.allclose(x.grad, torch.ones_like(out) @ (s + c))
+    assert torch.allclose(x.grad, torch.ones_like(out) @ (s + 0.75 * c))
+    assert torch.allclose(layer.dct_scale.grad.double(), (x.detach() @ c.t()).sum())
     grad_s = layer.op.to_matrix(torch.zeros(module.weight.shape, dtype=torch.float64))
     grad_s += torch.ones_like(out).reshape(-1, layer.out_features).t() @ x.detach().reshape(-1, layer.in_features)
     assert torch.allclose(layer.drt_values.grad, layer.op.from_matrix(grad_s).reshape(-1)[indices])
-    assert torch.equal(layer.merge().weight, layer.op.from_matrix(s + layer.dct_matrix()))
+    assert torch.allclose(layer.merge().weight, layer.op.from_matrix(s + 0.75 * layer.dct_matrix()))
 
 
-def test_bert_trains_only_theta_saves_loads_and_merges(tmp_path) -> None:
+def test_bert_trains_theta_and_the_dct_scale_saves_loads_and_merges(tmp_path) -> None:
     base = tiny_bert()
     config = DCTSparseConfig(density=0.1, base_init="seeded", modules_to_save=["classifier"])
     model = get_drt_model(base, config)
@@ -86,20 +89,36 @@ def test_bert_trains_only_theta_saves_loads_and_merges(tmp_path) -> None:
     assert all(isinstance(layer, DCTSparseLayer) for layer in layers)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     head = model.get_base_model().classifier
-    expected = {id(layer.drt_values) for layer in layers} | {id(p) for p in head.parameters()}
-    assert trainable == expected
+    expected = {id(p) for layer in layers for p in (layer.drt_values, layer.dct_scale)}
+    assert trainable == expected | {id(p) for p in head.parameters()}
     g = torch.Generator().manual_seed(0)
     batch = random_bert_batch(g, size=8)
     losses = train_steps(model, [batch] * 6)
     assert losses[-1] < losses[0]
     assert all(layer.base_layer.weight.grad is None for layer in layers)
+    assert all(layer.dct_scale.item() != 1.0 for layer in layers), "α did not train"
 
     inputs = {"input_ids": random_bert_batch(g)["input_ids"]}
     loaded = assert_save_load_roundtrip(model, tiny_bert(), inputs, tmp_path)
+    pairs = zip(model.drt_layers(), loaded.drt_layers(), strict=True)
+    assert all(torch.equal(a.dct_scale, b.dct_scale) for (_, a), (_, b) in pairs)
     with safe_open(os.path.join(tmp_path, "adapter_model.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
-    assert not any(k.startswith(("drt_index", "drt_layer.")) for k in keys)
+    assert not any(k.startswith("drt_index") for k in keys)  # ψ comes from the seed, C from the shape
+    assert {k for k in keys if k.startswith("drt_layer.")} == {f"drt_layer.{i}.dct_scale" for i in range(len(layers))}
     assert_merge_matches(loaded, inputs, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_saved_without_the_dct_scale_loads_with_scale_one() -> None:
+    layer = DCTSparseLayer(nn.Linear(6, 4), torch.tensor([1, 5, 9]))
+    with torch.no_grad():
+        layer.dct_scale.fill_(0.5)
+    layer.load_adapter_tensors({"dct_scale": torch.tensor(0.25)})
+    assert layer.dct_scale.item() == 0.25
+    layer.load_adapter_tensors({})  # saved before α trained: the DCT path as it was then
+    assert layer.dct_scale.item() == 1.0
+    with pytest.raises(ValueError, match=r"DCTSparseLayer stores only \['dct_scale'\], got \['scale'\]"):
+        layer.load_adapter_tensors({"scale": torch.tensor(1.0)})
 
 
 def test_gpt2_conv1d_layers_merge_to_the_same_function() -> None:

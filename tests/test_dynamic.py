@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
@@ -22,7 +23,8 @@ from torch import nn
 
 from drt_peft import DRTCallback, DRTLayer, DRTModel, DRTTrainer, RigLConfig, SETConfig, get_drt_model
 from drt_peft.layer.frozen_decay import FrozenDecayLayer
-from drt_peft.masks.dynamic import regrow, smallest_magnitudes
+from drt_peft.masks.dynamic import drop_weights, regrow, smallest_magnitudes
+from drt_peft.topk import top_k_mask
 
 
 def _layer(mode: str, d: int = 6, decaying: bool = False) -> tuple[DRTLayer, torch.Tensor]:
@@ -226,7 +228,7 @@ def test_rigl_grows_where_the_dense_gradient_is_largest() -> None:
         assert len(grown) == k
         assert min(scores[list(grown)].tolist(), default=0) >= scores.sort(descending=True).values[k - 1] - 1e-12
         state = optimizer.state[layer.drt_values]
-        fresh = ~torch.isin(layer.drt_indices, kept)
+        fresh = ~torch.isin(layer.drt_indices, indices)  # entries dropped and grown again keep their state
         assert (state["exp_avg"][fresh] == 0).all() and (state["exp_avg_sq"][fresh] == 0).all()
 
 
@@ -337,7 +339,7 @@ def test_snfs_momentum_and_redistribution_match_a_hand_computation() -> None:
         k = round(fraction * indices.numel())
         keep = indices[magnitudes.argsort(stable=True)[k:]]
         kept.append(keep)
-        shares.append(float(m.reshape(-1)[keep].abs().mean()))
+        shares.append(float(m.reshape(-1)[indices].abs().mean()))  # over the entries trained before the drop
         caps.append(m.numel() - keep.numel())
         drops += k
     counts = apportion(drops, shares, caps)
@@ -487,3 +489,149 @@ def test_a_non_finite_step_skips_the_mask_update_with_a_warning(method: str) -> 
     if method == "snfs":
         momenta = [model.drt_policy.momentum(i) for i in range(len(before))]
         assert all(torch.equal(m, torch.zeros_like(m)) for m in momenta)
+
+
+@pytest.mark.parametrize("mode", ["freeze", "prune"])
+@pytest.mark.parametrize("keep_regrown", [False, True])
+def test_an_entry_dropped_and_grown_again_restarts_or_keeps_its_value(mode: str, keep_regrown: bool) -> None:
+    """By hand: ψ = {0, 1, 2, 3} of a 2 × 3 weight; the two smallest |ϑ| (positions 1 and 3) are dropped and
+    two entries grown where the scores are largest, positions 3 (just dropped) and 5 (new)."""
+    linear = nn.Linear(3, 2)
+    original = linear.weight.detach().clone().reshape(-1)
+    layer = DRTLayer(linear, torch.tensor([0, 1, 2, 3]), mode)
+    optimizer = torch.optim.SGD([layer.drt_values], lr=0.1, momentum=0.9)
+    with torch.no_grad():
+        layer.drt_values.copy_(torch.tensor([2.0, 0.1, -3.0, -0.2]))
+    optimizer.state[layer.drt_values]["momentum_buffer"] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    scores = torch.tensor([0.0, 0.0, 0.0, 9.0, 1.0, 8.0]).reshape(2, 3)
+    regrow(layer, smallest_magnitudes(layer, 2), 2, scores, optimizer, keep_regrown=keep_regrown)
+
+    assert layer.drt_indices.tolist() == [0, 2, 3, 5]
+    start = (lambda i: float(original[i])) if mode == "freeze" else (lambda i: 0.0)
+    regrown = -0.2 if keep_regrown else start(3)
+    assert layer.drt_values.detach().tolist() == pytest.approx([2.0, -3.0, regrown, start(5)])
+    momentum = optimizer.state[layer.drt_values]["momentum_buffer"]
+    assert momentum.tolist() == [1.0, 3.0, 4.0 if keep_regrown else 0.0, 0.0]
+    dropped_to = float(original[1]) if mode == "freeze" else 0.0
+    assert float(layer.effective_weight().reshape(-1)[1]) == pytest.approx(dropped_to)
+
+
+def test_only_rigl_keeps_an_entry_dropped_and_grown_again() -> None:
+    from drt_peft import DSRConfig, SNFSConfig
+
+    configs = [
+        SETConfig(density=0.2),
+        RigLConfig(density=0.2, t_end=10),
+        SNFSConfig(density=0.2, t_end=10),
+        DSRConfig(density=0.2),
+    ]
+    assert [config.policy.keeps_regrown for config in configs] == [False, True, False, False]
+
+
+def test_set_drops_the_smallest_positive_and_the_largest_negative_weights() -> None:
+    from drt_peft.masks.dynamic import closest_to_zero_by_sign
+
+    weights = torch.tensor([0.5, 0.6, 0.7, 0.8, -0.01, -0.02, -0.03, -0.04])
+    # ζ = 0.25 of each side: 0.5 of the four positive and -0.01 of the four negative weights
+    assert closest_to_zero_by_sign(weights, 0.25).tolist() == [True] + [False] * 3 + [True] + [False] * 3
+    # the smallest |ϑ| alone would take two negative weights
+    assert top_k_mask(-weights.abs(), 2).nonzero().flatten().tolist() == [4, 5]
+    # each side is rounded on its own; a zero counts with the positive side and goes first
+    mixed = torch.tensor([0.3, -0.5, 0.0, 0.2, -0.1, 0.9])
+    assert closest_to_zero_by_sign(mixed, 0.5).nonzero().flatten().tolist() == [2, 3, 4]
+
+    model = get_drt_model(tiny_mlp(), SETConfig(density=0.5, drop_fraction=0.25, target_modules=["0"]))
+    (_, layer) = next(iter(model.drt_layers()))
+    assert layer.num_trainable == 24
+    values = torch.linspace(-1.0, 1.0, 24)  # 12 negative, 12 positive: 3 dropped from each side
+    with torch.no_grad():
+        layer.drt_values.copy_(values[torch.randperm(24, generator=torch.Generator().manual_seed(1))])
+    (dropped,) = model.drt_policy.drop(model, 1)
+    chosen = sorted(layer.drt_values.detach()[dropped].tolist())
+    assert chosen == pytest.approx(values[[9, 10, 11, 12, 13, 14]].tolist())
+
+
+def test_drop_criterion_change_ranks_what_training_moved() -> None:
+    from drt_peft import DSRConfig, SNFSConfig
+
+    model = get_drt_model(tiny_mlp(), RigLConfig(density=0.5, t_end=4, drop_criterion="change", target_modules=["0"]))
+    (_, layer) = next(iter(model.drt_layers()))
+    base = layer.drt_base_values.clone()
+    change = torch.linspace(-0.5, 0.5, layer.num_trainable)[torch.randperm(layer.num_trainable)]
+    with torch.no_grad():
+        layer.drt_values.copy_(base + change)
+    assert torch.allclose(drop_weights(layer, "change"), change, atol=1e-6)
+    (dropped,) = model.drt_policy.drop(model, 1)
+    k = round(RigLConfig(density=0.5, t_end=4).drop_fraction_at(1) * layer.num_trainable)
+    assert torch.equal(dropped, top_k_mask(-(layer.drt_values.detach() - base).abs(), k))
+    assert torch.equal(drop_weights(layer), layer.drt_values.detach())
+    for cls, extra in ((SETConfig, {}), (RigLConfig, {"t_end": 4}), (SNFSConfig, {"t_end": 4}), (DSRConfig, {})):
+        assert cls(density=0.1, **extra).drop_criterion == "magnitude"
+        with pytest.raises(ValueError, match="drop_criterion='change' is not supported with mode='prune'"):
+            cls(density=0.1, mode="prune", drop_criterion="change", **extra)
+    with pytest.raises(ValueError, match=r"drop_criterion='size' is not supported; use one of \['magnitude'"):
+        SETConfig(density=0.1, drop_criterion="size")
+
+
+def test_snfs_drops_half_by_default_as_in_the_paper() -> None:
+    from drt_peft import SNFSConfig
+
+    assert SNFSConfig(density=0.1, t_end=10).drop_fraction == 0.5
+    assert SETConfig(density=0.1).drop_fraction == RigLConfig(density=0.1, t_end=10).drop_fraction == 0.3
+
+
+def test_retaining_layer_freezes_dropped_entries_at_their_trained_values() -> None:
+    """By hand on a 2 × 3 weight: ψ moves {0, 1, 2} → {0, 4, 5} → {0, 1, 5}; what leaves keeps ϑ, what comes
+    back starts from it, unload gives Θ(0) back exactly, and state dicts and adapter tensors carry it all."""
+    from drt_peft.layer.retaining import RetainingLayer
+
+    linear = nn.Linear(3, 2)
+    original = linear.weight.detach().clone()
+    pristine = copy.deepcopy(linear)
+    layer = RetainingLayer(linear, torch.tensor([0, 1, 2]))
+    optimizer = torch.optim.AdamW([layer.drt_values], lr=0.1)
+    layer(torch.randn(4, 3)).pow(2).sum().backward()
+    optimizer.step()
+    trained = layer.drt_values.detach().clone()
+    layer.update_indices(torch.tensor([0, 4, 5]), optimizer)
+    expected = original.clone().reshape(-1)
+    expected[[1, 2]] = trained[[1, 2]]  # dropped: frozen at their trained values
+    expected[[0, 4, 5]] = layer.drt_values.detach()
+    assert torch.equal(layer.drt_values.detach()[0], trained[0])
+    assert torch.equal(layer.drt_values.detach()[1:], original.reshape(-1)[[4, 5]])  # grown: from Θ(0)
+    assert torch.equal(layer.effective_weight().reshape(-1), expected)
+    assert layer.drt_retained.tolist() == [1, 2]
+    assert layer.adapter_tensors()["retained_values"].tolist() == trained[[1, 2]].tolist()
+
+    with torch.no_grad():
+        layer.drt_values.add_(1.0)
+    moved = layer.drt_values.detach().clone()
+    layer.update_indices(torch.tensor([0, 1, 5]), optimizer)
+    assert layer.drt_values.detach().tolist() == [moved[0], trained[1], moved[2]]  # 1 comes back from ϑ
+    assert layer.drt_retained.tolist() == [2, 4]
+    assert (optimizer.state[layer.drt_values]["exp_avg"][1] == 0).all()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    trained_weight = layer.effective_weight().clone()
+    adapter = {k: v.clone() for k, v in layer.adapter_tensors().items()}
+
+    for load in ("state_dict", "adapter"):
+        if load == "state_dict":  # a Trainer resume: the state of the moved ψ into a layer built at the start
+            other = RetainingLayer(copy.deepcopy(pristine), torch.tensor([0, 1, 2]))
+            other.load_state_dict(state)
+        else:  # a saved adapter: a layer built at the stored ψ, then ϑ and the adapter tensors
+            other = RetainingLayer(copy.deepcopy(pristine), state["drt_indices"])
+            with torch.no_grad():
+                other.drt_values.copy_(state["drt_values"])
+            other.load_adapter_tensors(adapter)
+        assert torch.equal(other.effective_weight(), trained_weight), load
+        assert torch.equal(other.unload().weight, original), load
+
+    x = torch.randn(2, 3)
+    out = layer(x)
+    layer.suspend()
+    assert torch.equal(layer.base_layer.weight, original)
+    layer.resume()
+    assert torch.equal(layer(x), out)
+    assert torch.equal(layer.unload().weight, original)
+    with pytest.raises(ValueError, match="retained entries must lie outside ψ"):
+        RetainingLayer(nn.Linear(3, 2), torch.tensor([0])).retain(torch.tensor([0]), torch.tensor([1.0]))

@@ -1,9 +1,10 @@
-"""DCT plus sparse: y = S·x + C·x + b with a trained sparse S and a fixed orthonormal DCT path C.
+"""DCT plus sparse: y = S·x + α·C·x + b with a trained sparse S, a fixed orthonormal DCT path C and a trained scalar α.
 
 Price & Tanner, *Dense for the Price of Sparse: Improved Performance of Sparsely Initialized
 Networks via a Subspace Offset*, ICML 2021: the layer's matrix is the sum of a sparse trainable
 matrix and a fixed DCT, applied by a fast transform, so the layer is dense at the cost of a
-sparse one plus O(n log n), with nothing extra to train or store.
+sparse one plus O(n log n). As in the authors' code, the DCT path is scaled by one trainable
+scalar per layer, initialised to 1; nothing else is added to train or store.
 
 C is the leading ``out × in`` block of the orthonormal DCT-II matrix of size N = max(in, out),
 
@@ -54,14 +55,16 @@ def partial_dct(x: Tensor, size: int) -> Tensor:
 
 
 class DCTSparseLayer(DRTLayer):
-    """y = S·x + C·x + b: the pruned DRT layer (S = ψ·ϑ, zero elsewhere) plus the DCT path C.
+    """y = S·x + α·C·x + b: the pruned DRT layer (S = ψ·ϑ, zero elsewhere) plus the scaled DCT path α·C.
 
     S trains exactly as in :class:`DRTLayer` with ``mode="prune"`` (sampled weight gradient, CSR
     kernels at low density); C (see module docstring) has no parameters and no buffers and is
-    applied with :func:`partial_dct` in O(N log N) per input vector, no ``out × in`` matrix. The
-    input gradient flows through both paths. :meth:`merge` forms C once and writes S + C into the
-    weight, so the merged module computes the same function. Supports ``nn.Linear`` and
-    transformers' ``Conv1D`` (whose ``[in, out]`` weight gets Cᵀ).
+    applied with :func:`partial_dct` in O(N log N) per input vector, no ``out × in`` matrix. α
+    (``dct_scale``, a float32 scalar Parameter initialised to 1, as in the authors' code) trains by
+    autograd and is stored in the adapter (:meth:`adapter_tensors`; adapters saved without it load
+    with α = 1). The input gradient flows through both paths. :meth:`merge` forms C once and writes
+    S + α·C into the weight, so the merged module computes the same function. Supports ``nn.Linear``
+    and transformers' ``Conv1D`` (whose ``[in, out]`` weight gets Cᵀ).
     """
 
     def __init__(self, base_layer: nn.Module, indices: Tensor, train_bias: bool = False) -> None:
@@ -72,6 +75,7 @@ class DCTSparseLayer(DRTLayer):
             )
         super().__init__(base_layer, indices, "prune", train_bias)
         self.out_features, self.in_features = self.op.to_matrix(base_layer.weight).shape
+        self.dct_scale = nn.Parameter(torch.tensor(1.0, dtype=torch.float32, device=base_layer.weight.device))
 
     def dct_matrix(self) -> Tensor:
         """C as an explicit ``[out, in]`` matrix (the path applied to the unit vectors), for merging."""
@@ -81,14 +85,30 @@ class DCTSparseLayer(DRTLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
-        return out + partial_dct(x, self.out_features).to(out.dtype)
+        dct = partial_dct(x, self.out_features)
+        # α scales in at least float32: its gradient, one sum over the whole output, loses digits in half precision
+        scale_dtype = torch.promote_types(dct.dtype, self.dct_scale.dtype)
+        return out + (dct.to(scale_dtype) * self.dct_scale.to(scale_dtype)).to(out.dtype)
 
     def merge(self) -> nn.Module:
-        """The base module with weight S + C (in the weight's own layout)."""
+        """The base module with weight S + α·C (in the weight's own layout)."""
         base = super().merge()
         with torch.no_grad():
-            base.weight.add_(self.op.from_matrix(self.dct_matrix()))
+            scaled = self.dct_matrix() * self.dct_scale.detach().to(base.weight.dtype)
+            base.weight.add_(self.op.from_matrix(scaled))
         return base
 
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        """α; C is regenerated from the layer's shape."""
+        return {"dct_scale": self.dct_scale.detach()}
+
+    def load_adapter_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if set(tensors) - {"dct_scale"}:
+            raise ValueError(f"DCTSparseLayer stores only ['dct_scale'], got {sorted(tensors)}")
+        value = tensors.get("dct_scale", torch.tensor(1.0))  # adapters saved before α trained have none: α = 1
+        with torch.no_grad():
+            self.dct_scale.copy_(value.reshape(()))
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, dct={self.out_features}×{self.in_features}"
+        scale = float(self.dct_scale.detach())
+        return f"{super().extra_repr()}, dct={self.out_features}×{self.in_features}, dct_scale={scale:.4g}"

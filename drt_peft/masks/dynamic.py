@@ -14,21 +14,57 @@ from ..layer import DRTLayer
 from ..topk import top_k_mask
 from .selection import indices_of
 
+#: What the drop rules judge a trained entry by (``DynamicConfig.drop_criterion``).
+DROP_CRITERIA = ("magnitude", "change")
 
-def smallest_magnitudes(layer: DRTLayer, k: int) -> Tensor:
-    """Boolean mask over ψ of the ``k`` trained entries with the smallest |ϑ| (ties: lower position)."""
-    return top_k_mask(-layer.drt_values.detach().abs(), k)
+
+def drop_weights(layer: DRTLayer, criterion: str = "magnitude") -> Tensor:
+    """The signed value each trained entry is judged by when dropping: its weight ϑ (``"magnitude"``, as
+    the papers do), or ϑ − Θ(0), how far training moved it from the value it returns to when dropped
+    (``"change"``, freeze mode only: a prune-mode layer keeps no Θ(0) at ψ)."""
+    values = layer.drt_values.detach()
+    if criterion == "magnitude":
+        return values
+    return values - layer.drt_base_values.to(values.dtype)
+
+
+def smallest_magnitudes(layer: DRTLayer, k: int, criterion: str = "magnitude") -> Tensor:
+    """Boolean mask over ψ of the ``k`` trained entries with the smallest |ϑ| (or |ϑ − Θ(0)|, see
+    :func:`drop_weights`; ties: lower position)."""
+    return top_k_mask(-drop_weights(layer, criterion).abs(), k)
+
+
+def closest_to_zero_by_sign(weights: Tensor, fraction: float) -> Tensor:
+    """Boolean mask over the 1-D ``weights`` of SET's drop (Mocanu et al. 2018, Algorithm 1): the
+    ``fraction`` ζ of the positive weights that are smallest and the fraction ζ of the negative
+    weights that are largest, i.e. the weights closest to zero from either side, each side counted
+    and rounded on its own. A weight of exactly zero counts with the positive side, where it goes
+    first; ties go to the lower position."""
+    negative = weights < 0
+    dropped = torch.zeros_like(negative)
+    for side, closeness in ((negative, weights), (~negative, -weights)):
+        dropped[side] = top_k_mask(closeness[side], round(fraction * int(side.sum())))
+    return dropped
 
 
 def regrow(
-    layer: DRTLayer, dropped: Tensor, grow: int, grow_scores: Tensor, optimizer: torch.optim.Optimizer | None
+    layer: DRTLayer,
+    dropped: Tensor,
+    grow: int,
+    grow_scores: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    keep_regrown: bool = False,
 ) -> None:
     """Drop the entries of ψ marked in ``dropped`` and grow ``grow`` untrained entries with the largest
     ``grow_scores`` (weight-shaped).
 
     Ties resolve to lower positions (deterministic on every process). A just-dropped entry may be
-    grown again and then starts afresh like any grown entry (value s·Θ(0) or 0, zero optimizer
-    state), as in RigL. Nothing to drop or grow leaves the layer untouched.
+    grown again: by default it then starts afresh like any grown entry (value s·Θ(0) or 0, zero
+    optimizer state), as in SET, SNFS and DSR, which grow among the weights the drop just set to
+    zero; with ``keep_regrown`` it keeps its value and optimizer state, as in RigL (Evci et al.
+    2020, whose update re-initialises only connections that were not active before it). Nothing to
+    drop or grow leaves the layer untouched.
     """
     if grow == 0 and not bool(dropped.any()):
         return
@@ -37,7 +73,7 @@ def regrow(
     scores[kept] = float("-inf")
     grown = indices_of(top_k_mask(scores, grow))
     indices = torch.sort(torch.cat([kept, grown])).values
-    layer.update_indices(indices, optimizer, fresh=~torch.isin(indices, kept))
+    layer.update_indices(indices, optimizer, fresh=None if keep_regrown else ~torch.isin(indices, kept))
 
 
 def trained_values_finite(model: Any, step: int) -> bool:

@@ -12,23 +12,25 @@ from torch import Tensor
 from .. import schedules
 from ..config import DRTConfig
 from ..masks.criteria.basic import random_scores
-from ..masks.dynamic import regrow, smallest_magnitudes, trained_values_finite
+from ..masks.dynamic import DROP_CRITERIA, regrow, smallest_magnitudes, trained_values_finite
 from ..policy import Policy
 from ..seeding import generator
-from ..validation import check_int
+from ..validation import check_choice, check_int
 
 if TYPE_CHECKING:
     from ..layer import DRTLayer
 
 
 class DropAndGrow(Policy):
-    """SET's loop (Mocanu et al. 2018); RigL, SNFS and DSR override the hooks that differ.
+    """The loop every dynamic method shares, by default dropping the smallest |ϑ| and growing at random (survey
+    §6); SET, RigL, SNFS and DSR override the hooks that differ.
 
     After every step :meth:`observe` sees the model (SNFS's momentum). At an update step with
     finite values, each layer drops the entries :meth:`drop` marks, grows as many in all as
     :meth:`grow_counts` spreads over the layers (per layer what it dropped, unless a method
     redistributes) where :meth:`grow_scores` is largest, and keeps its optimizer state aligned
-    (:func:`~drt_peft.masks.dynamic.regrow`); :meth:`after_update` then adapts the method's state
+    (:func:`~drt_peft.masks.dynamic.regrow`; an entry dropped and grown again at once starts
+    afresh unless :attr:`keeps_regrown`); :meth:`after_update` then adapts the method's state
     and says what to log. :meth:`after_step` runs last (RigL arms its dense gradient).
 
     State: per layer a bitmap of the D positions ever trained (buffer ``explored_<i>`` for the
@@ -36,6 +38,10 @@ class DropAndGrow(Policy):
     """
 
     config: DynamicConfig
+
+    #: Whether an entry dropped and grown again in the same update keeps its value and optimizer state (RigL)
+    #: instead of starting afresh like any grown entry (SET, SNFS, DSR).
+    keeps_regrown: ClassVar[bool] = False
 
     @property
     def needs_optimizer(self) -> bool:
@@ -59,7 +65,8 @@ class DropAndGrow(Policy):
             for i, ((name, layer), drop, grow) in enumerate(
                 zip(layers, dropped, self.grow_counts(model, dropped), strict=True)
             ):
-                regrow(layer, drop, grow, self.grow_scores(i, name, layer, step), optimizer)
+                scores = self.grow_scores(i, name, layer, step)
+                regrow(layer, drop, grow, scores, optimizer, keep_regrown=self.keeps_regrown)
                 self._mark_explored(i, layer.drt_indices)
             logs = {
                 "drt/moved": float(sum(int(drop.sum()) for drop in dropped)),
@@ -72,9 +79,13 @@ class DropAndGrow(Policy):
         """Called after every optimizer step, before any update (nothing by default)."""
 
     def drop(self, model: Any, step: int) -> list[Tensor]:
-        """Per layer, a boolean over ψ of the entries to drop: by default the q_t fraction with the smallest |ϑ|."""
-        fraction = self.config.drop_fraction_at(step)
-        return [smallest_magnitudes(layer, round(fraction * layer.num_trainable)) for _, layer in model.drt_layers()]
+        """Per layer, a boolean over ψ of the entries to drop: by default the q_t fraction with the smallest |ϑ|
+        (|ϑ − Θ(0)| with ``drop_criterion="change"``)."""
+        fraction, criterion = self.config.drop_fraction_at(step), self.config.drop_criterion
+        return [
+            smallest_magnitudes(layer, round(fraction * layer.num_trainable), criterion)
+            for _, layer in model.drt_layers()
+        ]
 
     def grow_counts(self, model: Any, dropped: list[Tensor]) -> list[int]:
         """How many entries each layer grows: by default as many as it dropped, so d per layer stays."""
@@ -149,12 +160,25 @@ class DynamicConfig(DRTConfig):
     t_end: int | None = field(
         default=None, metadata={"help": "Last step at which the mask may change (None: never stops)."}
     )
+    drop_criterion: str = field(
+        default="magnitude",
+        metadata={
+            "help": "What the drop judges a trained entry by: 'magnitude', its weight ϑ (as the papers do); "
+            "'change', ϑ − Θ(0), how far training moved it from its frozen value (an ablation for freeze mode)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("update_frequency", self.update_frequency)
         if not isinstance(self.drop_fraction, (int, float)) or not 0 < self.drop_fraction < 1:
             raise ValueError(f"drop_fraction={self.drop_fraction!r} must satisfy 0 < drop_fraction < 1")
+        check_choice("drop_criterion", self.drop_criterion, DROP_CRITERIA)
+        if self.drop_criterion == "change" and self.mode != "freeze":
+            raise ValueError(
+                f"drop_criterion='change' is not supported with mode={self.mode!r}; it needs mode='freeze' (in prune "
+                "mode the untrained entries are zero, so the change is ϑ itself: use 'magnitude')"
+            )
         check_int("t_end", self.t_end, optional=True)
         if self.cosine_decay and self.t_end is None:
             raise ValueError(

@@ -9,6 +9,7 @@ import torch
 
 from ..config import Paper, register_method
 from ..masks.budgets import apportion
+from ..masks.dynamic import drop_weights
 from .drop_and_grow import DropAndGrow, DynamicConfig
 
 if TYPE_CHECKING:
@@ -28,9 +29,10 @@ class DSRPolicy(DropAndGrow):
             self.register_buffer("threshold", torch.tensor(self.config.initial_threshold, dtype=torch.float64))
 
     def drop(self, model: DRTModel, step: int) -> list[Tensor]:
-        """Every trained entry with |ϑ| < H, one threshold H for all layers."""
-        threshold = float(self.threshold)
-        return [layer.drt_values.detach().abs() < threshold for _, layer in model.drt_layers()]
+        """Every trained entry with |ϑ| < H (|ϑ − Θ(0)| with ``drop_criterion="change"``), one threshold H for all
+        layers."""
+        threshold, criterion = float(self.threshold), self.config.drop_criterion
+        return [drop_weights(layer, criterion).abs() < threshold for _, layer in model.drt_layers()]
 
     def grow_counts(self, model: DRTModel, dropped: list[Tensor]) -> list[int]:
         """All dropped entries, regrown across layers in proportion to each layer's kept entries."""

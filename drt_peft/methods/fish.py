@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import Paper, register_method
+from ..layer import DRTLayer
+from ..layer.retaining import RetainingLayer
 from ..masks import ScoringContext, select_masks
 from ..masks.criteria.fisher import fisher_scores, live_fisher_scores
 from ..masks.dynamic import trained_values_finite
@@ -19,6 +21,8 @@ from ..validation import check_choice, check_int
 from .base import DataDrivenConfig
 
 if TYPE_CHECKING:
+    from torch import Tensor, nn
+
     from ..model import DRTModel
 
 FISHER_LABELS = ("true", "predicted")
@@ -36,6 +40,13 @@ class FISHPolicy(Policy):
     @property
     def needs_optimizer(self) -> bool:
         return bool(self.config.update_frequency)
+
+    def build_layer(self, module: nn.Module, indices: Tensor) -> DRTLayer:
+        """With re-scoring in freeze mode a :class:`~drt_peft.layer.retaining.RetainingLayer`: the weights FISH
+        stops training keep their trained values (Sung et al. 2021), and ``unload`` still restores Θ(0)."""
+        if self.config.update_frequency and self.config.mode == "freeze":
+            return RetainingLayer(module, indices, self.config.bias == "all")
+        return super().build_layer(module, indices)
 
     def on_attach(self, model: DRTModel, step: int = 0) -> None:
         if self.config.update_frequency:
@@ -72,8 +83,13 @@ class FISHConfig(DataDrivenConfig):
     The fine-tuning standard is 0.5% of the weights (``density=0.005``) with one global top-k
     (the default budget here). With ``update_frequency`` the mask is re-computed during training
     from the dense gradients of the current weights on the same calibration data (kept on the
-    model as ``model.calibration_data``); changing d per layer, this needs a single process.
-    Each sample gets its own backward; only the running sum of squares is kept.
+    model as ``model.calibration_data``); changing d per layer, this needs a single process. As in
+    the paper, the weights it stops training keep their trained values in freeze mode (they become
+    frozen there; in prune mode they return to zero). Each sample gets its own backward; only the
+    running sum of squares is kept.
+
+    Unlike the paper, which counts a new classifier head inside its 0.5% budget, ``density`` here
+    counts the targeted weights only: ``modules_to_save`` train in full beside d.
 
     Example::
 

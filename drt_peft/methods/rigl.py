@@ -17,7 +17,14 @@ if TYPE_CHECKING:
 
 
 class RigLPolicy(DropAndGrow):
-    """Grow where |∂L/∂Θ| of the update step is largest; the dense gradient is formed only in that step."""
+    """Grow where |∂L/∂Θ| of the update step is largest; the dense gradient is formed only in that step.
+
+    An entry dropped and grown again in the same update keeps its value and optimizer state: RigL's
+    update re-initialises only the connections that were not active before it (Evci et al. 2020,
+    ``reinit_when_same=False`` in the authors' code).
+    """
+
+    keeps_regrown = True
 
     def on_attach(self, model: DRTModel, step: int = 0) -> None:
         super().on_attach(model, step)
@@ -42,7 +49,9 @@ class RigLPolicy(DropAndGrow):
 class RigLConfig(DynamicConfig):
     """Rigged Lottery: a random ERK mask to start; at every ``update_frequency``-th step t ≤ ``t_end``
     each layer drops the α_t fraction of its trained entries with the smallest |ϑ| and grows as many
-    untrained entries with the largest |∂L/∂Θ|, α_t = α/2·(1 + cos(πt / t_end)), α = ``drop_fraction``.
+    entries with the largest |∂L/∂Θ| among those not kept, α_t = α/2·(1 + cos(πt / t_end)),
+    α = ``drop_fraction``. Grown entries start at Θ(0) (freeze) or 0 (prune) with zero optimizer
+    state; an entry dropped and grown again at once keeps its value and state, as in RigL.
 
     The dense gradient is formed only in the backward of update steps (the step before arms the
     capture), summed over processes so every rank grows the same entries, then freed; between

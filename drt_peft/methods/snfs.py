@@ -52,12 +52,19 @@ class SNFSPolicy(DropAndGrow):
             layer.dense_grad = None
 
     def grow_counts(self, model: DRTModel, dropped: list[Tensor]) -> list[int]:
-        """All dropped entries, regrown across layers in proportion to each layer's mean |m| over its kept ones."""
+        """All dropped entries, regrown across layers in proportion to each layer's mean |m| over the entries it
+        trained when the update began, the dropped ones included: "the mean momentum magnitude of existing
+        weights" (Dettmers & Zettlemoyer 2019; their code takes it before pruning)."""
         self.require_single_process()
         layers = [layer for _, layer in model.drt_layers()]
-        kept = [layer.drt_indices[~drop] for layer, drop in zip(layers, dropped, strict=True)]
-        shares = [float(self.momentum(i).reshape(-1)[k].abs().mean()) if k.numel() else 0.0 for i, k in enumerate(kept)]
-        caps = [layer.base_layer.weight.numel() - k.numel() for layer, k in zip(layers, kept, strict=True)]
+        shares = [
+            float(self.momentum(i).reshape(-1)[layer.drt_indices].abs().mean()) if layer.num_trainable else 0.0
+            for i, layer in enumerate(layers)
+        ]
+        caps = [
+            layer.base_layer.weight.numel() - layer.num_trainable + int(drop.sum())
+            for layer, drop in zip(layers, dropped, strict=True)
+        ]
         return apportion(sum(int(drop.sum()) for drop in dropped), shares, caps)
 
     def grow_scores(self, i: int, name: str, layer: DRTLayer, step: int) -> Tensor:
@@ -70,11 +77,12 @@ class SNFSPolicy(DropAndGrow):
 class SNFSConfig(DynamicConfig):
     """Sparse momentum: every step each layer keeps an exponential average m ← β·m + (1 − β)·∂L/∂Θ of
     its **dense** gradient; every ``update_frequency`` steps each layer drops the q_t fraction of its
-    trained entries with the smallest |ϑ| (q_t cosine-decayed from ``drop_fraction`` to 0 at
-    ``t_end``), and the total dropped is regrown across layers in proportion to each layer's mean
-    |m| over its kept entries, inside each layer where |m| is largest. Total d stays exact; d per
-    layer moves. m is the state of the policy (``model.drt_policy.momentum_<i>`` for the i-th layer)
-    and travels in Trainer checkpoints.
+    trained entries with the smallest |ϑ| (q_t cosine-decayed from ``drop_fraction``, the paper's
+    prune rate 0.5 by default, to 0 at ``t_end``), and the total dropped is regrown across layers
+    in proportion to each layer's mean |m| over its trained entries before the drop, inside each
+    layer where |m| is largest (the just-dropped entries included, which then start afresh). Total
+    d stays exact; d per layer moves. m is the state of the policy (``model.drt_policy.momentum_<i>``
+    for the i-th layer) and travels in Trainer checkpoints.
 
     Cost: a dense weight gradient in every backward and a D-sized momentum per layer — the one
     method here whose training state is not ∝ d. Per-layer sizes change, so it cannot run under
@@ -96,6 +104,13 @@ class SNFSConfig(DynamicConfig):
     cosine_decay = True
     policy = SNFSPolicy
 
+    drop_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "α: fraction of each layer's trained entries dropped and regrown at the first update, "
+            "cosine-decayed to 0 at t_end (the paper's prune rate, 0.5)."
+        },
+    )
     momentum: float = field(default=0.9, metadata={"help": "β of the dense-gradient momentum, 0 <= β < 1."})
 
     def __post_init__(self) -> None:
