@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import tempfile
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+from _report import add_options, command, machine, parse_suite_args
 from torch import Tensor, nn
 
 from drt_peft import DRTModel, get_drt_model
@@ -77,6 +79,32 @@ def classifier_and_calibration(quick: bool, samples: int, batch_size: int) -> tu
         model = bert_classifier(quick)
         data = tokenize(AutoTokenizer.from_pretrained(minilm_path()), texts[:samples], labels[:samples], max_length=48)
     return model, chunks(data, batch_size)
+
+
+def calibration_suite(description: str, name: str, run_job: Callable[[dict], dict], samples: int) -> tuple | None:
+    """The command line of the suites that build masks from calibration data (``--quick``: a tiny BERT and 32
+    samples; ``--samples``, ``--batch-size``, ``--density``): the suite and the settings all its jobs share,
+    or None when this process runs one job."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true")
+    add_options(parser, samples=samples, batch_size=16, density=0.005)
+    suite = parse_suite_args(parser, name, run_job)
+    if suite is None:
+        return None
+    args = suite.args
+    common = {
+        "quick": args.quick,
+        "samples": 32 if args.quick else args.samples,
+        "batch_size": args.batch_size,
+        "density": args.density,
+    }
+    return suite, common
+
+
+def calibration_report(script: str, common: dict, rows: list[dict]) -> dict:
+    """The report of such a suite: its command, the machine, the shared settings with the model, and ``rows``."""
+    model = "tiny BERT from config" if common["quick"] else MINILM
+    return {"command": command(script), "machine": machine(), "setup": {**common, "model": model}, "rows": rows}
 
 
 # -- methods ------------------------------------------------------------------------------------

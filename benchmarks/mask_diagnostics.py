@@ -14,10 +14,8 @@ random ≈ 0.01–0.03), and the fraction of rows and input columns touched. Wri
 
 from __future__ import annotations
 
-import argparse
-
-from _builders import MINILM, classifier_and_calibration
-from _report import add_options, command, cpu_threads, machine, parse_suite_args, write_report
+from _builders import calibration_report, calibration_suite, classifier_and_calibration
+from _report import cpu_threads, write_report
 
 #: Method → its settings besides density; each default-budget mask is also built with budget="global".
 METHODS = {
@@ -64,36 +62,18 @@ def run_job(job: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    add_options(parser, samples=128, batch_size=16, density=0.005)
-    suite = parse_suite_args(parser, "mask_diagnostics", run_job)
-    if suite is None:
+    parsed = calibration_suite(__doc__.split("\n")[0], "mask_diagnostics", run_job, samples=128)
+    if parsed is None:
         return
-    args = suite.args
-    if args.quick:
-        args.samples = 32
-    common = {"quick": args.quick, "samples": args.samples, "batch_size": args.batch_size, "density": args.density}
+    suite, common = parsed
     jobs = {}
     for method in METHODS:
         jobs[method] = {**common, "method": method, "budget": None}
         jobs[f"{method}, global"] = {**common, "method": method, "budget": "global"}
     results = suite.run(jobs)
-    rows = [results[name] for name in jobs]
-    unique = {(r["method"], r["budget"]): r for r in rows}  # a default-global method appears once
-    report = {
-        "command": command("mask_diagnostics.py"),
-        "machine": machine(),
-        "setup": {
-            "quick": args.quick,
-            "model": "tiny BERT from config" if args.quick else MINILM,
-            "samples": args.samples,
-            "batch_size": args.batch_size,
-            "density": args.density,
-        },
-        "rows": list(unique.values()),
-    }
-    write_report(args.out, report, _markdown)
+    unique = {(r["method"], r["budget"]): r for r in (results[name] for name in jobs)}  # default-global once
+    report = calibration_report("mask_diagnostics.py", common, list(unique.values()))
+    write_report(suite.args.out, report, _markdown)
 
 
 def _markdown(report: dict) -> str:

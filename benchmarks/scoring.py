@@ -11,11 +11,10 @@ peak resident memory it added over the loaded model and data. Writes JSON and a 
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from _builders import MINILM, classifier_and_calibration
-from _report import PeakMemory, add_options, command, cpu_threads, machine, mib, parse_suite_args, write_report
+from _builders import calibration_report, calibration_suite, classifier_and_calibration
+from _report import PeakMemory, cpu_threads, mib, write_report
 
 METHODS = {
     "random": {},
@@ -60,32 +59,13 @@ def run_job(job: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    add_options(parser, samples=1024, batch_size=16, density=0.005)
-    suite = parse_suite_args(parser, "scoring", run_job)
-    if suite is None:
+    parsed = calibration_suite(__doc__.split("\n")[0], "scoring", run_job, samples=1024)
+    if parsed is None:
         return
-    args = suite.args
-    if args.quick:
-        args.samples = 32
-    common = {"quick": args.quick, "samples": args.samples, "batch_size": args.batch_size, "density": args.density}
-    jobs = {method: {**common, "method": method} for method in METHODS}
-    results = suite.run(jobs)
-    rows = [results[method] for method in METHODS]
-    report = {
-        "command": command("scoring.py"),
-        "machine": machine(),
-        "setup": {
-            "quick": args.quick,
-            "model": "tiny BERT from config" if args.quick else MINILM,
-            "samples": args.samples,
-            "batch_size": args.batch_size,
-            "density": args.density,
-        },
-        "rows": rows,
-    }
-    write_report(args.out, report, _markdown)
+    suite, common = parsed
+    results = suite.run({method: {**common, "method": method} for method in METHODS})
+    report = calibration_report("scoring.py", common, [results[method] for method in METHODS])
+    write_report(suite.args.out, report, _markdown)
 
 
 def _markdown(report: dict) -> str:

@@ -65,16 +65,7 @@ class Policy(nn.Module):
         """Values of the method's state worth reporting in ``DRTModel.drt_statistics`` (none here)."""
         return {}
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Tensor],
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
         """A checkpoint may hold state the policy creates only during training (a buffer registered at some step):
         such buffers are registered here, so that resuming restores them rather than dropping them."""
         for key, value in state_dict.items():
@@ -86,9 +77,7 @@ class Policy(nn.Module):
                 and name not in self._parameters
             ):
                 self.register_buffer(name, torch.empty_like(value))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return type(self.config).__name__
