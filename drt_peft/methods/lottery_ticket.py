@@ -41,40 +41,30 @@ class LotteryPolicy(Policy):
     def on_step(self, model: DRTModel, step: int, optimizer: Any) -> dict[str, float]:
         """In the dense round, keep Θ(k) (every targeted weight, trained bias and ``modules_to_save``) at step k."""
         if step == self.config.rewind_step and self._records_rewind():
-            for key, value in self._named_state(model):
-                self.register_buffer(key, value.detach().clone())
+            for buffer, _, value in self._entries(model):
+                self.register_buffer(buffer, value.detach().clone())
         return {}
 
-    def _named_state(self, model: DRTModel) -> list[tuple[str, Tensor]]:
-        """What Θ(k) holds, under the names of its buffers, in a fixed order."""
-        state = []
-        for i, (_, layer) in enumerate(model.drt_layers()):
-            state.append((f"rewind_{i}", layer.drt_values))
+    def _entries(self, model: DRTModel) -> list[tuple[str, str, Tensor]]:
+        """What Θ(k) holds, in a fixed order: ``(buffer name, name in the snapshot, live tensor)``."""
+        entries = []
+        for i, (name, layer) in enumerate(model.drt_layers()):
+            entries.append((f"rewind_{i}", f"drt.{name}", layer.drt_values))
             bias = layer.trained_bias()
             if bias is not None:
-                state.append((f"rewind_bias_{i}", bias))
+                entries.append((f"rewind_bias_{i}", f"bias.{name}", bias))
         saved = [
-            v
+            (f"save.{name}.{key}", value)
             for name in model.modules_to_save
-            for v in model.get_base_model().get_submodule(name).state_dict().values()
+            for key, value in model.get_base_model().get_submodule(name).state_dict().items()
         ]
-        return state + [(f"rewind_save_{j}", value) for j, value in enumerate(saved)]
+        return entries + [(f"rewind_save_{j}", key, value) for j, (key, value) in enumerate(saved)]
 
     def rewind_snapshot(self, model: DRTModel) -> dict[str, Tensor] | None:
         """Θ(k) by name (``drt.<layer>``, ``bias.<layer>``, ``save.<module>.<key>``), or None before step k."""
         if not hasattr(self, "rewind_0"):
             return None
-        snapshot = {}
-        for i, (name, layer) in enumerate(model.drt_layers()):
-            snapshot[f"drt.{name}"] = getattr(self, f"rewind_{i}")
-            if layer.trained_bias() is not None:
-                snapshot[f"bias.{name}"] = getattr(self, f"rewind_bias_{i}")
-        j = 0
-        for name in model.modules_to_save:
-            for key in model.get_base_model().get_submodule(name).state_dict():
-                snapshot[f"save.{name}.{key}"] = getattr(self, f"rewind_save_{j}")
-                j += 1
-        return snapshot
+        return {name: getattr(self, buffer) for buffer, name, _ in self._entries(model)}
 
     def carry_over(self, model: DRTModel, indices: list[Tensor]) -> list[Tensor] | None:
         """Per-layer state the next round inherits when ψ shrinks to ``indices`` (none: dropped entries are
