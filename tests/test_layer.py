@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from drt_peft import DRTLayer, RandomConfig, get_drt_model
+from drt_peft.layer import ops
 from drt_peft.layer.frozen_decay import FrozenDecayLayer
 from drt_peft.layer.ops import SampledWeightFunction, csr_pattern, sddmm, weight_op
 
@@ -28,13 +29,24 @@ def _modules() -> dict[str, tuple[nn.Module, tuple[int, ...], int]]:
 KINDS = list(_modules())
 
 
+@pytest.fixture(params=["sddmm", "dense"])
+def gradient_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the trained values' gradient formed by SDDMM, then by the dense product and gather."""
+    monkeypatch.setattr(ops, "DENSE_GRADIENT_DENSITY", 1.0 if request.param == "sddmm" else 0.0)
+    return request.param
+
+
+def _expected_kernel(gradient_kernel: str, kind: str) -> str:
+    return "dense" if gradient_kernel == "dense" or kind == "conv2d-grouped" else "tiled"
+
+
 def _random_indices(numel: int, d: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(numel, generator=torch.Generator().manual_seed(seed))[:d].sort().values
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", ["freeze", "prune"])
-def test_gradients_match_dense_autograd(kind: str, mode: str) -> None:
+def test_gradients_match_dense_autograd(kind: str, mode: str, gradient_kernel: str) -> None:
     module, x_shape, d = _modules()[kind]
     module = module.double()
     original = module.weight.detach().clone()
@@ -64,11 +76,12 @@ def test_gradients_match_dense_autograd(kind: str, mode: str) -> None:
     assert torch.allclose(x.grad, x_ref.grad)
     assert torch.allclose(module.bias.grad, bias_ref.grad)
     assert module.weight.grad is None
+    assert layer.op.last_grad_kernel == _expected_kernel(gradient_kernel, kind)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", ["freeze", "prune"])
-def test_gradcheck(kind: str, mode: str) -> None:
+def test_gradcheck(kind: str, mode: str, gradient_kernel: str) -> None:
     module, x_shape, _ = _modules()[kind]
     layer = DRTLayer(module.double(), _random_indices(module.weight.numel(), 5), mode, train_bias=True)
     x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
@@ -82,6 +95,7 @@ def test_gradcheck(kind: str, mode: str) -> None:
     values = layer.drt_values.detach().clone().requires_grad_(True)
     bias = module.bias.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(f, (x, values, bias))
+    assert layer.op.last_grad_kernel == _expected_kernel(gradient_kernel, kind)
 
 
 def test_sddmm_matches_dense_product_in_float32_and_bfloat16() -> None:

@@ -44,7 +44,7 @@ from drt_peft import (
 )
 from drt_peft.base_weights import BaseProbe
 from drt_peft.checkpoint.io import WEIGHTS_NAME, _checksum
-from drt_peft.layer import DRTLayer
+from drt_peft.layer import DRTLayer, ops
 from drt_peft.layer.dct import DCTSparseLayer
 from drt_peft.layer.fixed_classifier import FixedClassifierLayer
 from drt_peft.layer.ops import weight_op
@@ -155,6 +155,7 @@ def test_layers_train_under_autocast_with_float32_gradients(
             raise AssertionError("a dense weight gradient was formed")
 
         monkeypatch.setattr(layer.op, "grad_weight", refuse)
+        monkeypatch.setattr(ops, "DENSE_GRADIENT_DENSITY", 1.0)  # these tiny layers are denser than the crossover
     x_amp = x.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=amp_dtype):
         out = layer(x_amp)

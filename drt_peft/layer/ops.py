@@ -6,8 +6,10 @@ Training a DRT layer needs three products per step (survey §2.3):
   kept materialised (the d trained values are written into it at each forward, cost ∝ d);
 - the input gradient with the same dense Θ;
 - the gradient of ϑ, which is the weight gradient *sampled at the d trained positions*: a
-  sampled dense-dense product (SDDMM, ``torch.sparse.sampled_addmm``) over a CSR pattern built
-  once per mask. No D-sized weight gradient is ever formed.
+  sampled dense-dense product (SDDMM) over a CSR pattern built once per mask, by the tiled CPU
+  kernel of :mod:`drt_peft.layer.cpu_sddmm` or a CUDA kernel. No D-sized weight gradient is formed,
+  except transiently for a layer denser than :data:`DENSE_GRADIENT_DENSITY`, where the dense product
+  is the faster way to the same d values.
 
 An :class:`WeightOp` knows these products for one module type (``nn.Linear``, transformers'
 ``Conv1D``, ``nn.Conv2d``) and how to view its weight as an ``[out, fan_in]`` matrix, which is the
@@ -24,7 +26,7 @@ code serves CPU bfloat16 and CUDA float16/bfloat16 autocast.
 from __future__ import annotations
 
 import contextlib
-import threading
+import logging
 import warnings
 from collections.abc import Callable
 
@@ -34,6 +36,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..validation import check_choice
+
+logger = logging.getLogger(__name__)
 
 # sampled_addmm has CPU kernels for these dtypes; others are computed in float32 and cast back.
 _SDDMM_DTYPES = (torch.float32, torch.float64)
@@ -108,30 +112,18 @@ def sddmm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _SDDMM_DTYPES else torch.float32
 
 
-_workspace = threading.local()
-
-
-def _row_major(tensor: Tensor, slot: int, dtype: torch.dtype) -> Tensor:
-    """``tensor`` as a row-major ``dtype`` matrix; on CPU copied into a reused per-thread buffer.
-
-    Fresh large CPU allocations page-fault on first touch, which made the two transposed copies
-    an SDDMM needs cost about twice as much as copying into memory that is already mapped.
-    """
-    if tensor.is_contiguous() and tensor.dtype == dtype:
-        return tensor
-    if tensor.device.type != "cpu":
-        return tensor.to(dtype).contiguous()
-    buffers = _workspace.__dict__.setdefault("buffers", {})
-    key = (slot, dtype)
-    if key not in buffers or buffers[key].numel() < tensor.numel():
-        buffers[key] = torch.empty(tensor.numel(), dtype=dtype)
-    return buffers[key][: tensor.numel()].view(tensor.shape).copy_(tensor)
-
-
 #: The SDDMM kernels for CUDA tensors: PyTorch's ``sampled_addmm`` (cuSPARSE) or the Triton kernel of
-#: :mod:`drt_peft.layer.triton_sddmm` (needs the ``triton`` package). CPU tensors always use ``sampled_addmm``.
+#: :mod:`drt_peft.layer.triton_sddmm` (needs the ``triton`` package). CPU tensors use the tiled kernel of
+#: :mod:`drt_peft.layer.cpu_sddmm`.
 CUDA_SDDMM_KERNELS = ("sampled_addmm", "triton")
 _cuda_sddmm = {"kernel": "sampled_addmm"}
+
+#: Above this density a layer's weight gradient is formed as a dense product and gathered at ψ
+#: (transient, one layer at a time) instead of by SDDMM. The tiled SDDMM costs about seven times a
+#: dense product's time per multiply-add, so the two meet near 1/7 of the entries; on BERT-base shapes
+#: at 256 and 2,048 tokens and one and two threads they met between 8% and 15%
+#: (``python benchmarks/layer_kernels.py``, "weight gradient" table).
+DENSE_GRADIENT_DENSITY = 0.1
 
 
 def set_cuda_sddmm_kernel(kernel: str) -> None:
@@ -143,24 +135,39 @@ def set_cuda_sddmm_kernel(kernel: str) -> None:
     _cuda_sddmm["kernel"] = kernel
 
 
+def sddmm_kernel(pattern: Tensor) -> str:
+    """The kernel :func:`sddmm` runs for ``pattern``: ``"tiled"`` on CPU, the chosen CUDA kernel on CUDA."""
+    return _cuda_sddmm["kernel"] if pattern.device.type == "cuda" else "tiled"
+
+
 def sddmm(pattern: Tensor, a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``(a @ b)`` at the non-zeros of ``pattern``, in CSR order: the sampled dense-dense product.
 
-    Computes in ``pattern.dtype`` and returns ``dtype`` (default ``a.dtype``): the gradient of
-    float32 values from bfloat16 factors is computed and returned in float32, never rounded to
-    bfloat16 on the way. The CPU kernel reads ``a`` row-major and ``b`` column-major and otherwise
-    copies them itself, more slowly than the explicit transposing copies made here. On CUDA with
-    :func:`set_cuda_sddmm_kernel` ``("triton")`` the Triton kernel reads both in their own strides.
+    ``a`` is ``[rows, T]`` and ``b`` ``[T, columns]``; for a weight gradient both are views of
+    token-major activations. Computes in ``pattern.dtype`` and returns ``dtype`` (default
+    ``a.dtype``): the gradient of float32 values from bfloat16 factors is computed and returned in
+    float32, never rounded to bfloat16 on the way. On CPU the tiled kernel reads both factors in
+    their token-major layout (:mod:`drt_peft.layer.cpu_sddmm`); on CUDA ``sampled_addmm`` wants
+    ``a`` row-major and ``b`` column-major and gets copies, while the Triton kernel
+    (:func:`set_cuda_sddmm_kernel` ``("triton")``) reads both in their own strides.
     """
-    if a.device.type == "cuda" and _cuda_sddmm["kernel"] == "triton":
+    dtype = a.dtype if dtype is None else dtype
+    kernel = sddmm_kernel(pattern)
+    if kernel == "tiled":
+        from .cpu_sddmm import tiled_sddmm
+
+        values = tiled_sddmm(
+            pattern.crow_indices(), pattern.col_indices(), a.t().to(pattern.dtype), b.to(pattern.dtype)
+        )
+        return values.to(dtype)
+    if kernel == "triton":
         from .triton_sddmm import coordinates
         from .triton_sddmm import sddmm as triton_sddmm
 
-        return triton_sddmm(*coordinates(pattern), a, b).to(a.dtype if dtype is None else dtype)
-    a_rows = _row_major(a, 0, pattern.dtype)
-    b_cols = _row_major(b.t(), 1, pattern.dtype).t()
-    out = torch.sparse.sampled_addmm(pattern, a_rows, b_cols, beta=0.0).values()
-    return out.to(a.dtype if dtype is None else dtype)
+        return triton_sddmm(*coordinates(pattern), a, b).to(dtype)
+    a_rows = a.to(pattern.dtype).contiguous()
+    b_cols = b.t().to(pattern.dtype).contiguous().t()
+    return torch.sparse.sampled_addmm(pattern, a_rows, b_cols, beta=0.0).values().to(dtype)
 
 
 class WeightOp:
@@ -168,6 +175,8 @@ class WeightOp:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        #: The kernel that formed the last gradient of the trained values (None before the first backward).
+        self.last_grad_kernel: str | None = None
 
     @property
     def pattern_shape(self) -> tuple[int, int]:
@@ -195,9 +204,27 @@ class WeightOp:
 
     def grad_values(self, grad_out: Tensor, x: Tensor, pattern: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Gradient of the trained values: the weight gradient at the pattern's positions only, in ``dtype``
-        (default ``grad_out.dtype``)."""
+        (default ``grad_out.dtype``), by the kernel :meth:`grad_kernel` chooses."""
+        dtype = dtype or grad_out.dtype
+        kernel = self.grad_kernel(pattern)
+        if kernel != self.last_grad_kernel:
+            shape = "×".join(map(str, self.pattern_shape))
+            logger.debug(
+                "%s %s, %d trained: weight gradient by %s", type(self.module).__name__, shape, pattern._nnz(), kernel
+            )
+            self.last_grad_kernel = kernel
+        if kernel == "dense":
+            return self.grad_weight(grad_out, x).reshape(-1)[_pattern_flat_indices(pattern)].to(dtype)
         a, b = self.grad_weight_factors(grad_out, x)
-        return sddmm(pattern, a, b, dtype or grad_out.dtype)
+        return sddmm(pattern, a, b, dtype)
+
+    def grad_kernel(self, pattern: Tensor) -> str:
+        """How the gradient of the trained values is formed for ``pattern``: ``"dense"`` (the dense weight
+        gradient, gathered) above :data:`DENSE_GRADIENT_DENSITY`, else the SDDMM's kernel
+        (:func:`sddmm_kernel`). The last choice is :attr:`last_grad_kernel`, and each change is logged at
+        DEBUG level on the ``drt_peft`` logger."""
+        rows, columns = self.pattern_shape
+        return "dense" if pattern._nnz() > DENSE_GRADIENT_DENSITY * rows * columns else sddmm_kernel(pattern)
 
     def grad_weight(self, grad_out: Tensor, x: Tensor) -> Tensor:
         """The dense weight gradient, shaped like the weight (only for methods that need it)."""
@@ -280,10 +307,8 @@ class Conv2dOp(WeightOp):
         b = cols.permute(0, 2, 1).reshape(batch * positions, fan_in)
         return a, b
 
-    def grad_values(self, grad_out: Tensor, x: Tensor, pattern: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        if self.module.groups == 1:
-            return super().grad_values(grad_out, x, pattern, dtype)
-        return self.grad_weight(grad_out, x).reshape(-1)[_pattern_flat_indices(pattern)].to(dtype or grad_out.dtype)
+    def grad_kernel(self, pattern: Tensor) -> str:
+        return super().grad_kernel(pattern) if self.module.groups == 1 else "dense"
 
     def grad_weight(self, grad_out: Tensor, x: Tensor) -> Tensor:
         return torch.nn.grad.conv2d_weight(x, self.module.weight.shape, grad_out, **self._conv_args())
