@@ -7,7 +7,7 @@ Training a DRT layer needs three products per step (survey §2.3):
 - the input gradient with the same dense Θ;
 - the gradient of ϑ, which is the weight gradient *sampled at the d trained positions*: a
   sampled dense-dense product (SDDMM) over a CSR pattern built once per mask, by the tiled CPU
-  kernel of :mod:`drt_peft.layer.cpu_sddmm` or a CUDA kernel. No D-sized weight gradient is formed,
+  kernel of :mod:`drt_peft.layer.cpu_kernels` or a CUDA kernel. No D-sized weight gradient is formed,
   except transiently for a layer denser than :data:`DENSE_GRADIENT_DENSITY`, where the dense product
   is the faster way to the same d values.
 
@@ -114,7 +114,7 @@ def sddmm_dtype(dtype: torch.dtype) -> torch.dtype:
 
 #: The SDDMM kernels for CUDA tensors: PyTorch's ``sampled_addmm`` (cuSPARSE) or the Triton kernel of
 #: :mod:`drt_peft.layer.triton_sddmm` (needs the ``triton`` package). CPU tensors use the tiled kernel of
-#: :mod:`drt_peft.layer.cpu_sddmm`.
+#: :mod:`drt_peft.layer.cpu_kernels`.
 CUDA_SDDMM_KERNELS = ("sampled_addmm", "triton")
 _cuda_sddmm = {"kernel": "sampled_addmm"}
 
@@ -147,14 +147,14 @@ def sddmm(pattern: Tensor, a: Tensor, b: Tensor, dtype: torch.dtype | None = Non
     token-major activations. Computes in ``pattern.dtype`` and returns ``dtype`` (default
     ``a.dtype``): the gradient of float32 values from bfloat16 factors is computed and returned in
     float32, never rounded to bfloat16 on the way. On CPU the tiled kernel reads both factors in
-    their token-major layout (:mod:`drt_peft.layer.cpu_sddmm`); on CUDA ``sampled_addmm`` wants
+    their token-major layout (:mod:`drt_peft.layer.cpu_kernels`); on CUDA ``sampled_addmm`` wants
     ``a`` row-major and ``b`` column-major and gets copies, while the Triton kernel
     (:func:`set_cuda_sddmm_kernel` ``("triton")``) reads both in their own strides.
     """
     dtype = a.dtype if dtype is None else dtype
     kernel = sddmm_kernel(pattern)
     if kernel == "tiled":
-        from .cpu_sddmm import tiled_sddmm
+        from .cpu_kernels import tiled_sddmm
 
         values = tiled_sddmm(
             pattern.crow_indices(), pattern.col_indices(), a.t().to(pattern.dtype), b.to(pattern.dtype)
@@ -395,25 +395,37 @@ class DenseProduct:
 class CSRProduct:
     """The same products with a pruned Θ as CSR matrices of M (Θ viewed ``[out, fan_in]``) and Mᵀ.
 
-    y = (M xᵀ)ᵀ + b and ∂L/∂x = (Mᵀ gyᵀ)ᵀ run on CPU sparse kernels, which beat dense products
-    below about 3% density for BERT-base shapes (``benchmarks/layer_kernels.py``). The kernels
-    run in the dtype of the values (they lack bfloat16 and float16), with autocast disabled; the
-    result is cast to the input's dtype, which is what a dense product would return.
+    y = x Mᵀ + b and ∂L/∂x = gy M. On CPU they run on the tiled kernel of
+    :mod:`drt_peft.layer.cpu_kernels`, which reads and writes the token-major activations as they
+    are; elsewhere on PyTorch's CSR products, y = (M xᵀ)ᵀ. Below about 3% density they beat dense
+    products on BERT-base shapes (``benchmarks/layer_kernels.py``). Both run in the dtype of the
+    values (the kernels lack bfloat16 and float16), with autocast disabled; the result is cast to the
+    input's dtype, which is what a dense product would return.
     """
 
     def __init__(self, m: Tensor, mt: Tensor) -> None:
         self.m, self.mt = m, mt
 
+    @staticmethod
+    def _apply(matrix: Tensor, tokens: Tensor) -> Tensor:
+        """``tokens @ matrixᵀ`` for the ``[T, columns]`` rows of ``tokens``, in the matrix's dtype."""
+        tokens = tokens.to(matrix.dtype)
+        if tokens.device.type == "cpu":
+            from .cpu_kernels import tiled_spmm
+
+            return tiled_spmm(matrix.crow_indices(), matrix.col_indices(), matrix.values(), tokens)
+        return (matrix @ tokens.t()).t()
+
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         with no_autocast(x.device.type):
-            out = (self.m @ x.reshape(-1, x.shape[-1]).to(self.m.dtype).t()).t()
+            out = self._apply(self.m, x.reshape(-1, x.shape[-1]))
             if bias is not None:
                 out = out + bias.to(out.dtype)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.m.shape[0])
 
     def grad_input(self, grad_out: Tensor, x: Tensor) -> Tensor:
         with no_autocast(grad_out.device.type):
-            grad = (self.mt @ grad_out.reshape(-1, grad_out.shape[-1]).to(self.mt.dtype).t()).t()
+            grad = self._apply(self.mt, grad_out.reshape(-1, grad_out.shape[-1]))
         return grad.to(x.dtype).reshape(x.shape)
 
 

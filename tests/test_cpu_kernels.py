@@ -1,15 +1,16 @@
-"""The tiled CPU SDDMM and the choice between it and a dense weight gradient."""
+"""The tiled CPU kernels (SDDMM, SpMM) and the choice between the SDDMM and a dense weight gradient."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from drt_peft.layer import DRTLayer, ops
-from drt_peft.layer.cpu_sddmm import TILE, tiled_sddmm
+from drt_peft.layer.cpu_kernels import TILE, tiled_sddmm, tiled_spmm
 from drt_peft.layer.ops import _pattern_flat_indices, csr_pattern
 
 
@@ -28,6 +29,15 @@ def _dense_reference(pattern: torch.Tensor, a_tokens: torch.Tensor, b_tokens: to
     return dense.reshape(-1)[_pattern_flat_indices(pattern)].to(a_tokens.dtype)
 
 
+def _with_threads(threads: int, fn: Callable[[], Tensor]) -> Tensor:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("tokens", [1, TILE - 1, TILE, 3 * TILE + 5])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -36,12 +46,7 @@ def test_tiled_sddmm_matches_the_dense_product(tokens: int, threads: int, dtype:
     a = torch.randn(tokens, 37, generator=generator, dtype=dtype)
     b = torch.randn(tokens, 23, generator=generator, dtype=dtype)
     pattern = _random_pattern((37, 23), 90, dtype)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = tiled_sddmm(pattern.crow_indices(), pattern.col_indices(), a, b)
-    finally:
-        torch.set_num_threads(before)
+    got = _with_threads(threads, lambda: tiled_sddmm(pattern.crow_indices(), pattern.col_indices(), a, b))
     assert got.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
     assert torch.allclose(got, _dense_reference(pattern, a, b), atol=tolerance * tokens, rtol=tolerance)
@@ -58,6 +63,24 @@ def test_tiled_sddmm_with_empty_rows_strided_factors_and_no_tokens() -> None:
     assert torch.allclose(got, expected, atol=1e-5)
     empty = tiled_sddmm(pattern.crow_indices(), pattern.col_indices(), a[:0], b[:0])
     assert torch.equal(empty, torch.zeros(3))
+
+
+@pytest.mark.parametrize("tokens", [1, TILE - 1, TILE, 3 * TILE + 5])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiled_spmm_matches_the_dense_product(tokens: int, threads: int, dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(tokens, 23, generator=generator, dtype=dtype)
+    dense = torch.zeros(37, 23, dtype=dtype)
+    pattern = _random_pattern((37, 23), 90, dtype)  # some rows are empty: their outputs are zero
+    flat = _pattern_flat_indices(pattern)
+    dense.view(-1)[flat] = torch.randn(flat.numel(), generator=generator, dtype=dtype)
+    matrix = dense.to_sparse_csr()
+    got = _with_threads(threads, lambda: tiled_spmm(matrix.crow_indices(), matrix.col_indices(), matrix.values(), x))
+    assert got.dtype == dtype and got.shape == (tokens, 37)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(got, x @ dense.t(), atol=tolerance * 10, rtol=tolerance)
+    assert tiled_spmm(matrix.crow_indices(), matrix.col_indices(), matrix.values(), x[:0]).shape == (0, 37)
 
 
 def _trained_layer(density: float) -> tuple[DRTLayer, torch.Tensor]:
