@@ -55,9 +55,10 @@ class DRTLayer(BaseDRTLayer):
 
     Products (see :mod:`drt_peft.layer.ops`): in freeze mode Θ is the base module's own weight with
     ϑ written in place at ψ before each forward (cost ∝ d), so the forward is a plain dense product.
-    In prune mode a Linear or Conv1D layer at density ≤ :data:`CSR_MAX_DENSITY` (float32/64) keeps Θ
-    as CSR matrices built once per mask and runs its forward and input gradient on sparse kernels;
-    other pruned layers keep a dense zero tensor holding ϑ at ψ. In every case the gradient of ϑ
+    In prune mode a Linear or Conv1D layer with 0 < d ≤ :data:`CSR_MAX_DENSITY`·D (float32/64) keeps
+    Θ as CSR matrices built once per mask and runs its forward and input gradient on sparse kernels
+    (which autograd does not differentiate); other pruned layers keep a dense zero tensor holding ϑ
+    at ψ. In every case the gradient of ϑ
     is the weight gradient sampled at ψ; a dense weight gradient is formed only while a method
     asks for it (:attr:`capture_dense_grad`: RigL's update steps, SNFS, FISH re-scoring). A layer
     with no trained entry (d = 0, e.g. norm/bias-only training) runs the plain product under
@@ -83,7 +84,7 @@ class DRTLayer(BaseDRTLayer):
             mode == "prune"
             and isinstance(self.op, (LinearOp, Conv1DOp))
             and weight.dtype in (torch.float32, torch.float64)
-            and self.drt_indices.numel() <= CSR_MAX_DENSITY * weight.numel()
+            and 0 < self.drt_indices.numel() <= CSR_MAX_DENSITY * weight.numel()
         )
         if mode == "freeze":
             self.register_buffer("drt_base_values", self.drt_values.detach().clone())
