@@ -128,15 +128,17 @@ def _row_major(tensor: Tensor, slot: int, dtype: torch.dtype) -> Tensor:
     return buffers[key][: tensor.numel()].view(tensor.shape).copy_(tensor)
 
 
-#: The SDDMM kernels for CUDA tensors: PyTorch's ``sampled_addmm`` (cuSPARSE) or the Triton kernel of
-#: :mod:`drt_peft.layer.triton_sddmm` (needs the ``triton`` package). CPU tensors always use ``sampled_addmm``.
-CUDA_SDDMM_KERNELS = ("sampled_addmm", "triton")
+#: The SDDMM kernels for CUDA tensors: PyTorch's ``sampled_addmm`` (cuSPARSE), the Triton kernel of
+#: :mod:`drt_peft.layer.triton_sddmm` (needs the ``triton`` package), or ``"dense"``: the dense weight gradient
+#: of one layer on the tensor cores, gathered at ψ and freed (:func:`dense_sddmm`). CPU tensors always use
+#: ``sampled_addmm``.
+CUDA_SDDMM_KERNELS = ("sampled_addmm", "triton", "dense")
 _cuda_sddmm = {"kernel": "sampled_addmm"}
 
 
 def set_cuda_sddmm_kernel(kernel: str) -> None:
     """Choose the SDDMM kernel for CUDA tensors, one of :data:`CUDA_SDDMM_KERNELS` (``"sampled_addmm"`` until
-    ``scripts/gpu_check.sh`` has measured which is faster)."""
+    ``scripts/gpu_check.sh`` has measured which is faster: ``benchmarks/gpu_step.py`` times all three)."""
     check_choice("kernel", kernel, CUDA_SDDMM_KERNELS)
     if kernel == "triton":
         from . import triton_sddmm  # noqa: F401  (fails here, not in a backward, without triton)
@@ -150,8 +152,11 @@ def sddmm(pattern: Tensor, a: Tensor, b: Tensor, dtype: torch.dtype | None = Non
     float32 values from bfloat16 factors is computed and returned in float32, never rounded to
     bfloat16 on the way. The CPU kernel reads ``a`` row-major and ``b`` column-major and otherwise
     copies them itself, more slowly than the explicit transposing copies made here. On CUDA with
-    :func:`set_cuda_sddmm_kernel` ``("triton")`` the Triton kernel reads both in their own strides.
+    :func:`set_cuda_sddmm_kernel` ``("triton")`` the Triton kernel reads both in their own strides;
+    with ``("dense")`` the dense product is gathered (:func:`dense_sddmm`).
     """
+    if a.device.type == "cuda" and _cuda_sddmm["kernel"] == "dense":
+        return dense_sddmm(pattern, a, b).to(a.dtype if dtype is None else dtype)
     if a.device.type == "cuda" and _cuda_sddmm["kernel"] == "triton":
         from .triton_sddmm import coordinates
         from .triton_sddmm import sddmm as triton_sddmm
@@ -161,6 +166,17 @@ def sddmm(pattern: Tensor, a: Tensor, b: Tensor, dtype: torch.dtype | None = Non
     b_cols = _row_major(b.t(), 1, pattern.dtype).t()
     out = torch.sparse.sampled_addmm(pattern, a_rows, b_cols, beta=0.0).values()
     return out.to(a.dtype if dtype is None else dtype)
+
+
+def dense_sddmm(pattern: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``(a @ b)`` at the non-zeros of ``pattern``, in CSR order, by the dense product gathered at those positions.
+
+    The product is one layer's dense weight gradient, a transient D-sized tensor freed on return: on
+    a GPU the tensor cores' dense product can cost less than a sampled one. It computes in the
+    factors' dtype (bfloat16 under autocast, accumulated in float32 and rounded to bfloat16 as a
+    plain module's weight gradient is), not in ``pattern.dtype``.
+    """
+    return (a @ b).reshape(-1).index_select(0, _pattern_flat_indices(pattern))
 
 
 class WeightOp:
@@ -296,9 +312,12 @@ class Conv2dOp(WeightOp):
 
 
 def _pattern_flat_indices(pattern: Tensor) -> Tensor:
-    crow = pattern.crow_indices()
-    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
-    return rows * pattern.shape[1] + pattern.col_indices()
+    """The flat positions of the CSR ``pattern``'s non-zeros, in CSR order (no host synchronisation on a GPU)."""
+    crow, col = pattern.crow_indices(), pattern.col_indices()
+    rows = torch.repeat_interleave(
+        torch.arange(crow.numel() - 1, device=crow.device), crow.diff(), output_size=col.numel()
+    )
+    return rows * pattern.shape[1] + col
 
 
 #: Module type → its :class:`WeightOp`; :func:`register_weight_op` adds one.
