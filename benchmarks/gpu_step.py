@@ -10,10 +10,10 @@ For each model: full fine-tuning, and at 0.5% and 1% of the decoder's linear wei
 and PEFT SHiRA at the rank whose parameter count matches d, and DRT freeze and prune with a random
 mask (``RandomConfig``, the same ψ in both modes). Reported per method: the median step time
 with its quartiles over ``--steps`` steps after ``--warmup`` untimed ones (each step between two
-``torch.cuda.synchronize``), the peak GPU memory from building the model on
-(``torch.cuda.max_memory_allocated``, reset per method), tokens per second, the trainable count,
-the optimizer state and the seconds the model and the method took to build (DRT: selecting ψ).
-Then:
+``torch.cuda.synchronize``), the peak GPU memory (``torch.cuda.max_memory_allocated``, reset
+once each method's bfloat16 base exists: the base, the method, the training), tokens per second,
+the trainable count, the optimizer state and the seconds the model and the method took to build
+(DRT: selecting ψ). Then:
 
 - DRT freeze with each CUDA SDDMM kernel (``set_cuda_sddmm_kernel``: cuSPARSE ``sampled_addmm``,
   the Triton kernel, ``dense``: the dense weight gradient gathered at ψ), on the same model;
@@ -218,12 +218,12 @@ def _measure(method: Method, settings: dict, batch: dict[str, Tensor], args: arg
 def _rows(method: Method, settings: dict, batch: dict[str, Tensor], args: argparse.Namespace, row: dict) -> list[dict]:
     """Build the method on a fresh base and time it; DRT freeze on CUDA again with each further SDDMM kernel."""
     device = args.device
-    baseline = 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     start = time.perf_counter()
-    model = method.build(_base(settings, device)).train()
+    base = _base(settings, device)
+    if device.type == "cuda":  # the peak from here on: the float32 initialisation of the base does not count
+        torch.cuda.reset_peak_memory_stats(device)
+    model = method.build(base).train()
     row["build_s"] = time.perf_counter() - start
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-5, fused=device.type == "cuda")
     is_drt = isinstance(model, DRTModel)
@@ -510,7 +510,8 @@ def _markdown(result: dict) -> str:
     lines = [
         f"Batch {s['batch']} × {s['seq']} tokens of random ids; {s['dtype']}; {s['optimizer']}; "
         f"weights {s['weights']}. Median and quartiles of {s['steps_timed']} steps after {s['warmup']} untimed "
-        f"ones; peak memory from building the model on. {where}, {versions}. Command: `{result['command']}`.",
+        f"ones; peak memory from the bfloat16 base on (base, method, training). {where}, {versions}. "
+        f"Command: `{result['command']}`.",
         "",
     ]
     for name, model in result["models"].items():

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA path on a machine with one CUDA GPU, in under 8 minutes: tests/test_cuda.py, tests/test_triton.py
-# (the Triton kernel compiled for the GPU) and benchmarks/gpu_step.py. Tables and logs go to ${OUT:-outputs/gpu}:
-#   environment.txt  the GPU, driver and package versions
-#   tests.log        the tests' output (tests.xml: JUnit)
-#   gpu_step.md      the step and kernel tables (gpu_step.json: every number; gpu_step.log: the run's output)
+# (the Triton kernel compiled for the GPU), benchmarks/gpu_step.py, and examples/accelerate/train.py under the FSDP
+# config on this one GPU (a tiny model). Tables and logs go to ${OUT:-outputs/gpu}:
+#   environment.txt    the GPU, driver and package versions
+#   tests.log          the tests' output (tests.xml: JUnit)
+#   gpu_step.md        the step and kernel tables (gpu_step.json: every number; gpu_step.log: the run's output)
+#   fsdp_example.log   the FSDP example's output
 # Installs nothing: the GPU machine has no network. It needs a python3 whose torch sees the GPU, with transformers,
 # peft, accelerate, safetensors, huggingface_hub and pytest (triton for the Triton kernel); $PYTHON chooses it.
 # Exits non-zero when a test or a benchmark measurement fails, or a step runs past its time limit.
@@ -11,8 +13,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-outputs/gpu}"
-TESTS_LIMIT_S=150
-BENCH_LIMIT_S=290
+TESTS_LIMIT_S=130
+BENCH_LIMIT_S=270
+FSDP_LIMIT_S=60
 
 PY=""
 for candidate in "${PYTHON:-}" python3 /opt/torch/.venv/bin/python3 .venv/bin/python; do
@@ -75,9 +78,18 @@ timeout "$BENCH_LIMIT_S" "$PY" benchmarks/gpu_step.py --out "$OUT/gpu_step" 2>&1
 bench_rc=${PIPESTATUS[0]}
 echo "== gpu_step: exit $bench_rc after $((SECONDS - start)) s; tables in $OUT/gpu_step.md"
 
+start=$SECONDS
+echo "== examples/accelerate/train.py under examples/accelerate/fsdp.yaml, one process (at most ${FSDP_LIMIT_S} s)"
+timeout "$FSDP_LIMIT_S" "$PY" -m accelerate.commands.launch --config_file examples/accelerate/fsdp.yaml \
+  --num_processes 1 examples/accelerate/train.py --tiny --steps 100 --density 0.05 --method random \
+  --output-dir "$(mktemp -d)" 2>&1 | tee "$OUT/fsdp_example.log"
+fsdp_rc=${PIPESTATUS[0]}
+echo "== FSDP example: exit $fsdp_rc after $((SECONDS - start)) s"
+
 [ "$tests_rc" -eq 124 ] && echo "error: the tests ran past ${TESTS_LIMIT_S} s" >&2
 [ "$bench_rc" -eq 124 ] && echo "error: gpu_step.py ran past ${BENCH_LIMIT_S} s (the models it finished are in $OUT)" >&2
-if [ "$tests_rc" -ne 0 ]; then
-  exit "$tests_rc"
-fi
-exit "$bench_rc"
+[ "$fsdp_rc" -eq 124 ] && echo "error: the FSDP example ran past ${FSDP_LIMIT_S} s" >&2
+for rc in "$tests_rc" "$bench_rc" "$fsdp_rc"; do
+  [ "$rc" -ne 0 ] && exit "$rc"
+done
+exit 0
