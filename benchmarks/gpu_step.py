@@ -21,7 +21,7 @@ the trainable count, the optimizer state and the seconds the model and the metho
   gradient, and the prune-mode forward + input gradient on CSR kernels (float32, cuSPARSE)
   against dense products (bfloat16) — the measurement behind ``CSR_DEVICE_TYPES``.
 
-Writes ``OUT.json`` and ``OUT.md`` after each model, so a run cut short keeps what finished; a
+Writes ``OUT.json`` and ``OUT.md`` after each method, so a run cut short keeps what finished; a
 method that fails is reported with its error and the script exits 1 at the end::
 
     python benchmarks/gpu_step.py --out outputs/gpu/gpu_step      # one CUDA GPU (scripts/gpu_check.sh)
@@ -435,11 +435,13 @@ def main() -> int:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, settings["vocab_size"], (args.batch, args.seq), generator=g).to(args.device)
         batch = {"input_ids": ids, "labels": ids}
-        rows = [row for method in _methods({}) for row in _measure(method, settings, batch, args)]
-        kernels = _kernel_table(settings, args.batch * args.seq, args)
-        failed |= any("error" in row for row in rows) or any(entry["errors"] for entry in kernels)
-        result["models"][name] = {"config": settings, "rows": rows, "kernels": kernels}
-        write_report(args.out, result, _markdown)
+        kernels = _kernel_table(settings, args.batch * args.seq, args)  # seconds: first, so a run cut short has it
+        model = result["models"][name] = {"config": settings, "rows": [], "kernels": kernels}
+        for method in _methods({}):
+            model["rows"] += _measure(method, settings, batch, args)
+            write_report(args.out, result, _markdown, echo=False)  # a run cut short keeps what finished
+        failed |= any("error" in row for row in model["rows"]) or any(entry["errors"] for entry in model["kernels"])
+    write_report(args.out, result, _markdown)
     return 1 if failed else 0
 
 
@@ -527,13 +529,17 @@ def _markdown(result: dict) -> str:
             "",
             *_step_table(model["rows"]),
             "",
-            f"One layer, {model['kernels'][0]['tokens']:,} tokens in bfloat16, milliseconds per call: the weight "
-            "gradient (dense as in full fine-tuning; sampled at ψ by each SDDMM kernel) and the prune-mode forward "
-            "+ input gradient (dense, the float32 weight cast to bfloat16 as under autocast; CSR kernels in float32).",
-            "",
-            *_kernel_lines(model["kernels"]),
-            "",
         ]
+        if model["kernels"]:
+            lines += [
+                f"One layer, {model['kernels'][0]['tokens']:,} tokens in bfloat16, milliseconds per call: the weight "
+                "gradient (dense as in full fine-tuning; sampled at ψ by each SDDMM kernel) and the prune-mode "
+                "forward + input gradient (dense, the float32 weight cast to bfloat16 as under autocast; CSR kernels "
+                "in float32).",
+                "",
+                *_kernel_lines(model["kernels"]),
+                "",
+            ]
     return "\n".join(lines)
 
 

@@ -13,8 +13,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-outputs/gpu}"
-TESTS_LIMIT_S=130
-BENCH_LIMIT_S=270
+TESTS_LIMIT_S=100
+BENCH_LIMIT_S=300
 FSDP_LIMIT_S=60
 
 PY=""
@@ -87,7 +87,7 @@ fsdp_rc=${PIPESTATUS[0]}
 echo "== FSDP example: exit $fsdp_rc after $((SECONDS - start)) s"
 
 [ "$tests_rc" -eq 124 ] && echo "error: the tests ran past ${TESTS_LIMIT_S} s" >&2
-[ "$bench_rc" -eq 124 ] && echo "error: gpu_step.py ran past ${BENCH_LIMIT_S} s (the models it finished are in $OUT)" >&2
+[ "$bench_rc" -eq 124 ] && echo "error: gpu_step.py ran past ${BENCH_LIMIT_S} s (what it finished is in $OUT/gpu_step.md)" >&2
 [ "$fsdp_rc" -eq 124 ] && echo "error: the FSDP example ran past ${FSDP_LIMIT_S} s" >&2
 for rc in "$tests_rc" "$bench_rc" "$fsdp_rc"; do
   [ "$rc" -ne 0 ] && exit "$rc"
