@@ -211,7 +211,7 @@ def _measure(method: Method, settings: dict, batch: dict[str, Tensor], args: arg
     _free(device)
     for r in rows:
         outcome = r.get("error") or f"{r['median_ms']:.1f} ms (built in {r['build_s']:.1f} s)"
-        print(f"  {r['method']} {r['density']} {r['kernel'] or ''}: {outcome}", flush=True)
+        print(f"  {r['method']} {r['density'] or ''} {r['kernel'] or ''}: {outcome}", flush=True)
     return rows
 
 
@@ -237,8 +237,9 @@ def _rows(method: Method, settings: dict, batch: dict[str, Tensor], args: argpar
     )
     rows = [row]
     if is_drt and method.name == "DRT freeze" and device.type == "cuda":
+        measured = ("median_ms", "q1_ms", "q3_ms", "tokens_per_s", "peak_bytes")
         for kernel in _kernels()[1:]:
-            variant = {**row, "kernel": kernel}
+            variant = {**{k: v for k, v in row.items() if k not in measured}, "kernel": kernel}
             try:
                 ops.set_cuda_sddmm_kernel(kernel)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -435,12 +436,17 @@ def main() -> int:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, settings["vocab_size"], (args.batch, args.seq), generator=g).to(args.device)
         batch = {"input_ids": ids, "labels": ids}
-        kernels = _kernel_table(settings, args.batch * args.seq, args)  # seconds: first, so a run cut short has it
-        model = result["models"][name] = {"config": settings, "rows": [], "kernels": kernels}
+        model = result["models"][name] = {"config": settings, "rows": [], "kernels": [], "kernel_error": None}
+        try:  # seconds: first, so that a run cut short has it
+            model["kernels"] = _kernel_table(settings, args.batch * args.seq, args)
+        except Exception as err:
+            traceback.print_exc()
+            model["kernel_error"] = _error(err)
         for method in _methods({}):
             model["rows"] += _measure(method, settings, batch, args)
             write_report(args.out, result, _markdown, echo=False)  # a run cut short keeps what finished
-        failed |= any("error" in row for row in model["rows"]) or any(entry["errors"] for entry in model["kernels"])
+        failed |= any("error" in row for row in model["rows"]) or bool(model["kernel_error"])
+        failed |= any(entry["errors"] for entry in model["kernels"])
     write_report(args.out, result, _markdown)
     return 1 if failed else 0
 
@@ -530,6 +536,8 @@ def _markdown(result: dict) -> str:
             *_step_table(model["rows"]),
             "",
         ]
+        if model["kernel_error"]:
+            lines += [f"The one-layer kernel table failed: {model['kernel_error']}.", ""]
         if model["kernels"]:
             lines += [
                 f"One layer, {model['kernels'][0]['tokens']:,} tokens in bfloat16, milliseconds per call: the weight "
