@@ -40,9 +40,15 @@ def machine(threads: int | None = None) -> dict:
 
 
 def write_report(
-    out: str, report: dict, markdown: Callable[[dict], str], plot: Callable[[dict, ModuleType], Figure] | None = None
+    out: str,
+    report: dict,
+    markdown: Callable[[dict], str],
+    plot: Callable[[dict, ModuleType], Figure] | None = None,
+    *,
+    echo: bool = True,
 ) -> None:
-    """Write ``out.json``, ``out.md`` and, given ``plot``, ``out.png``, each atomically; print the markdown.
+    """Write ``out.json``, ``out.md`` and, given ``plot``, ``out.png``, each atomically; print the markdown (unless
+    ``echo`` is False: a report kept up to date while a suite runs).
 
     ``plot(report, pyplot)`` draws with the non-interactive backend and returns its figure.
     """
@@ -60,7 +66,8 @@ def write_report(
         figure.savefig(out + ".tmp.png", dpi=120)
         plt.close(figure)
         os.replace(out + ".tmp.png", out + ".png")
-    print(markdown(report))
+    if echo:
+        print(markdown(report))
 
 
 def percent(mean: float, std: float | None) -> str:

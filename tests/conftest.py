@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterable, Mapping
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter, on CPU tensors
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors; with one they compile and
+# tests/test_triton.py hands them CUDA tensors. An explicit TRITON_INTERPRET is kept either way.
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from safetensors import safe_open
 from safetensors.torch import save_file

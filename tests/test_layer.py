@@ -8,9 +8,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from drt_peft import DRTLayer, RandomConfig, get_drt_model
+from drt_peft.layer import layer as layer_module
 from drt_peft.layer import ops
 from drt_peft.layer.frozen_decay import FrozenDecayLayer
-from drt_peft.layer.ops import SampledWeightFunction, csr_pattern, sddmm, weight_op
+from drt_peft.layer.ops import SampledWeightFunction, csr_pattern, dense_sddmm, sddmm, weight_op
 
 
 def _modules() -> dict[str, tuple[nn.Module, tuple[int, ...], int]]:
@@ -106,6 +107,54 @@ def test_sddmm_matches_dense_product_in_float32_and_bfloat16() -> None:
     low = sddmm(csr_pattern(indices, (8, 6), torch.float32), a.bfloat16(), b.bfloat16())
     assert low.dtype == torch.bfloat16
     assert torch.allclose(low.float(), dense, atol=0.1, rtol=0.05)
+
+
+def test_the_dense_sddmm_gathers_the_dense_product() -> None:
+    """The CUDA kernel choice ``"dense"`` (run here on CPU tensors): Linear's and Conv1D's factors as strided views."""
+    g = torch.Generator().manual_seed(4)
+    data = torch.randn(20, 14, generator=g, dtype=torch.float64)
+    for a, b in ((data[:, :8].t(), data[:, 8:]), (data[:, 8:].t(), data[:, :8])):
+        indices = _random_indices(a.shape[0] * b.shape[1], 10, seed=3)
+        pattern = csr_pattern(indices, (a.shape[0], b.shape[1]), torch.float64)
+        assert torch.equal(dense_sddmm(pattern, a, b), (a @ b).reshape(-1)[indices])
+        assert torch.allclose(dense_sddmm(pattern, a, b), sddmm(pattern, a, b))
+    empty = csr_pattern(torch.empty(0, dtype=torch.int64), (8, 6), torch.float64)
+    assert dense_sddmm(empty, data[:, :8].t(), data[:, 8:]).shape == (0,)
+
+
+def test_a_csr_layer_runs_dense_products_on_a_device_without_the_csr_kernels(monkeypatch) -> None:
+    """The CSR kernels follow the weight's device (CSR_DEVICE_TYPES: CPU); elsewhere the layer runs dense products,
+    its dense buffer allocated when first needed and dropped when the layer is back where the CSR kernels run."""
+    module, x_shape, d = _modules()["linear-sparse"]
+    indices = _random_indices(module.weight.numel(), d)
+    layer = DRTLayer(module, indices, "prune", train_bias=True)
+    with torch.no_grad():
+        layer.drt_values.add_(1.0)
+    assert layer.sparse_kernels and layer.drt_effective.numel() == 0  # no D-sized buffer beside the CSR matrices
+    x = torch.randn(x_shape, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(*x_shape[:-1], 30, generator=torch.Generator().manual_seed(2))
+    layer(x).backward(grad_out)
+    expected = layer.drt_values.grad.clone(), module.bias.grad.clone()
+    layer.drt_values.grad = module.bias.grad = None
+
+    monkeypatch.setattr(layer_module, "CSR_DEVICE_TYPES", ())  # as on a CUDA device
+    assert not layer.sparse_kernels and "sparse_kernels" not in repr(layer)
+    dense_out = layer(x)
+    assert layer.drt_effective.shape == module.weight.shape
+    assert torch.equal(layer.effective_weight(), layer.drt_effective)
+    dense_out.backward(grad_out)
+    assert torch.allclose(layer.drt_values.grad, expected[0], atol=1e-6)
+    assert torch.allclose(module.bias.grad, expected[1], atol=1e-6)
+    moved = _random_indices(module.weight.numel(), d, seed=5)
+    layer.update_indices(moved)  # the dropped entries leave the dense buffer; the grown ones start at 0
+    with torch.no_grad():
+        layer.drt_values.add_(1.0)
+    assert torch.equal(layer.effective_weight().reshape(-1).nonzero().flatten(), moved)
+
+    monkeypatch.setattr(layer_module, "CSR_DEVICE_TYPES", ("cpu",))
+    layer.float()  # any move (to, cuda, cpu, float) re-decides
+    assert layer.sparse_kernels and layer.drt_effective.numel() == 0
+    assert torch.equal(layer.effective_weight().reshape(-1).nonzero().flatten(), moved)
 
 
 def test_values_written_after_fused_optimizer_step() -> None:

@@ -1,6 +1,13 @@
-"""The Triton SDDMM against a dense reference; without a GPU, in Triton's interpreter (see conftest)."""
+"""The Triton SDDMM against a dense reference: compiled on a GPU, or on CPU tensors in Triton's interpreter.
+
+Without a GPU the conftest sets ``TRITON_INTERPRET=1`` (an explicit setting is kept), and the
+kernel runs on CPU tensors; otherwise it is compiled and the same tests run on CUDA tensors
+(``scripts/gpu_check.sh``).
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -13,11 +20,18 @@ from drt_peft.layer import ops
 from drt_peft.layer.ops import csr_pattern
 from drt_peft.layer.triton_sddmm import BLOCK_K, BLOCK_N, coordinates, sddmm
 
+#: Where the kernel's operands live: CPU tensors for the interpreter, else the GPU the kernel is compiled for.
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 and no CUDA device: nothing can run the kernel", allow_module_level=True)
+
 
 def _case(rows: int, cols: int, depth: int, nnz: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted flat positions of ``nnz`` entries of a ``rows × cols`` weight and ``depth × (rows + cols)`` data,
+    on :data:`DEVICE`."""
     g = torch.Generator().manual_seed(seed)
     indices = torch.randperm(rows * cols, generator=g)[:nnz].sort().values
-    return indices, torch.randn(depth, rows + cols, generator=g)
+    return indices.to(DEVICE), torch.randn(depth, rows + cols, generator=g).to(DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -48,14 +62,15 @@ def test_conv1d_factors_and_empty_patterns() -> None:
     x, grad_out = data[:, :10], data[:, 10:]
     got = sddmm(*coordinates(csr_pattern(indices, (10, 6), torch.float32)), x.t(), grad_out)
     assert torch.allclose(got, (x.t() @ grad_out).reshape(-1)[indices], atol=1e-5)
-    empty = csr_pattern(torch.empty(0, dtype=torch.int64), (10, 6), torch.float32)
+    empty = csr_pattern(torch.empty(0, dtype=torch.int64, device=DEVICE), (10, 6), torch.float32)
     assert sddmm(*coordinates(empty), x.t(), grad_out).numel() == 0
     with pytest.raises(ValueError, match=r"a is \(10, 24\) and b is \(6, 24\); their inner sizes must agree"):
         sddmm(*coordinates(empty), x.t(), grad_out.t())
 
 
 def test_the_cuda_kernel_is_chosen_by_name() -> None:
-    with pytest.raises(ValueError, match=r"kernel='cublas' is not supported; use one of \['sampled_addmm', 'triton'\]"):
+    allowed = r"\['sampled_addmm', 'triton', 'dense'\]"
+    with pytest.raises(ValueError, match=rf"kernel='cublas' is not supported; use one of {allowed}"):
         ops.set_cuda_sddmm_kernel("cublas")
     ops.set_cuda_sddmm_kernel("triton")
     ops.set_cuda_sddmm_kernel("sampled_addmm")

@@ -22,8 +22,14 @@ from .ops import (
 
 T = TypeVar("T")
 
-#: Prune-mode Linear/Conv1D layers at or below this density run their products on CSR kernels.
+#: Prune-mode Linear/Conv1D layers at or below this density run their products on CSR kernels (on the devices of
+#: :data:`CSR_DEVICE_TYPES`).
 CSR_MAX_DENSITY = 0.03
+#: The device types on which such layers use the CSR kernels: where they were measured to beat dense products
+#: (CPU, ``benchmarks/layer_kernels.py``). Elsewhere (CUDA: dense bfloat16/float16 products run on the tensor
+#: cores, the CSR kernels in float32 on the CUDA cores; ``benchmarks/gpu_step.py`` measures both) the same layer
+#: runs dense products; the choice follows the weight's device when the model moves.
+CSR_DEVICE_TYPES: tuple[str, ...] = ("cpu",)
 
 
 def _set_values(param: nn.Parameter, values: Tensor) -> None:
@@ -55,15 +61,19 @@ class DRTLayer(BaseDRTLayer):
 
     Products (see :mod:`drt_peft.layer.ops`): in freeze mode Θ is the base module's own weight with
     ϑ written in place at ψ before each forward (cost ∝ d), so the forward is a plain dense product.
-    In prune mode a Linear or Conv1D layer with 0 < d ≤ :data:`CSR_MAX_DENSITY`·D (float32/64) keeps
-    Θ as CSR matrices built once per mask and runs its forward and input gradient on sparse kernels
-    (which autograd does not differentiate); other pruned layers keep a dense zero tensor holding ϑ
-    at ψ. In every case the gradient of ϑ
-    is the weight gradient sampled at ψ; a dense weight gradient is formed only while a method
-    asks for it (:attr:`capture_dense_grad`: RigL's update steps, SNFS, FISH re-scoring). A layer
-    with no trained entry (d = 0, e.g. norm/bias-only training) runs the plain product under
-    autograd: input and bias gradients only, no sampled product. With ``train_bias`` the base bias
-    is kept aside (``drt_base_bias``) so :meth:`unload` restores it too.
+    In prune mode a Linear or Conv1D layer with 0 < d ≤ :data:`CSR_MAX_DENSITY`·D (float32/64) on a
+    device of :data:`CSR_DEVICE_TYPES` keeps Θ as CSR matrices built once per mask and runs its
+    forward and input gradient on sparse kernels (:attr:`sparse_kernels`; autograd does not
+    differentiate them); other pruned layers keep a dense zero tensor holding ϑ at ψ
+    (``drt_effective``; a layer that would use the CSR kernels elsewhere allocates it when it first
+    runs dense, and drops it when back on such a device). In every case the gradient of ϑ is the
+    weight gradient sampled at ψ; a dense weight gradient is formed only while a method asks for it
+    (:attr:`capture_dense_grad`: RigL's update steps, SNFS, FISH re-scoring) or transiently, one
+    layer at a time, where a dense product is the faster way to the d values
+    (:meth:`~drt_peft.layer.ops.WeightOp.grad_kernel`). A layer with no trained entry (d = 0, e.g.
+    norm/bias-only training) runs the plain product under autograd: input and bias gradients only,
+    no sampled product. With ``train_bias`` the base bias is kept aside (``drt_base_bias``) so
+    :meth:`unload` restores it too.
 
     Dtypes: the products run in :func:`~drt_peft.layer.ops.compute_dtype`, the weight's dtype or,
     under ``torch.autocast``, autocast's (the input is cast to it, the output has it, as with a
@@ -80,7 +90,7 @@ class DRTLayer(BaseDRTLayer):
         super().__init__(base_layer, indices, train_bias)
         self.mode = mode
         weight = self.base_layer.weight
-        self.sparse_kernels = (
+        self._csr_eligible = (
             mode == "prune"
             and isinstance(self.op, (LinearOp, Conv1DOp))
             and weight.dtype in (torch.float32, torch.float64)
@@ -88,8 +98,9 @@ class DRTLayer(BaseDRTLayer):
         )
         if mode == "freeze":
             self.register_buffer("drt_base_values", self.drt_values.detach().clone())
-        elif not self.sparse_kernels:
-            self.register_buffer("drt_effective", torch.zeros_like(weight), persistent=False)
+        else:
+            dense = torch.zeros_like(weight) if not self.sparse_kernels else weight.new_empty(0)
+            self.register_buffer("drt_effective", dense, persistent=False)
         #: When True, the next backwards also form the dense weight gradient into :attr:`dense_grad`.
         self.capture_dense_grad = False
         self.dense_grad: Tensor | None = None
@@ -100,9 +111,18 @@ class DRTLayer(BaseDRTLayer):
             self._cache[key] = build()
         return self._cache[key]
 
+    @property
+    def sparse_kernels(self) -> bool:
+        """Whether the forward and input gradient run on CSR kernels: a prune-mode Linear/Conv1D layer of float32/64
+        at density ≤ :data:`CSR_MAX_DENSITY`, while its weight is on a device of :data:`CSR_DEVICE_TYPES`."""
+        return self._csr_eligible and self.base_layer.weight.device.type in CSR_DEVICE_TYPES
+
     def _apply(self, fn, recurse: bool = True):
         self._cache.clear()
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        if self.sparse_kernels and self.drt_effective.numel():  # back on a device of the CSR kernels
+            self.drt_effective = self.drt_effective.new_empty(0)
+        return result
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the kernel caches behind (CSR tensors cannot be copied); they rebuild."""
@@ -111,7 +131,12 @@ class DRTLayer(BaseDRTLayer):
     def _materialised(self) -> Tensor:
         """The dense weight the products use (freeze: the base weight with ϑ written at ψ; dense prune: a zero
         buffer holding ϑ at ψ)."""
-        weight = self.base_layer.weight if self.mode == "freeze" else self.drt_effective
+        if self.mode == "freeze":
+            weight = self.base_layer.weight
+        else:
+            if not self.drt_effective.numel():  # a layer of the CSR kernels running dense (on CUDA): allocated now
+                self.drt_effective = torch.zeros_like(self.base_layer.weight)
+            weight = self.drt_effective
         with torch.no_grad():
             weight.view(-1).index_copy_(0, self.drt_indices, self.drt_values.detach().to(weight.dtype))
         return weight
@@ -149,7 +174,7 @@ class DRTLayer(BaseDRTLayer):
         with torch.no_grad():
             if self.mode == "freeze":
                 self.base_layer.weight.view(-1).index_copy_(0, self.drt_indices, self.drt_base_values)
-            elif not self.sparse_kernels:
+            elif self.drt_effective.numel():
                 self.drt_effective.view(-1)[self.drt_indices] = 0
 
     def suspend(self) -> nn.Module:
@@ -232,7 +257,7 @@ class DRTLayer(BaseDRTLayer):
                 base[~kept] = flat[indices[~kept]]
                 values[~kept] = self._frozen_values(base[~kept]).to(values.dtype)
                 self.drt_base_values = base
-            elif not self.sparse_kernels:
+            elif self.drt_effective.numel():
                 self.drt_effective.view(-1)[old[~kept_old]] = 0
         if optimizer is not None:
             state = optimizer.state.get(self.drt_values, {})

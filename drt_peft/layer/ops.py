@@ -112,10 +112,11 @@ def sddmm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _SDDMM_DTYPES else torch.float32
 
 
-#: The SDDMM kernels for CUDA tensors: PyTorch's ``sampled_addmm`` (cuSPARSE) or the Triton kernel of
-#: :mod:`drt_peft.layer.triton_sddmm` (needs the ``triton`` package). CPU tensors use the tiled kernel of
-#: :mod:`drt_peft.layer.cpu_kernels`.
-CUDA_SDDMM_KERNELS = ("sampled_addmm", "triton")
+#: The SDDMM kernels for CUDA tensors: PyTorch's ``sampled_addmm`` (cuSPARSE), the Triton kernel of
+#: :mod:`drt_peft.layer.triton_sddmm` (needs the ``triton`` package), or ``"dense"``: the dense weight gradient
+#: of one layer on the tensor cores, gathered at ψ and freed (:func:`dense_sddmm`). CPU tensors use the tiled
+#: kernel of :mod:`drt_peft.layer.cpu_kernels`.
+CUDA_SDDMM_KERNELS = ("sampled_addmm", "triton", "dense")
 _cuda_sddmm = {"kernel": "sampled_addmm"}
 
 #: Above this density a layer's weight gradient is formed as a dense product and gathered at ψ
@@ -128,7 +129,7 @@ DENSE_GRADIENT_DENSITY = 0.1
 
 def set_cuda_sddmm_kernel(kernel: str) -> None:
     """Choose the SDDMM kernel for CUDA tensors, one of :data:`CUDA_SDDMM_KERNELS` (``"sampled_addmm"`` until
-    ``scripts/gpu_check.sh`` has measured which is faster)."""
+    ``scripts/gpu_check.sh`` has measured which is faster: ``benchmarks/gpu_step.py`` times all three)."""
     check_choice("kernel", kernel, CUDA_SDDMM_KERNELS)
     if kernel == "triton":
         from . import triton_sddmm  # noqa: F401  (fails here, not in a backward, without triton)
@@ -147,9 +148,10 @@ def sddmm(pattern: Tensor, a: Tensor, b: Tensor, dtype: torch.dtype | None = Non
     token-major activations. Computes in ``pattern.dtype`` and returns ``dtype`` (default
     ``a.dtype``): the gradient of float32 values from bfloat16 factors is computed and returned in
     float32, never rounded to bfloat16 on the way. On CPU the tiled kernel reads both factors in
-    their token-major layout (:mod:`drt_peft.layer.cpu_kernels`); on CUDA ``sampled_addmm`` wants
-    ``a`` row-major and ``b`` column-major and gets copies, while the Triton kernel
-    (:func:`set_cuda_sddmm_kernel` ``("triton")``) reads both in their own strides.
+    their token-major layout (:mod:`drt_peft.layer.cpu_kernels`). On CUDA ``sampled_addmm`` wants
+    ``a`` row-major and ``b`` column-major and gets copies; the Triton kernel
+    (:func:`set_cuda_sddmm_kernel` ``("triton")``) reads both in their own strides; ``("dense")``
+    gathers the dense product (:func:`dense_sddmm`).
     """
     dtype = a.dtype if dtype is None else dtype
     kernel = sddmm_kernel(pattern)
@@ -160,6 +162,8 @@ def sddmm(pattern: Tensor, a: Tensor, b: Tensor, dtype: torch.dtype | None = Non
             pattern.crow_indices(), pattern.col_indices(), a.t().to(pattern.dtype), b.to(pattern.dtype)
         )
         return values.to(dtype)
+    if kernel == "dense":
+        return dense_sddmm(pattern, a, b).to(dtype)
     if kernel == "triton":
         from .triton_sddmm import coordinates
         from .triton_sddmm import sddmm as triton_sddmm
@@ -168,6 +172,17 @@ def sddmm(pattern: Tensor, a: Tensor, b: Tensor, dtype: torch.dtype | None = Non
     a_rows = a.to(pattern.dtype).contiguous()
     b_cols = b.t().to(pattern.dtype).contiguous().t()
     return torch.sparse.sampled_addmm(pattern, a_rows, b_cols, beta=0.0).values().to(dtype)
+
+
+def dense_sddmm(pattern: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``(a @ b)`` at the non-zeros of ``pattern``, in CSR order, by the dense product gathered at those positions.
+
+    The product is one layer's dense weight gradient, a transient D-sized tensor freed on return: on
+    a GPU the tensor cores' dense product can cost less than a sampled one. It computes in the
+    factors' dtype (bfloat16 under autocast, accumulated in float32 and rounded to bfloat16 as a
+    plain module's weight gradient is), not in ``pattern.dtype``.
+    """
+    return (a @ b).reshape(-1).index_select(0, _pattern_flat_indices(pattern))
 
 
 class WeightOp:
@@ -321,9 +336,12 @@ class Conv2dOp(WeightOp):
 
 
 def _pattern_flat_indices(pattern: Tensor) -> Tensor:
-    crow = pattern.crow_indices()
-    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
-    return rows * pattern.shape[1] + pattern.col_indices()
+    """The flat positions of the CSR ``pattern``'s non-zeros, in CSR order (no host synchronisation on a GPU)."""
+    crow, col = pattern.crow_indices(), pattern.col_indices()
+    rows = torch.repeat_interleave(
+        torch.arange(crow.numel() - 1, device=crow.device), crow.diff(), output_size=col.numel()
+    )
+    return rows * pattern.shape[1] + col
 
 
 #: Module type → its :class:`WeightOp`; :func:`register_weight_op` adds one.

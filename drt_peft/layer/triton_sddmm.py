@@ -43,10 +43,16 @@ def _sddmm_kernel(
 
 
 def coordinates(pattern: Tensor) -> tuple[Tensor, Tensor]:
-    """The row and column of every stored entry of the CSR ``pattern``, in CSR order."""
-    crow = pattern.crow_indices()
-    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
-    return rows, pattern.col_indices()
+    """The row and column of every stored entry of the CSR ``pattern``, in CSR order.
+
+    The number of rows produced is given (``output_size``), so a GPU computes them without
+    synchronising with the host, which would stall every backward.
+    """
+    crow, cols = pattern.crow_indices(), pattern.col_indices()
+    rows = torch.repeat_interleave(
+        torch.arange(crow.numel() - 1, device=crow.device), crow.diff(), output_size=cols.numel()
+    )
+    return rows, cols
 
 
 def sddmm(rows: Tensor, cols: Tensor, a: Tensor, b: Tensor) -> Tensor:
