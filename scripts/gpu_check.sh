@@ -7,7 +7,7 @@
 #   gpu_step.md        the step and kernel tables (gpu_step.json: every number; gpu_step.log: the run's output)
 #   fsdp_example.log   the FSDP example's output
 # Installs nothing: the GPU machine has no network. It needs a python3 whose torch sees the GPU, with transformers,
-# peft, accelerate, safetensors, huggingface_hub and pytest (triton for the Triton kernel); $PYTHON chooses it.
+# peft, accelerate, safetensors, huggingface_hub, numba and pytest (triton for the Triton kernel); $PYTHON chooses it.
 # Exits non-zero when a test or a benchmark measurement fails, or a step runs past its time limit.
 #   bash scripts/gpu_check.sh
 set -uo pipefail
@@ -33,7 +33,7 @@ if [ -z "$PY" ]; then
 fi
 missing=$("$PY" - <<'EOF'
 import importlib.util
-need = ["transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "numpy", "tqdm", "pytest"]
+need = ["transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "numba", "numpy", "tqdm", "pytest"]
 print(" ".join(name for name in need if importlib.util.find_spec(name) is None))
 EOF
 )
