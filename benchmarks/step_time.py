@@ -19,18 +19,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _builders import adapter_bytes, lora_rank, peft_model, trainable_count, trainable_parameters
+from _builders import ENCODER_LINEAR, adapter_bytes, lora_rank, peft_model, trainable_count, trainable_parameters
 from _report import add_options, command, cpu_threads, machine, write_report
 from transformers import BertConfig, BertForSequenceClassification
 
 from drt_peft import MagnitudeConfig, RandomConfig, get_drt_model
 from drt_peft.apps.recipes.text_classification import optimizer_state_bytes
 from drt_peft.base_weights import PROBE_BYTES_PER_LAYER
-
-ENCODER_LINEAR = (
-    r"bert\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
-    r"|intermediate\.dense|output\.dense)"
-)
 
 
 @dataclass

@@ -857,7 +857,7 @@ class DRTModel(nn.Module):
         replacements = {} if sparse is None else sparse_modules(self.drt_layers(), sparse)
         self._inactive.clear()
         for name, layer in list(self.drt_layers()):
-            _set_submodule(self.get_base_model(), name, replacements.get(name) or layer.merge())
+            _set_submodule(self.get_base_model(), name, replacements[name] if name in replacements else layer.merge())
         return self.get_base_model()
 
     def unload(self) -> nn.Module:

@@ -279,6 +279,15 @@ def test_gpt2_condensed_round_trip_keeps_the_tied_head(tmp_path) -> None:
     torch.testing.assert_close(_logits(loaded, ids), _logits(merged, ids), rtol=0, atol=0)
 
 
+def test_a_bfloat16_model_loads_back_in_bfloat16(tmp_path) -> None:
+    merged = _merged(tiny_bert(attn_implementation="sdpa"), PRUNED_90, "csr").to(torch.bfloat16)
+    save_sparse_model(merged, tmp_path)
+    loaded = load_sparse_model(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(loaded, ids), _logits(merged, ids), rtol=0, atol=0)
+
+
 def test_transformers_from_pretrained_refuses_the_folder(tmp_path) -> None:
     save_sparse_model(_merged(tiny_bert(), PRUNED_90, "csr"), tmp_path)
     with pytest.raises(OSError, match=r"model\.safetensors"):

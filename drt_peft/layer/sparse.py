@@ -15,14 +15,14 @@ transformers' ``Conv1D`` weight), in one of three layouts:
   ≥ 8.0 in float16/bfloat16, through PyTorch's semi-structured sparse tensors
   (``torch.sparse.to_sparse_semi_structured``); stored like ``"condensed"``.
 
-Kernels. The CPU kernels were chosen by measurement (``benchmarks/layer_kernels.py``, one thread, same-process
-ratios to ``nn.Linear``) and are picked per call from the number of input rows n (batch × sequence) and the
-density ρ = d/D:
+Kernels. The CPU kernels were chosen by design-time measurements (one thread on a shared 2-core machine,
+same-process ratios to ``nn.Linear``; ``benchmarks/layer_kernels.py`` measures the result) and are picked per
+call from the number of input rows n (batch × sequence) and the density ρ = d/D:
 
-1. n·ρ² ≥ :data:`_DENSE_WORK`: M is scattered into a transient dense matrix for one dense product. At
-   thousands of rows a dense GEMM runs near the machine's peak while sparse kernels do not (at ρ = 0.1 and
-   2,048 rows the best of them reached 0.8–1.4× dense), and forming M costs about one dense
-   matrix-vector product.
+1. n ≥ :data:`_DENSE_MIN_ROWS` and n·ρ² ≥ :data:`_DENSE_WORK`: M is scattered into a transient dense matrix for
+   one dense product. At thousands of rows a dense GEMM runs near the machine's peak while sparse kernels do
+   not (at ρ = 0.1 and 2,048 rows the best of them reached 0.8–1.4× dense); forming M costs a few dense
+   matrix-vector products, which only a product of a thousand rows or more makes small.
 2. On CPU in float32/float64 with n ≤ :data:`_MKL_MAX_ROWS`: MKL's CSR kernels, ``addmv`` for one row and
    ``addmm`` above. Their int32-index versions are what make one row fast: ``addmv`` at ρ = 0.1 ran 4.7–5.3×
    a dense 768 → 3072 layer with int32 indices and 2.0× with int64 ones.
@@ -71,8 +71,11 @@ AUTO_MAX_DENSITY = 0.2
 #: Rows up to which the MKL CSR kernels run (CPU, float32/float64); ``embedding_bag`` above.
 _MKL_MAX_ROWS = 32
 #: n·ρ² from which a product densifies M (kernel 1 of the module docstring): 1,000 rows at ρ = 0.1, 4,000 at
-#: ρ = 0.05, 250 at ρ = 0.2, the crossovers measured for MiniLM- and BERT-base-sized layers.
+#: ρ = 0.05, the crossovers measured for MiniLM- and BERT-base-sized layers ...
 _DENSE_WORK = 10.0
+#: ... and never below this many rows, where forming M would cost as much as the dense product itself (a
+#: 2:4 MiniLM ran at a quarter of the dense model's speed at 64 rows when ρ = 0.5 alone decided).
+_DENSE_MIN_ROWS = 1024
 _MKL_DTYPES = (torch.float32, torch.float64)
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -98,6 +101,8 @@ class SparseLinear(KernelCache, nn.Module):
     def __init__(self, in_features: int, out_features: int, values: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        #: d/D, the share of M's entries stored.
+        self.density = values.numel() / max(1, in_features * out_features)
         self.values = nn.Parameter(values, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._cache: dict[tuple, Any] = {}
@@ -121,13 +126,10 @@ class SparseLinear(KernelCache, nn.Module):
         """d: the number of stored entries."""
         return self.values.numel()
 
-    @property
-    def density(self) -> float:
-        return self.nnz / max(1, self.in_features * self.out_features)
-
     def _csr(self) -> Tensor:
-        values = self.values.detach().reshape(-1)
-        return self._cached(("csr",), lambda: csr_tensor(*self._structure(), values, self.shape))
+        return self._cached(
+            ("csr",), lambda: csr_tensor(*self._structure(), self.values.detach().reshape(-1), self.shape)
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -139,21 +141,28 @@ class SparseLinear(KernelCache, nn.Module):
         return self._csr().to_dense()
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = compute_dtype(self.values.dtype, x.device.type)
-        rows = x.reshape(-1, self.in_features).to(self.values.dtype)
+        # At batch 1 the product takes tens of microseconds: no operation here that the input does not need.
+        values_dtype = self.values.dtype
+        dtype = compute_dtype(values_dtype, x.device.type)
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype != values_dtype:
+            rows = rows.to(values_dtype)
         with no_autocast(x.device.type):
             out = self._product(rows)
-        return out.to(dtype).reshape(*x.shape[:-1], self.out_features)
+        if out.dtype != dtype:
+            out = out.to(dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def _product(self, x: Tensor) -> Tensor:
-        """``x [rows, in]`` → ``x Mᵀ + b [rows, out]`` (contiguous) by the kernel the module docstring's rule picks."""
+        """``x [rows, in]`` → ``x Mᵀ + b``, contiguous ``[rows, out]`` (or ``[out]`` for one row), by the kernel
+        the module docstring's rule picks."""
         rows, bias = x.shape[0], self.bias
-        if rows * self.density**2 >= _DENSE_WORK:
+        if rows >= _DENSE_MIN_ROWS and rows * self.density**2 >= _DENSE_WORK:
             return F.linear(x, self.to_dense(), bias)
         if rows <= _MKL_MAX_ROWS and x.device.type == "cpu" and x.dtype in _MKL_DTYPES:
             csr = self._csr()
             if rows == 1:
-                return (torch.mv(csr, x[0]) if bias is None else torch.addmv(bias, csr, x[0]))[None]
+                return torch.mv(csr, x[0]) if bias is None else torch.addmv(bias, csr, x[0])
             out = csr @ x.t() if bias is None else torch.addmm(bias[:, None], csr, x.t())
             return out.t().contiguous()
         crow, col = self._structure()
