@@ -65,8 +65,9 @@ from .ops import (
 
 #: What ``merge_and_unload(sparse=...)`` accepts: a layout, or ``"auto"`` to choose per layer (:func:`auto_layout`).
 SPARSE_CHOICES = ("auto", "csr", "condensed", "semi-structured")
-#: ``"auto"`` keeps a pruned layer sparse up to this density; above it a dense product was as fast or faster at
-#: every row count measured on CPU (at ρ = 0.2 the sparse kernels still ran 1.1–2.3× dense below 64 rows).
+#: ``"auto"`` keeps a pruned layer sparse up to this density and merges it densely above: on CPU at ρ = 0.2 the
+#: sparse kernels still beat dense up to 64 rows (1.1–2.3×) and lost from a few hundred, at ρ = 0.3 they were
+#: about even at best, and at ρ = 0.5 (2:4) they lost at every row count.
 AUTO_MAX_DENSITY = 0.2
 #: Rows up to which the MKL CSR kernels run (CPU, float32/float64); ``embedding_bag`` above.
 _MKL_MAX_ROWS = 32
@@ -272,7 +273,7 @@ class CondensedLinear(SparseLinear):
         return self._cached(("structure",), build)
 
 
-def semi_structured_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+def _semi_structured_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why PyTorch's semi-structured sparse tensors cannot hold a weight on ``device`` in ``dtype``, or None."""
     if device.type != "cuda":
         return f"it runs on CUDA GPUs only, and this layer is on {device.type!r}"
@@ -311,7 +312,7 @@ class SemiStructuredLinear(CondensedLinear):
                 f"sparse={cls.layout!r} needs a 2:4 mask (exactly 2 kept in every block of 4 inputs: "
                 "structure='2:4' at density 0.5); use 'csr', 'condensed' or 'auto'"
             )
-        reason = semi_structured_unavailable(values.device, values.dtype)
+        reason = _semi_structured_unavailable(values.device, values.dtype)
         if reason is not None:
             raise ValueError(f"sparse={cls.layout!r} is not available: {reason}")
         module = super().from_csr(crow, col, values, in_features, bias)
@@ -338,14 +339,14 @@ SPARSE_MODULES: dict[str, type[SparseLinear]] = {
 def auto_layout(crow: Tensor, col: Tensor, values: Tensor, in_features: int) -> str | None:
     """The layout ``sparse="auto"`` gives a pruned layer with CSR parts ``crow``, ``col``, or None to merge it densely.
 
-    1. On a GPU where semi-structured tensors work (:func:`semi_structured_unavailable`) and the mask is 2:4:
+    1. On a GPU where semi-structured tensors work (:func:`_semi_structured_unavailable`) and the mask is 2:4:
        ``"semi-structured"``.
     2. Density above :data:`AUTO_MAX_DENSITY`, or a device other than the CPU (the other kernels have been
        measured on CPU only): dense.
     3. The same number of kept inputs in every output: ``"condensed"``; otherwise ``"csr"``.
     """
     counts = crow.diff()
-    if semi_structured_unavailable(values.device, values.dtype) is None and _is_two_four(counts, col, in_features):
+    if _semi_structured_unavailable(values.device, values.dtype) is None and _is_two_four(counts, col, in_features):
         return "semi-structured"
     if values.numel() > AUTO_MAX_DENSITY * counts.numel() * in_features or values.device.type != "cpu":
         return None
