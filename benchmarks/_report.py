@@ -105,6 +105,34 @@ def mib(n: int, digits: int) -> str:
     return f"{n / 2**20:.{digits}f}"
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int, calls: int = 1) -> dict[str, list[float]]:
+    """Milliseconds per call of each function, ``repeats`` samples of ``calls`` calls each, the functions taking
+    turns sample by sample (so drift on a shared machine reaches all alike); one untimed call each first."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append(1e3 * (time.perf_counter() - start) / calls)
+    return times
+
+
+def quartiles(values: list[float]) -> dict[str, float]:
+    """The median and the first and third quartiles of ``values`` (all three the value itself for one value)."""
+    if len(values) < 2:
+        return dict.fromkeys(("q1", "median", "q3"), values[0])
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"q1": q1, "median": median, "q3": q3}
+
+
+def spread(stats: dict[str, float], digits: int = 3) -> str:
+    """``median (q1–q3)`` of :func:`quartiles`, for tables."""
+    return f"{stats['median']:.{digits}f} ({stats['q1']:.{digits}f}–{stats['q3']:.{digits}f})"
+
+
 def _write_atomic(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as handle:
         handle.write(text)

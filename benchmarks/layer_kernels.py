@@ -7,7 +7,13 @@ A Linear 768 → 3072 (BERT-base's FFN) on 2,048 tokens. For each density and th
   products below ``CSR_MAX_DENSITY``, dense above);
 - inference (forward under ``no_grad``), dense vs the pruned layer.
 
-Writes JSON, a markdown table with the crossover densities and a PNG plot:
+And the inference modules of pruned models (``merge_and_unload(sparse=...)``, drt_peft.layer.sparse) against
+a dense ``nn.Linear`` holding the same pruned weight: latency at batch 1 and throughput at batch 64 (one
+vector per row), at 90%, 95% and 99% unstructured sparsity and for 1:10 and 2:4 N:M masks (one or two of every
+10 or 4 consecutive inputs), the two taking turns sample by sample; medians and quartiles.
+
+Writes JSON, markdown tables with the crossover densities and the target of issue 12 (≥ 3.5× a dense layer
+at 90% sparsity, batch 1), and a PNG plot:
 
     python benchmarks/layer_kernels.py            # about 3 minutes on 2 cores
     python benchmarks/layer_kernels.py --quick    # a small layer, to check the harness
@@ -20,32 +26,39 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
-from _report import command, write_report
+from _report import command, interleaved_ms, quartiles, spread, write_report
 from torch import nn
 
 from drt_peft import DRTLayer
 from drt_peft.layer.layer import CSR_MAX_DENSITY
+from drt_peft.layer.sparse import sparse_modules
 
 DENSITIES = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+#: The pruned weights of the inference comparison: (name, density of an unstructured mask or (n, m) of an N:M one,
+#: layouts measured).
+PRUNED = [
+    ("90% unstructured", 0.1, ("csr",)),
+    ("95% unstructured", 0.05, ("csr",)),
+    ("99% unstructured", 0.01, ("csr",)),
+    ("1:10 N:M", (1, 10), ("csr", "condensed")),
+    ("2:4 N:M", (2, 4), ("csr", "condensed")),
+]
+#: Rows per forward (batch 1: latency; batch 64: throughput) and the calls timed together per sample.
+INFERENCE_BATCHES = {1: 20, 64: 4}
+#: The target of issue 12: a 90%-pruned layer at batch 1 against a dense one (SRigL's condensed layer reached 3.4×).
+TARGET = ("90% unstructured", 1, 3.5)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return statistics.median(interleaved_ms({"fn": fn}, repeats)["fn"])
 
 
 def _training_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
@@ -93,6 +106,48 @@ def measure(fan_in: int, fan_out: int, tokens: int, threads: int, repeats: int) 
     return rows
 
 
+def _pruned_indices(fan_out: int, fan_in: int, mask: float | tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """Sorted flat indices of the kept entries: ``mask`` of them at random, or ``n`` at random in every block of ``m``
+    consecutive inputs of each output (the last block may be shorter), i.e. a constant fan-in."""
+    if isinstance(mask, float):
+        return torch.randperm(fan_out * fan_in, generator=g)[: max(1, round(mask * fan_out * fan_in))].sort().values
+    n, m = mask
+    blocks = -(-fan_in // m)
+    scores = torch.rand(fan_out, blocks * m, generator=g)
+    scores[:, fan_in:] = -1.0  # the padding of a short last block is never kept
+    kept = scores.view(fan_out, blocks, m).topk(n, dim=-1).indices + m * torch.arange(blocks)[:, None]
+    return (fan_in * torch.arange(fan_out)[:, None] + kept.reshape(fan_out, -1)).flatten().sort().values
+
+
+def measure_pruned_inference(fan_in: int, fan_out: int, threads: int, repeats: int) -> list[dict]:
+    """The inference modules against ``nn.Linear`` with the same pruned weight, interleaved (see module docstring)."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for name, mask, layouts in PRUNED:
+        pruned = DRTLayer(nn.Linear(fan_in, fan_out), _pruned_indices(fan_out, fan_in, mask, g), "prune")
+        dense = pruned.merge()
+        for layout in layouts:
+            module = sparse_modules([("layer", pruned)], layout)["layer"]
+            for batch, calls in INFERENCE_BATCHES.items():
+                x = torch.randn(batch, fan_in, generator=g)
+                times = interleaved_ms({"dense": _inference(dense, x), "sparse": _inference(module, x)}, repeats, calls)
+                dense_ms, sparse_ms = quartiles(times["dense"]), quartiles(times["sparse"])
+                rows.append(
+                    {
+                        "threads": threads,
+                        "mask": name,
+                        "density": round(module.density, 4),
+                        "layout": layout,
+                        "batch": batch,
+                        "dense_ms": dense_ms,
+                        "sparse_ms": sparse_ms,
+                        "speedup": round(dense_ms["median"] / sparse_ms["median"], 2),
+                    }
+                )
+    return rows
+
+
 def crossover(rows: list[dict], sparse: str, dense: str) -> float | None:
     """The highest density up to which ``sparse`` is faster than ``dense`` at every density run (None if never)."""
     edge = None
@@ -113,11 +168,13 @@ def main() -> None:
     if args.quick:
         args.repeats, args.out = 2, os.path.join(tempfile.gettempdir(), "drt_layer_kernels_quick")
     rows = [row for threads in (1, 2) for row in measure(fan_in, fan_out, tokens, threads, args.repeats)]
+    inference = [row for threads in (1, 2) for row in measure_pruned_inference(fan_in, fan_out, threads, args.repeats)]
     report = {
         "command": command("layer_kernels.py"),
         "machine": {"cpu": platform.machine(), "torch": torch.__version__, "csr_max_density": CSR_MAX_DENSITY},
         "shape": {"fan_in": fan_in, "fan_out": fan_out, "tokens": tokens},
         "rows": rows,
+        "pruned_inference": inference,
     }
     write_report(args.out, report, _markdown, _plot)
 
@@ -151,6 +208,37 @@ def _markdown(report: dict) -> str:
             parts.append(f"{what} beats dense up to density {edge:g}" if edge else f"{what} never beats dense")
         lines.append(
             f"- {threads} thread{'s' if threads > 1 else ''}: " + "; ".join(parts) + " (of the densities run)."
+        )
+    return "\n".join(lines) + "\n\n" + _inference_markdown(report)
+
+
+def _inference_markdown(report: dict) -> str:
+    s = report["shape"]
+    lines = [
+        f"Inference modules of pruned models (`merge_and_unload(sparse=...)`) against `nn.Linear` with the same "
+        f"pruned weight, Linear {s['fan_in']} → {s['fan_out']}: ms per forward, median (first–third quartile) of "
+        f"interleaved samples; throughput = batch / time.",
+        "",
+        "| threads | mask | density | layout | batch | dense ms | sparse ms | speedup | sparse rows/s |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["pruned_inference"]:
+        lines.append(
+            f"| {r['threads']} | {r['mask']} | {r['density']:g} | {r['layout']} | {r['batch']} "
+            f"| {spread(r['dense_ms'])} | {spread(r['sparse_ms'])} | {r['speedup']:.2f}× "
+            f"| {1e3 * r['batch'] / r['sparse_ms']['median']:,.0f} |"
+        )
+    mask, batch, target = TARGET
+    for threads in (1, 2):
+        found = [
+            r["speedup"]
+            for r in report["pruned_inference"]
+            if (r["threads"], r["mask"], r["batch"]) == (threads, mask, batch)
+        ]
+        verdict = "met" if found and min(found) >= target else "missed"
+        lines.append(
+            f"\n- Target (issue 12), {threads} thread{'s' if threads > 1 else ''}: ≥ {target}× dense at {mask}, "
+            f"batch {batch}: {', '.join(f'{v:.2f}×' for v in found)}, {verdict}."
         )
     return "\n".join(lines) + "\n"
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _builders import adapter_bytes, lora_rank, peft_model, trainable_count, trainable_parameters
+from _builders import ENCODER_LINEAR, adapter_bytes, lora_rank, peft_model, trainable_count, trainable_parameters
 from _report import add_options, command, machine, write_report
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -32,10 +32,6 @@ from drt_peft import DRTModel, RandomConfig, get_drt_model
 from drt_peft.apps.recipes.text_classification import optimizer_state_bytes
 from drt_peft.base_weights import PROBE_BYTES_PER_LAYER
 
-ENCODER_LINEAR = (
-    r"bert\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
-    r"|intermediate\.dense|output\.dense)"
-)
 #: The issue's targets at 1% density: (method, against, shape or None for every shape, bound).
 TARGETS = (
     ("DRT freeze", "LoRA", None, 0.95),

@@ -6,6 +6,7 @@ by Wimmer, Mehnert and Condurache behind one PEFT-style API.
 
 from . import logging as logging  # progress bar switches and the verbose helper: drt_peft.logging
 from . import methods
+from .checkpoint.sparse_model import load_sparse_model, save_sparse_model
 from .config import DRTConfig, available_methods
 from .layer import DRTLayer
 from .lottery import find_lottery_ticket
@@ -24,5 +25,7 @@ __all__ = [
     "available_methods",
     "find_lottery_ticket",
     "get_drt_model",
+    "load_sparse_model",
+    "save_sparse_model",
     *methods.__all__,
 ]

@@ -21,11 +21,12 @@ from .base_weights import BaseProbe, fingerprint, seeded_init_
 from .composition import ComposedConfig, layer_delta, mask_overlap, weighted_change, weighted_state, weighted_union
 from .config import DRTConfig
 from .layer import BaseDRTLayer, weight_op
+from .layer.sparse import sparse_modules
 from .masks import LossFn, compute_indices
 from .masks.calibration import as_calibration_data
 from .masks.statistics import mask_statistics
 from .policy import Policy
-from .targeting import Target, find_modules_to_save, find_targets, skipped_linear_modules
+from .targeting import Target, find_modules_to_save, find_targets, skipped_linear_modules, tied_aliases
 
 
 def get_drt_model(
@@ -116,26 +117,15 @@ def _check_embeddable(model: nn.Module, targets: list[Target]) -> None:
         )
 
 
-def _tied_aliases(model: nn.Module, prefix: str = "") -> dict[str, str]:
-    """``{alias: kept}`` state-dict keys of parameters shared under several names (tied embeddings)."""
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, param in model.named_parameters(prefix=prefix, remove_duplicate=False):
-        kept = first.setdefault(id(param), name)
-        if kept != name:
-            aliases[name] = kept
-    return aliases
-
-
 def _drop_tied_aliases(module: DRTModel, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     """State-dict hook: each shared tensor once (safetensors refuses aliases, as in ``Trainer`` checkpoints)."""
-    for alias in _tied_aliases(module, prefix):
+    for alias in tied_aliases(module, prefix):
         state_dict.pop(alias, None)
 
 
 def _restore_tied_aliases(module: DRTModel, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     """Load-state-dict pre-hook: fill the aliases :func:`_drop_tied_aliases` left out from their twin."""
-    for alias, kept in _tied_aliases(module, prefix).items():
+    for alias, kept in tied_aliases(module, prefix).items():
         if alias not in state_dict and kept in state_dict:
             state_dict[alias] = state_dict[kept]
 
@@ -851,16 +841,24 @@ class DRTModel(nn.Module):
             self.get_base_model().get_submodule(name).requires_grad_(not self.drt_config.inference_mode)
 
     # -- leaving ---------------------------------------------------------------------------
-    def _replace_layers(self, how: str) -> nn.Module:
-        for name, layer in list(self.drt_layers()):
-            _set_submodule(self.get_base_model(), name, getattr(layer, how)())
-        return self.get_base_model()
-
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, sparse: str | None = None) -> nn.Module:
         """The plain model with the active adapter's Θ written into each weight (prune mode: zeros at untrained
-        entries). Inactive adapters are dropped."""
+        entries). Inactive adapters are dropped.
+
+        With ``sparse`` (one of :data:`~drt_peft.layer.sparse.SPARSE_CHOICES`), each pruned ``nn.Linear`` or
+        ``Conv1D`` layer (prune mode) becomes an inference module that stores only its kept weights, in that
+        layout: ``"csr"``, ``"condensed"`` (every output keeps the same number of inputs, as N:M masks do),
+        ``"semi-structured"`` (2:4 on CUDA GPUs) or ``"auto"`` (chosen per layer; see
+        :mod:`drt_peft.layer.sparse`). It computes the same outputs, up to float rounding. Layers whose Θ is
+        dense (freeze mode, DCT + sparse) and pruned ``Conv2d`` layers merge densely. A layer that cannot take
+        the layout, or an adapter with no pruned layer, raises ``ValueError`` before anything changes. Save the
+        result with :func:`drt_peft.save_sparse_model` and load it with :func:`drt_peft.load_sparse_model`.
+        """
+        replacements = {} if sparse is None else sparse_modules(self.drt_layers(), sparse)
         self._inactive.clear()
-        return self._replace_layers("merge")
+        for name, layer in list(self.drt_layers()):
+            _set_submodule(self.get_base_model(), name, replacements[name] if name in replacements else layer.merge())
+        return self.get_base_model()
 
     def unload(self) -> nn.Module:
         """The plain model as it was before ``get_drt_model``: trained values and modules_to_save undone,

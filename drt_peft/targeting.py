@@ -36,6 +36,17 @@ def is_normalisation(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES) or type(module).__name__.endswith("Norm")
 
 
+def tied_aliases(model: nn.Module, prefix: str = "") -> dict[str, str]:
+    """``{alias: kept}`` state-dict keys of parameters shared under several names (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(prefix=prefix, remove_duplicate=False):
+        kept = first.setdefault(id(param), name)
+        if kept != name:
+            aliases[name] = kept
+    return aliases
+
+
 @dataclass(frozen=True)
 class Target:
     """A targeted module: its name in the model, the module and its :class:`WeightOp`."""

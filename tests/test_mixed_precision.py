@@ -43,7 +43,7 @@ from drt_peft import (
     get_drt_model,
 )
 from drt_peft.base_weights import BaseProbe
-from drt_peft.checkpoint.io import WEIGHTS_NAME, _checksum
+from drt_peft.checkpoint.io import WEIGHTS_NAME, tensors_checksum
 from drt_peft.layer import DRTLayer, ops
 from drt_peft.layer.dct import DCTSparseLayer
 from drt_peft.layer.fixed_classifier import FixedClassifierLayer
@@ -406,7 +406,7 @@ def test_adapters_without_a_probe_keep_the_exact_check(tmp_path) -> None:
         metadata = handle.metadata()
         tensors = {k: handle.get_tensor(k) for k in handle.keys() if not k.startswith("drt_base_probe")}
     del metadata["drt_base_probe_dtypes"]
-    metadata["drt_checksum"] = _checksum(tensors)
+    metadata["drt_checksum"] = tensors_checksum(tensors)
     save_file(tensors, file, metadata)  # as written before the probe existed
     DRTModel.from_pretrained(tiny_bert(), folder)
     with pytest.raises(ValueError, match=r"the adapter stores no base probe, so only the exact fingerprint"):

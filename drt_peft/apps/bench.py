@@ -19,6 +19,7 @@ SUITES = {
     "scratch": "scratch_vision.py",
     "embeddings": "scratch_embeddings.py",
     "kernels": "layer_kernels.py",
+    "pruned-inference": "pruned_inference.py",
     "step-time": "step_time.py",
     "scoring": "scoring.py",
     "mask-diagnostics": "mask_diagnostics.py",

@@ -47,7 +47,8 @@ def under_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, 
     return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes (the ``drt_checksum`` of every file written here)."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
         tensor = tensors[key].contiguous()
@@ -106,7 +107,7 @@ def save_adapter(
         LAYERS_KEY: json.dumps([{"name": name, "shape": list(layer.weight_shape)} for name, layer in layers]),
         "drt_index_checksum": indices_checksum(layer.drt_indices for _, layer in layers),
         **probe_metadata,
-        "drt_checksum": _checksum(tensors),
+        "drt_checksum": tensors_checksum(tensors),
     }
     os.makedirs(save_directory, exist_ok=True)
     remove_stale_temporaries(save_directory, ("README.md", WEIGHTS_NAME, CONFIG_NAME))
@@ -164,18 +165,23 @@ def _encoded_indices(layers: list[BaseDRTLayer]) -> dict[str, torch.Tensor]:
 
 def read_adapter_file(file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of an adapter file, validated; corrupt or foreign files raise ``ValueError``."""
+    return read_checked_file(file, "drt_peft_format", FORMAT_VERSION, "a drt_peft adapter")
+
+
+def read_checked_file(
+    file: str, format_key: str, version: str, what: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file whose metadata ``format_key`` is ``version`` and whose
+    tensors match its ``drt_checksum``; anything else (``what`` names the expected kind) raises ``ValueError``."""
     try:
         with safe_open(file, framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{file} is not a readable safetensors file (corrupted or truncated?): {err}") from None
-    if metadata.get("drt_peft_format") != FORMAT_VERSION:
-        raise ValueError(
-            f"{file} is not a drt_peft adapter of format {FORMAT_VERSION} "
-            f"(drt_peft_format={metadata.get('drt_peft_format')!r})"
-        )
-    if _checksum(tensors) != metadata.get("drt_checksum"):
+    if metadata.get(format_key) != version:
+        raise ValueError(f"{file} is not {what} of format {version} ({format_key}={metadata.get(format_key)!r})")
+    if tensors_checksum(tensors) != metadata.get("drt_checksum"):
         raise ValueError(f"{file} is corrupted: its tensors do not match the checksum recorded when it was saved")
     return tensors, metadata
 
@@ -302,7 +308,7 @@ def save_training_state(model: AdapterModel, save_directory: str | os.PathLike) 
         "format": "pt",
         "drt_peft_format": FORMAT_VERSION,
         "drt_config": model.drt_config.to_json(),
-        "drt_checksum": _checksum(tensors),
+        "drt_checksum": tensors_checksum(tensors),
     }
     os.makedirs(save_directory, exist_ok=True)
     remove_stale_temporaries(save_directory, (TRAINING_STATE_NAME,))

@@ -68,6 +68,10 @@ class BaseDRTLayer(nn.Module):
         """Θ with the current ϑ, as a dense tensor shaped like the weight."""
         raise NotImplementedError
 
+    def sparse_weight(self) -> tuple[Tensor, Tensor] | None:
+        """Θ as ``(ψ, Θ[ψ])`` when it is zero outside ψ (a pruned layer), else None (Θ is dense; here always)."""
+        return None
+
     def get_mask(self) -> Tensor:
         """Boolean tensor shaped like the weight, True at the trained entries."""
         mask = torch.zeros(self.weight_shape, dtype=torch.bool, device=self.drt_indices.device)

@@ -98,6 +98,10 @@ class DCTSparseLayer(DRTLayer):
             base.weight.add_(self.op.from_matrix(scaled))
         return base
 
+    def sparse_weight(self) -> None:
+        """None: the merged weight S + α·C is dense."""
+        return None
+
     def adapter_tensors(self) -> dict[str, Tensor]:
         """α; C is regenerated from the layer's shape."""
         return {"dct_scale": self.dct_scale.detach()}

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-
 import torch
 from torch import Tensor, nn
 
@@ -13,14 +10,13 @@ from .ops import (
     Conv1DOp,
     CSRLayout,
     DenseProduct,
+    KernelCache,
     LinearOp,
     SampledWeightFunction,
     compute_dtype,
     csr_pattern,
     sddmm_dtype,
 )
-
-T = TypeVar("T")
 
 #: Prune-mode Linear/Conv1D layers at or below this density run their products on CSR kernels (on the devices of
 #: :data:`CSR_DEVICE_TYPES`).
@@ -48,7 +44,7 @@ def _set_values(param: nn.Parameter, values: Tensor) -> None:
     param.data = values
 
 
-class DRTLayer(BaseDRTLayer):
+class DRTLayer(KernelCache, BaseDRTLayer):
     """Wraps a module and trains only d entries of its weight: the sparse embedding of every selecting method.
 
     State (survey eq. 7):
@@ -106,11 +102,6 @@ class DRTLayer(BaseDRTLayer):
         self.dense_grad: Tensor | None = None
         self._cache: dict[tuple, object] = {}
 
-    def _cached(self, key: tuple, build: Callable[[], T]) -> T:
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
-
     @property
     def sparse_kernels(self) -> bool:
         """Whether the forward and input gradient run on CSR kernels: a prune-mode Linear/Conv1D layer of float32/64
@@ -118,15 +109,10 @@ class DRTLayer(BaseDRTLayer):
         return self._csr_eligible and self.base_layer.weight.device.type in CSR_DEVICE_TYPES
 
     def _apply(self, fn, recurse: bool = True):
-        self._cache.clear()
         result = super()._apply(fn, recurse)
         if self.sparse_kernels and self.drt_effective.numel():  # back on a device of the CSR kernels
             self.drt_effective = self.drt_effective.new_empty(0)
         return result
-
-    def __getstate__(self) -> dict:
-        """Copies and pickles leave the kernel caches behind (CSR tensors cannot be copied); they rebuild."""
-        return {**self.__dict__, "_cache": {}}
 
     def _materialised(self) -> Tensor:
         """The dense weight the products use (freeze: the base weight with ϑ written at ψ; dense prune: a zero
@@ -147,6 +133,13 @@ class DRTLayer(BaseDRTLayer):
         weight = torch.zeros_like(self.base_layer.weight)
         weight.view(-1)[self.drt_indices] = self.drt_values.detach().to(weight.dtype)
         return weight
+
+    def sparse_weight(self) -> tuple[Tensor, Tensor] | None:
+        """In prune mode, Θ as ``(ψ, Θ[ψ])``: the values :meth:`merge` writes, which are all of Θ's non-zeros."""
+        if self.mode != "prune":
+            return None
+        weight = self.effective_weight()
+        return self.drt_indices, weight.reshape(-1)[self.drt_indices]
 
     def _product(self):
         if not self.sparse_kernels:

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from transformers.pytorch_utils import Conv1D
 from ..validation import check_choice
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # sampled_addmm has CPU kernels for these dtypes; others are computed in float32 and cast back.
 _SDDMM_DTYPES = (torch.float32, torch.float64)
@@ -84,7 +86,7 @@ def autocast_forward(op: WeightOp, x: Tensor, weight: Tensor, bias: Tensor | Non
         return op.forward(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
-def _csr_structure(flat: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def csr_structure(flat: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """``(crow_indices, col_indices)`` of the sorted flat positions ``flat`` in a 2-D ``shape``."""
     rows, cols = shape
     crow = torch.zeros(rows + 1, dtype=torch.int64, device=flat.device)
@@ -92,7 +94,8 @@ def _csr_structure(flat: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor
     return crow, flat % cols
 
 
-def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The CSR tensor of these parts (which share their storage with it), unchecked: the callers build them."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
@@ -103,13 +106,36 @@ def csr_pattern(indices: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> 
 
     Row-major CSR order equals sorted flat-index order, so SDDMM values line up with ``indices``.
     """
-    crow, col = _csr_structure(indices, shape)
-    return _csr(crow, col, torch.zeros(indices.numel(), dtype=dtype, device=indices.device), shape)
+    crow, col = csr_structure(indices, shape)
+    return csr_tensor(crow, col, torch.zeros(indices.numel(), dtype=dtype, device=indices.device), shape)
 
 
 def sddmm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the SDDMM computes in for ``dtype`` inputs (the CPU kernel has float32/float64 only)."""
     return dtype if dtype in _SDDMM_DTYPES else torch.float32
+
+
+class KernelCache:
+    """A mixin for modules that build kernels (CSR tensors, index layouts) from their tensors once and reuse them.
+
+    The cache (``self._cache``, a dict the module creates in ``__init__``) is dropped when the module's tensors
+    move or change dtype (``to``, ``half``, ...: ``nn.Module._apply``) and left behind by copies and pickles
+    (CSR tensors cannot be deep-copied); whatever was cached is rebuilt on first use.
+    """
+
+    _cache: dict[tuple, Any]
+
+    def _cached(self, key: tuple, build: Callable[[], T]) -> T:
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def _apply(self, fn, recurse: bool = True):
+        self._cache.clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": {}}
 
 
 #: The SDDMM kernels for CUDA tensors: PyTorch's ``sampled_addmm`` (cuSPARSE), the Triton kernel of
@@ -447,26 +473,32 @@ class CSRProduct:
         return grad.to(x.dtype).reshape(x.shape)
 
 
+def matrix_positions(op: WeightOp, indices: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """Where the weight entries at flat ``indices`` lie in the ``[out, fan_in]`` matrix view M of the weight
+    (flat, row-major positions, in the order of ``indices``), and M's shape."""
+    shape = op.module.weight.shape
+    matrix = op.to_matrix(torch.arange(shape.numel(), device=indices.device).reshape(shape))
+    position = indices.new_empty(shape.numel())
+    position[matrix.reshape(-1)] = torch.arange(shape.numel(), device=indices.device)
+    return position[indices], (matrix.shape[0], matrix.shape[1])
+
+
 class CSRLayout:
     """Index structure of CSR(M) and CSR(Mᵀ) for one ψ, built once per mask; :meth:`bind` adds ϑ."""
 
     def __init__(self, op: WeightOp, indices: Tensor) -> None:
-        shape = op.module.weight.shape
-        matrix = op.to_matrix(torch.arange(shape.numel(), device=indices.device).reshape(shape))
-        self.shape = (matrix.shape[0], matrix.shape[1])
-        position = indices.new_empty(shape.numel())
-        position[matrix.reshape(-1)] = torch.arange(shape.numel(), device=indices.device)
+        in_m, self.shape = matrix_positions(op, indices)
         rows, cols = self.shape
-        in_m = position[indices]
         in_mt = (in_m % cols) * rows + torch.div(in_m, cols, rounding_mode="floor")
         self.order_m, self.order_mt = torch.argsort(in_m), torch.argsort(in_mt)
-        self.m = _csr_structure(in_m[self.order_m], self.shape)
-        self.mt = _csr_structure(in_mt[self.order_mt], (cols, rows))
+        self.m = csr_structure(in_m[self.order_m], self.shape)
+        self.mt = csr_structure(in_mt[self.order_mt], (cols, rows))
 
     def bind(self, values: Tensor) -> CSRProduct:
         rows, cols = self.shape
         return CSRProduct(
-            _csr(*self.m, values[self.order_m], (rows, cols)), _csr(*self.mt, values[self.order_mt], (cols, rows))
+            csr_tensor(*self.m, values[self.order_m], (rows, cols)),
+            csr_tensor(*self.mt, values[self.order_mt], (cols, rows)),
         )
 
 
