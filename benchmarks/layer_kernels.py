@@ -12,6 +12,11 @@ a dense ``nn.Linear`` holding the same pruned weight: latency at batch 1 and thr
 vector per row), at 90%, 95% and 99% unstructured sparsity and for 1:10 and 2:4 N:M masks (one or two of every
 10 or 4 consecutive inputs), the two taking turns sample by sample; medians and quartiles.
 
+And the gradient of the trained values alone (the weight gradient at the d positions) by each kernel on
+CPU: the tiled SDDMM (``drt_peft.layer.cpu_kernels``), the dense product gathered at ψ, and PyTorch's
+``sampled_addmm`` with the transposing copies it needs (the kernel before the tiled one), at 256 and 2,048
+tokens, for the FFN's two shapes; its crossover is what ``ops.DENSE_GRADIENT_DENSITY`` is set from.
+
 Writes JSON, markdown tables with the crossover densities and the target of issue 12 (≥ 3.5× a dense layer
 at 90% sparsity, batch 1), and a PNG plot:
 
@@ -35,7 +40,9 @@ from _report import command, interleaved_ms, quartiles, spread, write_report
 from torch import nn
 
 from drt_peft import DRTLayer
+from drt_peft.layer.cpu_kernels import tiled_sddmm
 from drt_peft.layer.layer import CSR_MAX_DENSITY
+from drt_peft.layer.ops import DENSE_GRADIENT_DENSITY, _pattern_flat_indices, csr_pattern
 from drt_peft.layer.sparse import sparse_modules
 
 DENSITIES = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
@@ -48,6 +55,9 @@ PRUNED = [
     ("1:10 N:M", (1, 10), ("csr", "condensed")),
     ("2:4 N:M", (2, 4), ("csr", "condensed")),
 ]
+#: Densities and token counts of the weight-gradient comparison.
+GRADIENT_DENSITIES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+GRADIENT_TOKENS = [256, 2048]
 #: Rows per forward (batch 1: latency; batch 64: throughput) and the calls timed together per sample.
 INFERENCE_BATCHES = {1: 20, 64: 4}
 #: The target of issue 12: a 90%-pruned layer at batch 1 against a dense one (SRigL's condensed layer reached 3.4×).
@@ -148,6 +158,46 @@ def measure_pruned_inference(fan_in: int, fan_out: int, threads: int, repeats: i
     return rows
 
 
+def _gradient_kernels(pattern: torch.Tensor, gy: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The gradient of the values at ``pattern`` for dW = gyᵀ x, by each CPU kernel."""
+    crow, col, flat = pattern.crow_indices(), pattern.col_indices(), _pattern_flat_indices(pattern)
+
+    def sampled_addmm() -> torch.Tensor:  # row-major gyᵀ and column-major x: two transposing copies
+        return torch.sparse.sampled_addmm(pattern, gy.t().contiguous(), x.t().contiguous().t(), beta=0.0).values()
+
+    return {
+        "tiled": lambda: tiled_sddmm(crow, col, gy, x),
+        "dense": lambda: (gy.t() @ x).reshape(-1)[flat],
+        "sampled_addmm": sampled_addmm,
+    }
+
+
+def measure_weight_gradient(shapes: list[tuple[int, int]], threads: int, repeats: int) -> list[dict]:
+    """Each kernel for the values' gradient, interleaved, per shape, token count and density (module docstring)."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for fan_in, fan_out in shapes:
+        for tokens in GRADIENT_TOKENS:
+            gy, x = torch.randn(tokens, fan_out, generator=g), torch.randn(tokens, fan_in, generator=g)
+            for density in GRADIENT_DENSITIES:
+                d = max(1, round(density * fan_in * fan_out))
+                indices = torch.randperm(fan_in * fan_out, generator=g)[:d].sort().values
+                times = interleaved_ms(
+                    _gradient_kernels(csr_pattern(indices, (fan_out, fan_in), gy.dtype), gy, x), repeats
+                )
+                rows.append(
+                    {
+                        "threads": threads,
+                        "shape": f"{fan_in} → {fan_out}",
+                        "tokens": tokens,
+                        "density": density,
+                        **{f"{name}_ms": quartiles(values) for name, values in times.items()},
+                    }
+                )
+    return rows
+
+
 def crossover(rows: list[dict], sparse: str, dense: str) -> float | None:
     """The highest density up to which ``sparse`` is faster than ``dense`` at every density run (None if never)."""
     edge = None
@@ -169,12 +219,20 @@ def main() -> None:
         args.repeats, args.out = 2, os.path.join(tempfile.gettempdir(), "drt_layer_kernels_quick")
     rows = [row for threads in (1, 2) for row in measure(fan_in, fan_out, tokens, threads, args.repeats)]
     inference = [row for threads in (1, 2) for row in measure_pruned_inference(fan_in, fan_out, threads, args.repeats)]
+    shapes = [(fan_in, fan_out), (fan_out, fan_in)]
+    gradient = [row for threads in (1, 2) for row in measure_weight_gradient(shapes, threads, args.repeats)]
     report = {
         "command": command("layer_kernels.py"),
-        "machine": {"cpu": platform.machine(), "torch": torch.__version__, "csr_max_density": CSR_MAX_DENSITY},
+        "machine": {
+            "cpu": platform.machine(),
+            "torch": torch.__version__,
+            "csr_max_density": CSR_MAX_DENSITY,
+            "dense_gradient_density": DENSE_GRADIENT_DENSITY,
+        },
         "shape": {"fan_in": fan_in, "fan_out": fan_out, "tokens": tokens},
         "rows": rows,
         "pruned_inference": inference,
+        "weight_gradient": gradient,
     }
     write_report(args.out, report, _markdown, _plot)
 
@@ -209,7 +267,39 @@ def _markdown(report: dict) -> str:
         lines.append(
             f"- {threads} thread{'s' if threads > 1 else ''}: " + "; ".join(parts) + " (of the densities run)."
         )
-    return "\n".join(lines) + "\n\n" + _inference_markdown(report)
+    return "\n".join(lines) + "\n\n" + _inference_markdown(report) + "\n" + _gradient_markdown(report)
+
+
+def _gradient_markdown(report: dict) -> str:
+    lines = [
+        "Gradient of the trained values (the weight gradient at the d positions), ms per call, median (first–third "
+        "quartile) of interleaved samples: the tiled SDDMM, the dense product gathered at ψ, and `sampled_addmm` "
+        f"with its transposing copies. Layers denser than {report['machine']['dense_gradient_density']} "
+        "(`DENSE_GRADIENT_DENSITY`) use the dense product.",
+        "",
+        "| threads | shape | tokens | density | tiled | dense + gather | sampled_addmm | tiled vs sampled_addmm |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["weight_gradient"]:
+        lines.append(
+            f"| {r['threads']} | {r['shape']} | {r['tokens']} | {r['density']:g} | {spread(r['tiled_ms'], 2)} "
+            f"| {spread(r['dense_ms'], 2)} | {spread(r['sampled_addmm_ms'], 2)} "
+            f"| {r['sampled_addmm_ms']['median'] / r['tiled_ms']['median']:.1f}× faster |"
+        )
+    lines.append("")
+    groups = sorted({(r["threads"], r["shape"], r["tokens"]) for r in report["weight_gradient"]})
+    for threads, shape, tokens in groups:
+        rows = [
+            {"density": r["density"], "tiled": r["tiled_ms"]["median"], "dense": r["dense_ms"]["median"]}
+            for r in report["weight_gradient"]
+            if (r["threads"], r["shape"], r["tokens"]) == (threads, shape, tokens)
+        ]
+        edge = crossover(rows, "tiled", "dense")
+        verdict = f"up to density {edge:g}" if edge else "never"
+        lines.append(
+            f"- {threads} thread(s), {shape}, {tokens} tokens: the tiled SDDMM beats dense + gather {verdict}."
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _inference_markdown(report: dict) -> str:

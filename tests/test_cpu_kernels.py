@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from drt_peft.layer import DRTLayer, ops
+from drt_peft.layer import DRTLayer, cpu_kernels, ops
 from drt_peft.layer.cpu_kernels import TILE, tiled_sddmm, tiled_spmm
 from drt_peft.layer.ops import _pattern_flat_indices, csr_pattern
 
@@ -30,12 +30,29 @@ def _dense_reference(pattern: torch.Tensor, a_tokens: torch.Tensor, b_tokens: to
 
 
 def _with_threads(threads: int, fn: Callable[[], Tensor]) -> Tensor:
+    """``fn()`` with torch (and so the kernels) at ``threads`` threads and no minimum work per thread, so that
+    these small products do run on that many threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return fn()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cpu_kernels, "GRAIN", 1)
+            return fn()
     finally:
         torch.set_num_threads(before)
+
+
+def test_small_products_run_on_fewer_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    chosen = []
+    monkeypatch.setattr(cpu_kernels.numba, "set_num_threads", chosen.append)
+    monkeypatch.setattr(cpu_kernels.numba.config, "NUMBA_NUM_THREADS", 8)
+    monkeypatch.setattr(cpu_kernels.torch, "get_num_threads", lambda: 4)
+    grain = cpu_kernels.GRAIN
+    assert cpu_kernels._threads(tokens=8 * TILE, work_per_token=grain // TILE) == 4  # 8 grains of work, 4 threads
+    assert cpu_kernels._threads(tokens=8 * TILE, work_per_token=grain // (4 * TILE)) == 2  # 2 grains
+    assert cpu_kernels._threads(tokens=8 * TILE, work_per_token=grain // (16 * TILE)) == 1  # half a grain
+    assert cpu_kernels._threads(tokens=TILE, work_per_token=grain) == 1  # one tile: one thread
+    assert chosen == [4, 2, 1, 1]
 
 
 @pytest.mark.parametrize("tokens", [1, TILE - 1, TILE, 3 * TILE + 5])

@@ -31,6 +31,10 @@ from torch import Tensor
 #: Tokens per tile: a tile of a 3,072-wide operand is 768 KiB in float32, and dots of 64 values
 #: vectorise well (16, 32, 64 and 128 measured on BERT-base shapes; 64 was fastest).
 TILE = 64
+#: Multiply-adds (and tile loads) a thread should have before another one is started: below this a call runs on
+#: fewer threads, since waking and joining a thread costs more than it saves on small products (the grain size
+#: of PyTorch's own ``parallel_for`` plays the same role).
+GRAIN = 1 << 20
 
 
 @numba.njit(inline="always")
@@ -104,9 +108,11 @@ def _tiled_spmm(x, crow, col, values, tile, groups):
     return y
 
 
-def _threads(tokens: int) -> int:
-    """Threads for ``tokens``: torch's count, within numba's pool, at most one per tile; numba is set to it."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, -(-tokens // TILE)))
+def _threads(tokens: int, work_per_token: int) -> int:
+    """Threads for a call: torch's count, within numba's pool, at most one per tile and per :data:`GRAIN` of work;
+    numba is set to it."""
+    by_work = tokens * work_per_token // GRAIN
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, -(-tokens // TILE), by_work))
     numba.set_num_threads(threads)
     return threads
 
@@ -120,7 +126,7 @@ def tiled_sddmm(crow: Tensor, col: Tensor, a_tokens: Tensor, b_tokens: Tensor) -
     a, b = a_tokens.detach().contiguous(), b_tokens.detach().contiguous()
     if a.shape[0] == 0 or col.numel() == 0:
         return a.new_zeros(col.numel())
-    threads = _threads(a.shape[0])
+    threads = _threads(a.shape[0], col.numel() + a.shape[1] + b.shape[1])
     partial = _tiled_sddmm(a.numpy(), b.numpy(), crow.numpy(), col.numpy(), TILE, threads)
     return torch.from_numpy(partial).sum(0)
 
@@ -135,5 +141,5 @@ def tiled_spmm(crow: Tensor, col: Tensor, values: Tensor, x_tokens: Tensor) -> T
     rows = crow.numel() - 1
     if x.shape[0] == 0:
         return x.new_zeros(0, rows)
-    threads = _threads(x.shape[0])
+    threads = _threads(x.shape[0], col.numel() + x.shape[1] + rows)
     return torch.from_numpy(_tiled_spmm(x.numpy(), crow.numpy(), col.numpy(), values.detach().numpy(), TILE, threads))
