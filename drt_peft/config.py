@@ -230,9 +230,10 @@ class DRTConfig:
     max_row_density: float | None = field(
         default=None,
         metadata={
-            "help": "At most this fraction of any output row of a layer trains (0 < value <= 1; None: no cap). "
-            "The entries a full row cannot take go to the next-best entries elsewhere in the layer (elsewhere "
-            "in the model with budget='global'), so d stays exact. Unstructured masks only."
+            "help": "At most this fraction of any output row of a layer trains, rounded down but at least one entry "
+            "(0 < value <= 1; None: no cap). The entries a full row cannot take go to the next-best entries "
+            "elsewhere in the layer (elsewhere in the model with budget='global'), so d stays exact. Unstructured "
+            "masks only."
         },
     )
     max_column_density: float | None = field(

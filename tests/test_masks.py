@@ -245,6 +245,8 @@ def test_a_row_cap_spills_to_the_next_best_entries_of_the_layer_and_keeps_d() ->
     assert all(torch.bincount(i // 10).max() <= 3 for i in both)
     columns = _indices(targets, MagnitudeConfig(density=0.25, max_column_density=0.25))  # 1 per column of 4 rows
     assert [i.tolist() for i in columns] == [list(range(10))] * 2  # row 0 already uses every column once
+    (one_per_row,) = _indices(_targets((2, 10)), MagnitudeConfig(density=0.1, max_row_density=0.05))
+    assert torch.bincount(one_per_row // 10).tolist() == [1, 1]  # ⌊0.05·10⌋ = 0, but a cap keeps at least one
     with pytest.raises(ValueError, match=r"gives a layer of shape \(1, 6\) 2 trained entries, more than the 1"):
         _indices(_targets((10, 10), (1, 6)), MagnitudeConfig(density=0.25, max_row_density=0.3))  # ⌊0.3·6⌋ = 1
     with pytest.raises(ValueError, match=r"d=20 trained entries exceed the 16 that"):

@@ -122,10 +122,11 @@ def normalise_layer(scores: Tensor) -> Tensor:
 
 def line_caps(shape: Sequence[int], max_row_density: float | None, max_column_density: float | None) -> tuple[int, int]:
     """``(per_row, per_column)``: the most trained entries an output row and an input column of an ``[out, fan_in]``
-    layer may hold, ⌊max_row_density·fan_in⌋ and ⌊max_column_density·out⌋ (the whole line where no cap is set)."""
+    layer may hold, ⌊max_row_density·fan_in⌋ and ⌊max_column_density·out⌋ but at least one (a cap limits where a
+    layer's entries go, it never shuts a layer out); the whole line where no cap is set."""
     out, fan_in = shape
-    per_row = fan_in if max_row_density is None else math.floor(max_row_density * fan_in + 1e-9)
-    per_column = out if max_column_density is None else math.floor(max_column_density * out + 1e-9)
+    per_row = fan_in if max_row_density is None else max(1, math.floor(max_row_density * fan_in + 1e-9))
+    per_column = out if max_column_density is None else max(1, math.floor(max_column_density * out + 1e-9))
     return per_row, per_column
 
 

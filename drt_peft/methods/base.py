@@ -28,7 +28,11 @@ class DataDrivenConfig(DRTConfig):
         },
     )
     warmup_lr: float = field(
-        default=1e-3, metadata={"help": "Learning rate of the head warm-up's Adam (constant); used with warmup_steps."}
+        default=1e-2,
+        metadata={
+            "help": "Learning rate of the head warm-up's Adam (constant); used with warmup_steps. A linear probe "
+            "takes rates above fine-tuning's."
+        },
     )
 
     def __post_init__(self) -> None:
