@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -12,12 +13,12 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from _report import add_options, command, machine, parse_suite_args
+from _report import PeakMemory, Suite, add_options, command, machine, parse_suite_args
 from torch import Tensor, nn
 
 from drt_peft import DRTModel, get_drt_model
-from drt_peft.apps.offline import fashion_mnist, minilm_path, stratified_split
-from drt_peft.apps.recipes.text_classification import optimizer_state_bytes
+from drt_peft.apps.offline import fashion_mnist, minilm_path, rotten_tomatoes, stratified_split
+from drt_peft.apps.recipes.text_classification import accuracy, optimizer_state_bytes, tokenize, train
 from drt_peft.config import config_class
 
 
@@ -261,6 +262,112 @@ def median_step_times(models: dict[str, nn.Module], batches: list[dict[str, Tens
                 if step:
                     times.append(time.perf_counter() - start)
     return {name: statistics.median(times) for name, (_, _, times) in runs.items()}
+
+
+# -- fine-tuning MiniLM on Rotten Tomatoes (the text suites) ---------------------------------------
+#: Where DRT, LoRA and SHiRA go in the text suites: all linear layers (encoder + pooler), plus the classifier head in
+#: full.
+ALL_LINEAR = {"target_modules": "all-linear", "modules_to_save": ["classifier"]}
+
+
+@dataclass(frozen=True)
+class TextSetup:
+    """Everything a text run depends on besides the method, the learning rate and the seed."""
+
+    quick: bool
+    train_size: int
+    density: float
+    batch_size: int = 16
+    max_length: int = 48
+    calibration_batches: int = 32
+
+    @property
+    def steps(self) -> int:
+        return self.train_size // self.batch_size
+
+
+def add_text_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of the text suites: ``--quick``, ``--train-size``, ``--density``, ``--seeds``, ``--workers``."""
+    parser.add_argument("--quick", action="store_true", help="tiny model, 256 snippets, one seed (harness check)")
+    parser.add_argument("--train-size", type=int, default=5000, help="training snippets (one epoch)")
+    parser.add_argument("--density", type=float, default=0.005, help="fraction of the linear weights DRT trains")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0, 1, ... per method (the grid uses seed 0)")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time (each gets cores / workers threads)")
+
+
+@functools.cache
+def text_data(setup: TextSetup) -> dict[str, dict[str, Tensor]]:
+    """The tokenized training, validation and test snippets: the 12,752 distinct snippets split once, stratified and
+    seeded (2,752 test, 1,000 validation, ``train_size`` training; 128 / 64 / ``train_size`` for ``quick``)."""
+    from transformers import AutoTokenizer
+
+    texts, labels = rotten_tomatoes()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    test_size, val_size = (128, 64) if setup.quick else (2752, 1000)
+    rest, test = stratified_split(labels, test_size, seed=0)
+    rest_train, val = stratified_split([labels[i] for i in rest], val_size, seed=1)
+    pool = [rest[i] for i in rest_train]
+    chosen, _ = stratified_split([labels[i] for i in pool], len(pool) - setup.train_size, seed=2)
+    parts = {"train": [pool[i] for i in chosen], "val": [rest[i] for i in val], "test": test}
+    return {
+        name: tokenize(tokenizer, [texts[i] for i in idx], [labels[i] for i in idx], setup.max_length)
+        for name, idx in parts.items()
+    }
+
+
+def text_calibration(setup: TextSetup) -> list[dict[str, Tensor]]:
+    """The calibration batches of the data-driven methods: the first ``calibration_batches`` training batches."""
+    return chunks(text_data(setup)["train"], setup.batch_size, setup.calibration_batches)
+
+
+def train_text(setup: TextSetup, build: Builder, lr: float, seed: int) -> tuple[nn.Module, dict]:
+    """One method (``build``) on a fresh classifier, trained one epoch at ``lr`` (AdamW, 10% warm-up, linear decay):
+    the trained model and its validation and test accuracy, costs, mask-scoring and training seconds, final loss."""
+    data = text_data(setup)
+    base = bert_classifier(setup.quick, seed)
+    memory = PeakMemory()
+    start = time.perf_counter()
+    model = build(base, setup.density, setup.steps, seed, text_calibration(setup))
+    scoring = time.perf_counter() - start
+    result = train(model, data["train"], steps=setup.steps, lr=lr, batch_size=setup.batch_size, seed=seed,
+                   progress=False)  # fmt: skip
+    peak = memory.added()
+    return model, {
+        "val": accuracy(model, data["val"]),
+        "test": accuracy(model, data["test"]),
+        **costs(model, result.optimizer, peak),
+        "scoring_s": round(scoring, 2),
+        "train_s": round(sum(result.step_seconds), 1),
+        "final_loss": round(statistics.fmean(result.losses[-20:]), 4),
+    }
+
+
+def run_key(name: str, lr: float, seed: int) -> str:
+    """The name a training run is kept under."""
+    return f"{name}-lr{lr:g}-seed{seed}".replace(" ", "_")
+
+
+def run_jobs(setup: dict, rates: dict[str, Sequence[float]], seeds: Sequence[int]) -> dict[str, dict]:
+    """A training run per method, learning rate and seed."""
+    return {
+        run_key(name, lr, seed): {"kind": "run", "setup": setup, "method": name, "lr": lr, "seed": seed}
+        for name, lrs in rates.items()
+        for lr in lrs
+        for seed in seeds
+    }
+
+
+def tune_then_repeat(
+    suite: Suite, setup: dict, grid: dict[str, Sequence[float]], seeds: Sequence[int]
+) -> tuple[dict[str, dict[float, float]], dict[str, float], dict[str, list[dict]]]:
+    """Each method's rates with the first seed, then every seed at the rate with the best validation accuracy:
+    the validation accuracy per method and rate, the chosen rate per method and each method's runs over the seeds."""
+    grid_results = suite.run(run_jobs(setup, grid, seeds[:1]))
+    val = {name: {lr: grid_results[run_key(name, lr, seeds[0])]["val"] for lr in lrs} for name, lrs in grid.items()}
+    chosen = {name: max(lrs, key=lrs.__getitem__) for name, lrs in val.items()}
+    results = suite.run(run_jobs(setup, {name: (lr,) for name, lr in chosen.items()}, seeds))
+    runs = {name: [results[run_key(name, lr, seed)] for seed in seeds] for name, lr in chosen.items()}
+    return val, chosen, runs
 
 
 # -- from scratch on Fashion-MNIST --------------------------------------------------------------

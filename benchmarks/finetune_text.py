@@ -23,38 +23,34 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from _builders import MINILM, Builder, bert_classifier, chunks, costs, drt, full, head_only, median_step_times, peft
-from _report import PeakMemory, command, machine, mean_std, parse_suite_args, percent, provenance, size, write_report
-from torch import Tensor
+from _builders import (
+    ALL_LINEAR,
+    MINILM,
+    Builder,
+    TextSetup,
+    add_text_options,
+    bert_classifier,
+    drt,
+    full,
+    head_only,
+    median_step_times,
+    peft,
+    text_calibration,
+    text_data,
+    train_text,
+    tune_then_repeat,
+)
+from _report import command, machine, mean_std, parse_suite_args, percent, provenance, size, write_report
 
-from drt_peft.apps.offline import minilm_path, rotten_tomatoes, stratified_split
-from drt_peft.apps.recipes.text_classification import accuracy, batches, tokenize, train
+from drt_peft.apps.recipes.text_classification import batches
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-
-@dataclass(frozen=True)
-class Setup:
-    """Everything a run depends on besides the method, the learning rate and the seed."""
-
-    quick: bool
-    train_size: int
-    density: float
-    batch_size: int = 16
-    max_length: int = 48
-    calibration_batches: int = 32
-
-    @property
-    def steps(self) -> int:
-        return self.train_size // self.batch_size
 
 
 @dataclass(frozen=True)
@@ -63,9 +59,8 @@ class Method:
     build: Builder
 
 
-#: Where DRT, LoRA and SHiRA go: all linear layers (encoder + pooler), plus the classifier head in full.
-#: LoRA and SHiRA take the rank closest to d; dynamic DRT methods update ~9 times in the first 3/4 of training.
-ALL_LINEAR = {"target_modules": "all-linear", "modules_to_save": ["classifier"]}
+#: DRT, LoRA and SHiRA go on all linear layers (``ALL_LINEAR``), plus the classifier head in full. LoRA and SHiRA
+#: take the rank closest to d; dynamic DRT methods update ~9 times in the first 3/4 of training.
 DRT_LRS = (5e-3, 1e-2, 2e-2)
 METHODS: dict[str, Method] = {
     "head only": Method((1e-2, 5e-2, 2e-1, 1.0), head_only("classifier.")),
@@ -84,85 +79,30 @@ METHODS: dict[str, Method] = {
 }
 
 
-# -- data ------------------------------------------------------------------------------------
-def _data(setup: Setup) -> dict[str, dict[str, Tensor]]:
-    """The tokenized training, validation and test snippets."""
-    from transformers import AutoTokenizer
-
-    texts, labels = rotten_tomatoes()
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    test_size, val_size = (128, 64) if setup.quick else (2752, 1000)
-    rest, test = stratified_split(labels, test_size, seed=0)
-    rest_train, val = stratified_split([labels[i] for i in rest], val_size, seed=1)
-    pool = [rest[i] for i in rest_train]
-    chosen, _ = stratified_split([labels[i] for i in pool], len(pool) - setup.train_size, seed=2)
-    parts = {"train": [pool[i] for i in chosen], "val": [rest[i] for i in val], "test": test}
-    return {
-        name: tokenize(tokenizer, [texts[i] for i in idx], [labels[i] for i in idx], setup.max_length)
-        for name, idx in parts.items()
-    }
-
-
 # -- one process per run -----------------------------------------------------------------------
 def run_job(job: dict) -> dict:
     """One method trained at one learning rate and seed, or the interleaved timing of all."""
-    setup = Setup(**job["setup"])
-    data = _data(setup)
-    calibration = chunks(data["train"], setup.batch_size, setup.calibration_batches)
+    setup = TextSetup(**job["setup"])
     if job["kind"] == "timing":
-        return _timing(setup, data, calibration, job["rounds"], job["steps"])
-    method, seed = METHODS[job["method"]], job["seed"]
-    base = bert_classifier(setup.quick, seed)
-    memory = PeakMemory()
-    start = time.perf_counter()
-    model = method.build(base, setup.density, setup.steps, seed, calibration)
-    scoring = time.perf_counter() - start
-    result = train(model, data["train"], steps=setup.steps, lr=job["lr"], batch_size=setup.batch_size, seed=seed,
-                   progress=False)  # fmt: skip
-    peak = memory.added()
-    return {
-        "val": accuracy(model, data["val"]),
-        "test": accuracy(model, data["test"]),
-        **costs(model, result.optimizer, peak),
-        "scoring_s": round(scoring, 2),
-        "train_s": round(sum(result.step_seconds), 1),
-        "final_loss": round(statistics.fmean(result.losses[-20:]), 4),
-    }
+        return _timing(setup, job["rounds"], job["steps"])
+    return train_text(setup, METHODS[job["method"]].build, job["lr"], job["seed"])[1]
 
 
-def _timing(setup: Setup, data: dict[str, dict[str, Tensor]], calibration: list, rounds: int, steps: int) -> dict:
+def _timing(setup: TextSetup, rounds: int, steps: int) -> dict:
     """Median step time of every method, built side by side and timed round-robin on the same batches."""
+    calibration = text_calibration(setup)
     models = {
         name: method.build(bert_classifier(setup.quick, 0), setup.density, setup.steps, 0, calibration)
         for name, method in METHODS.items()
     }
-    fixed = list(islice(batches(data["train"], setup.batch_size, 0), steps))
+    fixed = list(islice(batches(text_data(setup)["train"], setup.batch_size, 0), steps))
     return median_step_times(models, fixed, rounds)
 
 
-# -- the suite: jobs, aggregate, render ----------------------------------------------------------
-def _key(name: str, lr: float, seed: int) -> str:
-    """The name a training run is kept under."""
-    return f"{name}-lr{lr:g}-seed{seed}".replace(" ", "_")
-
-
-def _jobs(setup: dict, rates: dict[str, tuple[float, ...]], seeds: tuple[int, ...]) -> dict[str, dict]:
-    """A training run per method, learning rate and seed."""
-    return {
-        _key(name, lr, seed): {"kind": "run", "setup": setup, "method": name, "lr": lr, "seed": seed}
-        for name, lrs in rates.items()
-        for lr in lrs
-        for seed in seeds
-    }
-
-
+# -- the suite: aggregate, render ----------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, 256 snippets, one seed (harness check)")
-    parser.add_argument("--train-size", type=int, default=5000, help="training snippets (one epoch)")
-    parser.add_argument("--density", type=float, default=0.005, help="fraction of the linear weights DRT trains")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0, 1, ... per method (the grid uses seed 0)")
-    parser.add_argument("--workers", type=int, default=2, help="runs at a time (each gets cores / workers threads)")
+    add_text_options(parser)
     suite = parse_suite_args(parser, "finetune_text", run_job)
     if suite is None:
         return
@@ -170,20 +110,16 @@ def main() -> None:
     seeds, timing = tuple(range(args.seeds)), {"rounds": 5, "steps": 4}
     if args.quick:
         args.train_size, seeds, timing = 256, (0,), {"rounds": 1, "steps": 2}
-    setup = asdict(Setup(quick=args.quick, train_size=args.train_size, density=args.density))
+    setup = asdict(TextSetup(quick=args.quick, train_size=args.train_size, density=args.density))
     grid = {name: method.lrs[:1] if args.quick else method.lrs for name, method in METHODS.items()}
-    grid_results = suite.run(_jobs(setup, grid, seeds[:1]))
-    val = {name: {lr: grid_results[_key(name, lr, seeds[0])]["val"] for lr in lrs} for name, lrs in grid.items()}
-    chosen = {name: max(lrs, key=lrs.__getitem__) for name, lrs in val.items()}
-    results = suite.run(_jobs(setup, {name: (lr,) for name, lr in chosen.items()}, seeds))
+    val, chosen, runs = tune_then_repeat(suite, setup, grid, seeds)
     timing_job = {"timing": {"kind": "timing", "setup": setup, **timing}}
     step_times = suite.run(timing_job, threads=os.cpu_count() or 1)["timing"]
-    runs = {name: [results[_key(name, lr, seed)] for seed in seeds] for name, lr in chosen.items()}
     report = {
         "command": command("finetune_text.py"),
         "machine": machine(suite.threads),
         "timing_threads": os.cpu_count(),
-        "setup": {**setup, "steps": Setup(**setup).steps, "seeds": list(seeds), "timing": timing},
+        "setup": {**setup, "steps": TextSetup(**setup).steps, "seeds": list(seeds), "timing": timing},
         "rows": [_row(name, chosen[name], val[name], runs[name], step_times) for name in METHODS],
     }
     write_report(args.out, report, _markdown, _plot)

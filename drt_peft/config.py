@@ -43,6 +43,7 @@ PEFT_TYPE = (
 MODES = ("freeze", "prune")
 BASE_INITS = ("pretrained", "seeded")
 BUDGETS = ("global", "uniform", "erk")
+SCORE_NORMALISATIONS = ("none", "layer")
 BIASES = ("none", "all")
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
@@ -180,6 +181,10 @@ class DRTConfig:
     #: ``{"budget": "global", "mode": "prune"}``: what :meth:`as_in_paper` applies. Read from the class itself,
     #: never inherited: None (the default) when no paper setting is recorded, and the method's page says why.
     paper_setting: ClassVar[Mapping[str, Any] | None] = None
+    #: False for methods whose ψ moves by rules of their own during training (drop-and-grow, a supermask's trained
+    #: scores): ``max_row_density`` and ``max_column_density``, which only the selection from scores enforces,
+    #: could not hold there, so they are refused.
+    selection_is_final: ClassVar[bool] = True
 
     density: float | None = field(
         default=None,
@@ -212,6 +217,30 @@ class DRTConfig:
         metadata={
             "help": "How d is spread over layers (survey §3.2): 'uniform' (same density per layer), "
             "'global' (one threshold over all layers), 'erk' (Erdős–Rényi-Kernel, Evci et al. 2020)."
+        },
+    )
+    score_normalisation: str = field(
+        default="none",
+        metadata={
+            "help": "With budget='global': 'layer' divides each layer's scores by their mean absolute value before "
+            "the one ranking over all layers, so a layer wins entries by how far they stand out within it, not by "
+            "how loud its gradients are; 'none' ranks the raw scores."
+        },
+    )
+    max_row_density: float | None = field(
+        default=None,
+        metadata={
+            "help": "At most this fraction of any output row of a layer trains, rounded down but at least one entry "
+            "(0 < value <= 1; None: no cap). The entries a full row cannot take go to the next-best entries "
+            "elsewhere in the layer (elsewhere in the model with budget='global'), so d stays exact. Unstructured "
+            "masks only."
+        },
+    )
+    max_column_density: float | None = field(
+        default=None,
+        metadata={
+            "help": "At most this fraction of any input column of a layer (its [out, fan_in] view) trains, as "
+            "max_row_density for rows (None: no cap)."
         },
     )
     structure: str = field(
@@ -276,6 +305,7 @@ class DRTConfig:
         check_choice("budget", self.budget, BUDGETS)
         check_choice("bias", self.bias, BIASES)
         parse_structure(self.structure)
+        self._check_concentration()
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed={self.seed!r} must be an integer with 0 <= seed < 2**32")
         self._check_modules()
@@ -301,6 +331,33 @@ class DRTConfig:
         ):
             raise ValueError(f"density={self.density!r} is out of range; it must satisfy 0 < density <= 1")
         check_int("num_trainable", self.num_trainable, optional=True)
+
+    def _check_concentration(self) -> None:
+        """``score_normalisation`` acts on a global ranking only; the caps are fractions in (0, 1] of unstructured
+        masks that the selection fixes (:attr:`selection_is_final`)."""
+        check_choice("score_normalisation", self.score_normalisation, SCORE_NORMALISATIONS)
+        if self.score_normalisation != "none" and self.budget != "global":
+            raise ValueError(
+                f"score_normalisation={self.score_normalisation!r} is not supported with budget={self.budget!r}: it "
+                "rescales each layer's scores, which changes only a ranking over all layers; use budget='global', "
+                "or score_normalisation='none'"
+            )
+        for name in ("max_row_density", "max_column_density"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"{name}={value!r} must be a fraction with 0 < {name} <= 1, or None (no cap)")
+            if self.structure != "unstructured":
+                raise ValueError(
+                    f"{name}={value!r} is not supported with structure={self.structure!r}; the caps apply to "
+                    "structure='unstructured'"
+                )
+            if self.criterion is None or not self.selection_is_final:
+                raise ValueError(
+                    f"{name}={value!r} is not supported by {self.method_name!r}: its ψ is not (only) the selection "
+                    "from scores that the caps constrain; leave it None"
+                )
 
     def _check_modules(self) -> None:
         """``target_modules`` is ``"all-linear"``, a valid regular expression or a list of names (stored as a tuple),
@@ -361,6 +418,13 @@ class DRTConfig:
         """How ``base_init="seeded"`` draws Θ(0) (:func:`drt_peft.base_weights.seeded_init_`): ``"model"``, the
         model's own initialisation; methods with a choice override this (the supermask's ``weight_init``)."""
         return "model"
+
+    @property
+    def head_warmup(self) -> tuple[int, float]:
+        """``(steps, learning rate)`` of the warm-up that trains only the ``modules_to_save`` on the calibration
+        data before the criterion scores (:func:`drt_peft.masks.warmup.head_warmed_up`); ``(0, 0.0)``, none, here.
+        Data-driven configs set it with ``warmup_steps`` and ``warmup_lr``."""
+        return 0, 0.0
 
     @property
     def stores_indices(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -214,6 +215,59 @@ def test_fisher_matches_explicit_per_sample_gradients(labels: str) -> None:
     # num_samples stops early: the first 3 samples only
     first = FISHConfig(density=0.5, num_samples=3)
     assert not torch.allclose(_scores(first, model, data)[0], _scores(config, model, data)[0])
+
+
+class _DictMLP(nn.Module):
+    """:func:`_mlp` taking dict batches ``model(x=..., labels=...)``, as a transformers classifier does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> SimpleNamespace:
+        logits = self.net(x)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SimpleNamespace(logits=logits, loss=loss)
+
+
+@pytest.mark.parametrize("labels", ["predicted", "sampled", "expected"])
+def test_fisher_with_the_models_own_labels_matches_explicit_per_sample_gradients(labels: str) -> None:
+    """y from p(y|x): its arg-max, a draw seeded per sample (seed, "fisher labels", sample index), or every y weighted
+    by p(y|x), the sum of Sung et al.'s code's ``calculate_the_importance_expect``."""
+    from drt_peft.seeding import generator
+
+    model, data = _DictMLP(), _batches()
+    squares, count = torch.zeros_like(_flat(model.net)), 0
+    for x, _ in data:
+        for i in range(len(x)):
+            sample = x[i : i + 1]
+            probs = torch.softmax(model.net(sample).detach().float(), -1)[0]
+            if labels == "predicted":
+                terms = [(1.0, probs.argmax())]
+            elif labels == "sampled":
+                draw = generator(3, "fisher labels", str(count))
+                terms = [(1.0, torch.multinomial(probs.double(), 1, generator=draw))]
+            else:
+                terms = [(float(p), torch.tensor(y)) for y, p in enumerate(probs)]
+            for weight, y in terms:
+                loss = functools.partial(_flat_loss, model.net, [(sample, y.reshape(1))])
+                squares += weight * torch.autograd.functional.jacobian(loss, _flat(model.net)) ** 2
+            count += 1
+    config = FISHConfig(density=0.5, num_samples=count, fisher_labels=labels, seed=3)
+    batches = [{"x": x, "labels": y} for x, y in data]
+    for s, e in zip(_scores(config, model, batches, loss_fn=None), _unflat(model.net, squares / count), strict=True):
+        assert torch.allclose(s.double(), e, rtol=1e-5, atol=1e-9)
+    if labels == "sampled":  # another seed, other draws
+        other = _scores(dataclasses.replace(config, seed=4), model, batches, loss_fn=None)
+        assert not torch.allclose(other[0], _scores(config, model, batches, loss_fn=None)[0])
+
+
+def test_fisher_expected_needs_one_prediction_per_sample() -> None:
+    batches = [random_lm_batch(torch.Generator().manual_seed(0), size=2)]
+    config = FISHConfig(density=0.1, num_samples=2, fisher_labels="expected")
+    with pytest.raises(ValueError, match=r"fisher_labels='expected' needs one prediction per sample.*'sampled'"):
+        get_drt_model(tiny_gpt2(), config, calibration_data=batches)
+    get_drt_model(tiny_gpt2(), dataclasses.replace(config, fisher_labels="sampled"), calibration_data=batches)
 
 
 def test_force_with_one_round_is_snip_and_iterates_on_the_masked_network() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import (
@@ -223,3 +225,71 @@ def test_fish_counts_only_the_targeted_weights_in_its_budget() -> None:
     sizes = sum(layer.base_layer.weight.numel() for _, layer in model.drt_layers())
     assert sum(layer.num_trainable for _, layer in model.drt_layers()) == round(0.1 * sizes)
     assert "classifier" not in {name.rpartition(".")[2] for name, _ in model.drt_layers()}
+
+
+# -- head warm-up before scoring -----------------------------------------------------------------------------------
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_head_warm_up_moves_the_head_alone_deterministically_and_gives_it_back() -> None:
+    from drt_peft.masks import ScoringContext
+    from drt_peft.masks.warmup import head_parameters, head_warmed_up, warm_up_head
+
+    model, data = tiny_bert(), _text_batches()
+    config = SNIPConfig(density=0.1, modules_to_save=["classifier"], warmup_steps=4, warmup_lr=0.05)
+    scoring = ScoringContext(model, [], config, data, None, lambda scores, density=None: scores)
+    before = _state(model)
+    with head_warmed_up(scoring):
+        during = _state(model)
+    moved = {k for k in before if not torch.equal(before[k], during[k])}
+    assert moved == {"classifier.weight", "classifier.bias"}  # the head moved, the encoder did not
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())  # and it is given back
+    first = warm_up_head(scoring, head_parameters(scoring), 4, 0.05)
+    assert first[2] < first[0] and first[3] < first[1]  # the same batches (data is read again), lower loss
+    model.load_state_dict(before)
+    assert warm_up_head(scoring, head_parameters(scoring), 4, 0.05) == first  # deterministic
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_scores_after_a_head_warm_up_are_those_of_the_probed_model() -> None:
+    data = _text_batches()
+    plain = SNIPConfig(density=0.1, modules_to_save=["classifier"])
+    probed = tiny_bert()  # by hand: Adam on the head alone, in eval mode, batches 0, 1, 0
+    optimizer = torch.optim.Adam(probed.classifier.parameters(), lr=0.05)
+    for batch in (data[0], data[1], data[0]):
+        optimizer.zero_grad()
+        probed(**batch).loss.backward()
+        optimizer.step()
+    expected = get_drt_model(probed, plain, calibration_data=data).get_masks()
+    base = tiny_bert()
+    before = _state(base)
+    warmed = get_drt_model(base, dataclasses.replace(plain, warmup_steps=3, warmup_lr=0.05), calibration_data=data)
+    assert all(torch.equal(warmed.get_masks()[k], m) for k, m in expected.items())
+    cold = get_drt_model(tiny_bert(), plain, calibration_data=data).get_masks()
+    assert any(not torch.equal(cold[k], m) for k, m in expected.items())
+    # the adapter trains the head from the model's own values, and unload gives the model back as it was
+    assert torch.equal(warmed.get_base_model().classifier.weight, before["classifier.weight"])
+    assert all(torch.equal(before[k], v) for k, v in _state(warmed.unload()).items())
+
+
+@pytest.mark.parametrize("method", sorted(set(CONFIGS) - {"synflow"}))
+def test_every_data_driven_criterion_scores_after_the_warm_up(method: str) -> None:
+    config = CONFIGS[method](density=0.1, modules_to_save=["classifier"], warmup_steps=2, warmup_lr=0.05)
+    base = tiny_bert()
+    before = _state(base)
+    model = get_drt_model(base, config, calibration_data=_text_batches())
+    assert sum(layer.num_trainable for _, layer in model.drt_layers()) > 0
+    assert all(torch.equal(before[k], v) for k, v in _state(model.unload()).items())
+
+
+def test_head_warm_up_bad_inputs() -> None:
+    with pytest.raises(ValueError, match=r"warmup_steps=2 trains the modules_to_save before scoring, and "):
+        SNIPConfig(density=0.1, warmup_steps=2)
+    with pytest.raises(ValueError, match=r"warmup_steps=-1 must be an integer >= 0 \(0: no warm-up\)"):
+        SNIPConfig(density=0.1, warmup_steps=-1)
+    with pytest.raises(ValueError, match=r"warmup_lr=0 must be a finite number > 0"):
+        FISHConfig(density=0.1, warmup_lr=0)
+    config = SNIPConfig(density=0.1, modules_to_save=["classifier"], warmup_steps=2)
+    with pytest.raises(ValueError, match=r"reads calibration_data twice \(for the head warm-up, then for the scores\)"):
+        get_drt_model(tiny_bert(), config, calibration_data=iter(_text_batches()))

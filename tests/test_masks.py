@@ -142,16 +142,31 @@ def test_concentration_counts_rows_and_columns_as_by_hand() -> None:
 
     row_zero_and_one = torch.tensor([0, 1, 2, 3, 4, 7])  # all of row 0 of a 4 × 5 weight, and (1, 2)
     assert concentration(row_zero_and_one, (4, 5)) == pytest.approx(
-        {"top_rows_share": 5 / 6, "rows_touched": 2 / 4, "columns_touched": 5 / 5}
+        {
+            "top_rows_share": 5 / 6,
+            "rows_touched": 2 / 4,
+            "columns_touched": 5 / 5,
+            "max_row_density": 5 / 5,
+            "max_column_density": 2 / 4,
+        }
     )
     one_column = torch.tensor([3, 8, 13])  # column 3 of rows 0, 1 and 2 of a 200 × 5 weight: top 2 rows of 200
     assert concentration(one_column, (200, 5)) == pytest.approx(
-        {"top_rows_share": 2 / 3, "rows_touched": 3 / 200, "columns_touched": 1 / 5}
+        {
+            "top_rows_share": 2 / 3,
+            "rows_touched": 3 / 200,
+            "columns_touched": 1 / 5,
+            "max_row_density": 1 / 5,
+            "max_column_density": 3 / 200,
+        }
     )
     stats = mask_statistics(["a", "b"], [row_zero_and_one, one_column], [(4, 5), (200, 5)], per_layer=True)
     assert stats["drt/largest_layer_share"] == pytest.approx(6 / 9)
     assert stats["drt/columns_touched"] == pytest.approx((6 * 1.0 + 3 * 0.2) / 9)
     assert stats["drt/top_rows_share/b"] == pytest.approx(2 / 3)
+    # the densest row and column over all layers, not a mean
+    assert (stats["drt/max_row_density"], stats["drt/max_column_density"]) == (1.0, 0.5)
+    assert stats["drt/max_row_density/b"] == pytest.approx(1 / 5)
     assert mask_statistics(["a"], [torch.empty(0, dtype=torch.int64)], [(4, 5)]) == {}
 
 
@@ -165,3 +180,129 @@ def test_drt_statistics_show_how_a_mask_concentrates() -> None:
     stats = model.drt_statistics(per_layer=True)
     assert stats["drt/top_rows_share"] == pytest.approx(64 / layer.num_trainable)
     assert stats["drt/rows_touched/0"] == pytest.approx(4 / 64) and stats["drt/columns_touched"] == 1.0
+
+
+# -- concentration controls: per-layer score normalisation, row and column caps ------------------------------------
+def _greedy(scores: list[torch.Tensor], k: int, caps: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The capped selection written out: all entries in descending score order (ties: lower position, matrices in
+    order), each taken unless its row or column already holds its cap, until k are taken."""
+    entries = sorted(
+        ((float(v), layer, i) for layer, s in enumerate(scores) for i, v in enumerate(s.flatten().tolist())),
+        key=lambda e: (-e[0], e[1], e[2]),
+    )
+    rows: dict[tuple[int, int], int] = {}
+    columns: dict[tuple[int, int], int] = {}
+    masks = [torch.zeros(s.numel(), dtype=torch.bool) for s in scores]
+    taken = 0
+    for _, layer, i in entries:
+        if taken == k:
+            break
+        row, column = divmod(i, scores[layer].shape[1])
+        per_row, per_column = caps[layer]
+        if rows.get((layer, row), 0) < per_row and columns.get((layer, column), 0) < per_column:
+            rows[layer, row] = rows.get((layer, row), 0) + 1
+            columns[layer, column] = columns.get((layer, column), 0) + 1
+            masks[layer][i] = True
+            taken += 1
+    return [m.reshape(s.shape) for m, s in zip(masks, scores, strict=True)]
+
+
+def test_capped_selection_is_the_greedy_under_both_caps_and_the_top_k_without_them() -> None:
+    from drt_peft.masks.selection import capped_top_k, select_capped
+
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.randint(0, 30, (7, 9), generator=g).float(), torch.rand(5, 12, generator=g) * 30]  # with ties
+    caps = [(2, 3), (4, 1)]
+    for k in (0, 1, 17, 26):  # 26 = 14 + 12: both layers full (7·2 rows, 12·1 columns)
+        got = capped_top_k(scores, k, caps)
+        assert all(torch.equal(a, b) for a, b in zip(got, _greedy(scores, k, caps), strict=True)), k
+        assert sum(int(m.sum()) for m in got) == k
+        for m, (per_row, per_column) in zip(got, caps, strict=True):
+            assert m.sum(1).max() <= per_row and m.sum(0).max() <= per_column
+    per_layer = select_capped(scores, [10, 6], 16, caps)
+    assert [int(m.sum()) for m in per_layer] == [10, 6]
+    assert torch.equal(per_layer[1], _greedy(scores[1:], 6, caps[1:])[0])
+    # no binding cap: exactly top_k_mask, ties included
+    free = [(9, 7), (12, 5)]
+    joint = torch.cat([s.flatten() for s in scores])
+    assert torch.equal(torch.cat([m.flatten() for m in capped_top_k(scores, 40, free)]), top_k_mask(joint, 40))
+
+
+def test_a_row_cap_spills_to_the_next_best_entries_of_the_layer_and_keeps_d() -> None:
+    targets = _targets((4, 10), (4, 10))
+    with torch.no_grad():  # one loud row per layer: row 0 holds the ten largest magnitudes of each layer
+        for t in targets:
+            t.weight.copy_(torch.arange(40, dtype=torch.float32).flip(0).reshape(4, 10) / 100)
+            t.weight[0] += 1.0
+    plain = _indices(targets, MagnitudeConfig(density=0.25))  # 10 per layer: all of row 0
+    assert [i.tolist() for i in plain] == [list(range(10))] * 2
+    capped = _indices(targets, MagnitudeConfig(density=0.25, max_row_density=0.3))  # at most 3 per row of 10
+    # by hand: row 0's three best (0, 1, 2), row 1's three best (10, 11, 12), row 2's three, then row 3's best
+    assert [i.tolist() for i in capped] == [[0, 1, 2, 10, 11, 12, 20, 21, 22, 30]] * 2
+    # globally the budget spills over all layers: 20 entries, at most 3 per row of either layer
+    both = _indices(targets, MagnitudeConfig(num_trainable=20, budget="global", max_row_density=0.3))
+    assert sum(len(i) for i in both) == 20
+    assert all(torch.bincount(i // 10).max() <= 3 for i in both)
+    columns = _indices(targets, MagnitudeConfig(density=0.25, max_column_density=0.25))  # 1 per column of 4 rows
+    assert [i.tolist() for i in columns] == [list(range(10))] * 2  # row 0 already uses every column once
+    (one_per_row,) = _indices(_targets((2, 10)), MagnitudeConfig(density=0.1, max_row_density=0.05))
+    assert torch.bincount(one_per_row // 10).tolist() == [1, 1]  # ⌊0.05·10⌋ = 0, but a cap keeps at least one
+    with pytest.raises(ValueError, match=r"gives a layer of shape \(1, 6\) 2 trained entries, more than the 1"):
+        _indices(_targets((10, 10), (1, 6)), MagnitudeConfig(density=0.25, max_row_density=0.3))  # ⌊0.3·6⌋ = 1
+    with pytest.raises(ValueError, match=r"d=20 trained entries exceed the 16 that"):
+        _indices(targets, MagnitudeConfig(num_trainable=20, budget="global", max_row_density=0.2))
+
+
+def test_layer_normalisation_ranks_each_layer_on_its_own_scale() -> None:
+    from drt_peft.masks.budgets import normalise_layer
+
+    targets = _targets((8, 8), (8, 8))
+    with torch.no_grad():
+        targets[0].weight.mul_(1000.0)  # a loud layer takes the whole global budget
+    loud = _indices(targets, MagnitudeConfig(num_trainable=20, budget="global"))
+    assert [len(i) for i in loud] == [20, 0]
+    fair = _indices(targets, MagnitudeConfig(num_trainable=20, budget="global", score_normalisation="layer"))
+    scaled = [t.weight.detach().abs() / t.weight.detach().abs().double().mean() for t in targets]  # by hand
+    expected = top_k_mask(torch.cat([s.flatten() for s in scaled]).float(), 20).split(64)
+    assert [i.tolist() for i in fair] == [e.nonzero().flatten().tolist() for e in expected]
+    assert 0 < len(fair[1]) < 20
+    assert torch.equal(normalise_layer(torch.zeros(3)), torch.zeros(3))
+
+
+def test_drt_statistics_show_what_the_controls_change() -> None:
+    from drt_peft import get_drt_model
+
+    def stats(**fields: object) -> dict[str, float]:
+        model = tiny_mlp((64, 64, 16))
+        with torch.no_grad():
+            model[0].weight.mul_(100.0)
+            model[0].weight[:2] += 100.0  # its first two rows are the loudest of all
+        return get_drt_model(model, MagnitudeConfig(num_trainable=256, **fields)).drt_statistics(per_layer=True)
+
+    loud = stats(budget="global")
+    assert loud["drt/largest_layer_share"] == 1.0 and loud["drt/max_row_density"] == 1.0
+    normalised = stats(budget="global", score_normalisation="layer")
+    assert normalised["drt/largest_layer_share"] < 1.0
+    capped = stats(budget="global", max_row_density=0.125, max_column_density=0.25)
+    assert capped["drt/trainable"] == 256
+    assert capped["drt/max_row_density"] <= 0.125 and capped["drt/max_column_density"] <= 0.25
+    assert capped["drt/top_rows_share"] < loud["drt/top_rows_share"]
+
+
+@pytest.mark.parametrize(
+    ("config", "kwargs", "message"),
+    [
+        ("random", {"score_normalisation": "norm"}, r"score_normalisation='norm' is not supported; use one of"),
+        ("random", {"score_normalisation": "layer"}, r"score_normalisation='layer' is not supported with budget="),
+        ("random", {"max_row_density": 0}, r"max_row_density=0 must be a fraction with 0 < max_row_density <= 1"),
+        ("random", {"max_column_density": 1.5}, r"max_column_density=1\.5 must be a fraction"),
+        ("random", {"max_row_density": 0.1, "structure": "2:4"}, r"not supported with structure='2:4'"),
+        ("set", {"max_row_density": 0.1}, r"max_row_density=0\.1 is not supported by 'set'"),
+        ("supermask", {"max_column_density": 0.1}, r"max_column_density=0\.1 is not supported by 'supermask'"),
+    ],
+)
+def test_concentration_controls_are_validated(config: str, kwargs: dict, message: str) -> None:
+    from drt_peft.config import config_class
+
+    with pytest.raises(ValueError, match=message):
+        config_class(config)(density=0.1, **kwargs)

@@ -23,6 +23,7 @@ SUITES = {
     "step-time": "step_time.py",
     "scoring": "scoring.py",
     "mask-diagnostics": "mask_diagnostics.py",
+    "mask-ablations": "mask_ablations.py",
 }
 
 

@@ -9,12 +9,21 @@
 
 Per-layer counts are integers summing exactly to d (largest-remainder rounding, ties to the
 earlier layer), never above a layer's capacity.
+
+Two controls act against a budget spent where the scores are loudest rather than where training
+helps: ``score_normalisation="layer"`` puts every layer's scores on one scale before a global
+ranking (:func:`normalise_layer`), and ``max_row_density`` / ``max_column_density`` cap how many
+entries one output row or input column of a layer may hold (:func:`line_caps`; the selection
+enforces them, :func:`~drt_peft.masks.selection.select_capped`), which lowers a layer's capacity
+to :func:`capped_capacity`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+from torch import Tensor
 
 
 def total_budget(density: float | None, num_trainable: int | None, capacity: int) -> int:
@@ -80,9 +89,50 @@ def layer_counts(
         return None
     sizes = [math.prod(shape) for shape in shapes]
     if budget == "uniform" and density is not None:
-        return [min(cap, max(1, round(density * size))) for size, cap in zip(sizes, caps, strict=True)]
+        counts = [max(1, round(density * size)) for size in sizes]
+        for shape, count, cap in zip(shapes, counts, caps, strict=True):
+            if count > cap:
+                raise ValueError(
+                    f"density={density} gives a layer of shape {tuple(shape)} {count} trained entries, more than the "
+                    f"{cap} its structure and max_row_density / max_column_density allow; raise the caps or lower "
+                    "the density"
+                )
+        return counts
     if budget == "uniform":
         return apportion(total, sizes, caps)
     if budget == "erk":
         return apportion(total, erk_shares(shapes), caps)
     raise ValueError(f"budget={budget!r} is not supported; use 'global', 'uniform' or 'erk'")
+
+
+def normalise_layer(scores: Tensor) -> Tensor:
+    """A layer's scores divided by their mean absolute value (all-zero scores stay as they are).
+
+    Every layer's scores then average 1 in magnitude, so one ranking over all layers
+    (``budget="global"``) compares how far an entry stands out within its layer, not how loud the
+    layer's gradients are: a layer next to a new head no longer takes most of d for that reason.
+    The mean of |s| rather than a norm: for nonnegative saliencies it is SNIP's own normalisation
+    s / Σ s (Lee et al. 2019) applied per layer and scaled by the layer's size, it does not
+    depend on the layer's size, and a few outliers move it less than a root mean square. Within a
+    layer the order is unchanged.
+    """
+    scale = float(scores.detach().double().abs().mean())
+    return scores / scale if scale > 0 else scores
+
+
+def line_caps(shape: Sequence[int], max_row_density: float | None, max_column_density: float | None) -> tuple[int, int]:
+    """``(per_row, per_column)``: the most trained entries an output row and an input column of an ``[out, fan_in]``
+    layer may hold, ⌊max_row_density·fan_in⌋ and ⌊max_column_density·out⌋ but at least one (a cap limits where a
+    layer's entries go, it never shuts a layer out); the whole line where no cap is set."""
+    out, fan_in = shape
+    per_row = fan_in if max_row_density is None else max(1, math.floor(max_row_density * fan_in + 1e-9))
+    per_column = out if max_column_density is None else max(1, math.floor(max_column_density * out + 1e-9))
+    return per_row, per_column
+
+
+def capped_capacity(shape: Sequence[int], per_row: int, per_column: int) -> int:
+    """How many entries an ``[out, fan_in]`` layer can hold with at most ``per_row`` in a row and ``per_column`` in a
+    column: min(out·per_row, fan_in·per_column), which the greedy capped selection always reaches (until no row
+    with room meets a column with room, one side is full)."""
+    out, fan_in = shape
+    return min(out * per_row, fan_in * per_column)

@@ -7,6 +7,7 @@ every process and device.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -38,6 +39,62 @@ def select_unstructured(scores: Sequence[Tensor], counts: Sequence[int] | None, 
         return [top_k_mask(s.flatten(), k).reshape(s.shape) for s, k in zip(scores, counts, strict=True)]
     joint = top_k_mask(torch.cat([s.flatten() for s in scores]), total)
     return [part.reshape(s.shape) for part, s in zip(joint.split([s.numel() for s in scores]), scores, strict=True)]
+
+
+#: Entries of the descending order the capped selection reads at a time (it usually stops in the first chunk).
+_CHUNK = 1 << 16
+
+
+def select_capped(
+    scores: Sequence[Tensor], counts: Sequence[int] | None, total: int, caps: Sequence[tuple[int, int]]
+) -> list[Tensor]:
+    """As :func:`select_unstructured`, with at most ``caps[l] = (per_row, per_column)`` entries in any row and any
+    column of layer l: per layer (``counts``) or jointly over all layers (``counts`` None) by :func:`capped_top_k`."""
+    if counts is not None:
+        return [capped_top_k([s], k, [c])[0] for s, k, c in zip(scores, counts, caps, strict=True)]
+    return capped_top_k(scores, total, caps)
+
+
+def capped_top_k(scores: Sequence[Tensor], k: int, caps: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Masks of ``k`` entries of the ``[out, fan_in]`` ``scores``, taken greedily in one descending order of all of
+    them (ties: lower position, matrices in order): each entry is taken unless its row already holds ``per_row`` or
+    its column ``per_column`` taken entries (``caps`` per matrix), until ``k`` are taken.
+
+    What a full row or column turns away goes to the next-best entries, so exactly ``k`` are taken whenever
+    ``k`` fits :func:`~drt_peft.masks.budgets.capped_capacity`; with no binding cap this is the plain top-k. It is
+    the greedy (maximal, score-ordered) selection under both caps; with one cap only it is also the best one.
+    """
+    shapes = [tuple(s.shape) for s in scores]
+    flat = torch.cat([s.detach().flatten().cpu() for s in scores])
+    order = torch.sort(flat, descending=True, stable=True).indices
+    sizes = torch.tensor([s.numel() for s in scores])
+    starts, ends = sizes.cumsum(0) - sizes, sizes.cumsum(0)
+    fan_ins = torch.tensor([shape[1] for shape in shapes])
+    first_row = torch.tensor([0, *itertools.accumulate(shape[0] for shape in shapes)][:-1])
+    first_column = torch.tensor([0, *itertools.accumulate(shape[1] for shape in shapes)][:-1])
+    rows_left = [per_row for (out, _), (per_row, _) in zip(shapes, caps, strict=True) for _ in range(out)]
+    columns_left = [per_col for (_, fan_in), (_, per_col) in zip(shapes, caps, strict=True) for _ in range(fan_in)]
+    taken: list[int] = []
+    for chunk in order.split(_CHUNK):
+        if len(taken) == k:
+            break
+        layer = torch.searchsorted(ends, chunk, right=True)
+        local = chunk - starts[layer]
+        rows = (local // fan_ins[layer] + first_row[layer]).tolist()
+        columns = (local % fan_ins[layer] + first_column[layer]).tolist()
+        for entry, row, column in zip(chunk.tolist(), rows, columns, strict=True):
+            if rows_left[row] and columns_left[column]:
+                rows_left[row] -= 1
+                columns_left[column] -= 1
+                taken.append(entry)
+                if len(taken) == k:
+                    break
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[torch.tensor(taken, dtype=torch.int64)] = True
+    return [
+        part.reshape(shape).to(s.device)
+        for part, shape, s in zip(mask.split(sizes.tolist()), shapes, scores, strict=True)
+    ]
 
 
 def select_rows(scores: Sequence[Tensor], counts: Sequence[int] | None, total: int) -> list[Tensor]:

@@ -146,6 +146,7 @@ class DynamicConfig(DRTConfig):
     cosine_decay: ClassVar[bool] = False
     criterion = random_scores
     policy: ClassVar[type[Policy]] = DropAndGrow
+    selection_is_final = False  # drop-and-grow moves ψ without the row and column caps
 
     budget: str = field(
         default="erk", metadata={"help": "As in DRTConfig; dynamic methods start from a random ERK mask by default."}

@@ -1,4 +1,4 @@
-"""FISH mask (Sung et al. 2021): the empirical Fisher information of each weight."""
+"""FISH mask (Sung et al. 2021): the Fisher information of each weight (empirical by default)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from ..model import DRTModel
 
-FISHER_LABELS = ("true", "predicted")
+FISHER_LABELS = ("true", "predicted", "sampled", "expected")
 
 
 class FISHPolicy(Policy):
@@ -78,7 +78,8 @@ class FISHPolicy(Policy):
 @register_method("fish")
 @dataclass(frozen=True)
 class FISHConfig(DataDrivenConfig):
-    """Train the entries with the largest mean squared per-sample gradient of log p(y|x).
+    """Train the entries with the largest mean squared per-sample gradient of log p(y|x), y the true label or, with
+    ``fisher_labels``, labels from the model's own p(y|x) (see :mod:`drt_peft.masks.criteria.fisher`).
 
     The fine-tuning standard is 0.5% of the weights (``density=0.005``) with one global top-k
     (the default budget here). With ``update_frequency`` the mask is re-computed during training
@@ -108,7 +109,12 @@ class FISHConfig(DataDrivenConfig):
     )
     fisher_labels: str = field(
         default="true",
-        metadata={"help": "y in log p(y|x): 'true' labels of the batches or the model's own 'predicted' arg-max."},
+        metadata={
+            "help": "y in log p(y|x): 'true', the batches' labels (the empirical Fisher, the paper's experiments); "
+            "'expected', every label weighted by p(y|x) (the Fisher itself, its code's 'expect'; one backward per "
+            "label); 'sampled', y drawn from p(y|x) with the seed (one backward, for many labels or token "
+            "outputs); 'predicted', the model's arg-max. All but 'true' need dict batches and outputs with .logits."
+        },
     )
     update_frequency: int | None = field(
         default=None,
