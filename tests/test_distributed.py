@@ -11,20 +11,22 @@ from conftest import adamw, random_bert_batch, tiny_bert
 from ranks import run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
-from drt_peft import RigLConfig, SETConfig, get_drt_model
+from drt_peft import DeepRConfig, RigLConfig, SETConfig, get_drt_model
 from drt_peft.trainer import unwrap_drt_model
 
 UPDATES = 20
+CONFIGS = {
+    "set": lambda: SETConfig(density=0.2, update_frequency=1, drop_fraction=0.3, t_end=10 * UPDATES),
+    "rigl": lambda: RigLConfig(density=0.2, update_frequency=1, drop_fraction=0.3, t_end=10 * UPDATES),
+    "deep_r": lambda: DeepRConfig(density=0.2, temperature=1e-5, l1=1e-3),  # noise drawn on every rank alike
+}
 
 
 def _worker(rank: int, method: str, out: str) -> None:
     # run_ranks formed the gloo group; accelerate finds it
     # buffers (ψ) are not broadcast, so equal masks come from the methods' own determinism
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-    config = (RigLConfig if method == "rigl" else SETConfig)(
-        density=0.2, update_frequency=1, drop_fraction=0.3, t_end=10 * UPDATES
-    )
-    model = get_drt_model(tiny_bert(), config)
+    model = get_drt_model(tiny_bert(), CONFIGS[method]())
     optimizer = adamw(model, lr=1e-2)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     assert isinstance(wrapped, DistributedDataParallel)
@@ -42,7 +44,7 @@ def _worker(rank: int, method: str, out: str) -> None:
     torch.save({"history": history, "values": values}, f"{out}/rank{rank}.pt")
 
 
-@pytest.mark.parametrize("method", ["set", "rigl"])
+@pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_masks_identical_across_two_ranks(method: str, tmp_path) -> None:
     run_ranks(_worker, method, str(tmp_path))
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

@@ -9,7 +9,16 @@ import torch
 from conftest import Parity, cpu_training_args, tiny_bert
 from transformers import Trainer
 
-from drt_peft import DRTCallback, DRTModel, DRTTrainer, FreezeNetConfig, RigLConfig, SETConfig, get_drt_model
+from drt_peft import (
+    DeepRConfig,
+    DRTCallback,
+    DRTModel,
+    DRTTrainer,
+    FreezeNetConfig,
+    RigLConfig,
+    SETConfig,
+    get_drt_model,
+)
 
 CONFIGS = {
     "set": lambda: SETConfig(density=0.2, update_frequency=2, drop_fraction=0.3),
@@ -17,6 +26,8 @@ CONFIGS = {
     "set-prune-dense": lambda: SETConfig(density=0.2, update_frequency=2, drop_fraction=0.3, mode="prune"),
     "rigl": lambda: RigLConfig(density=0.2, update_frequency=2, drop_fraction=0.3, t_end=8),
     "freezenet": lambda: FreezeNetConfig(density=0.2, frozen_weight_decay=0.1, num_batches=1),
+    # sparse kernels, and noise and shrinkage on every step between the updates
+    "deep_r-prune": lambda: DeepRConfig(density=0.02, update_frequency=2, temperature=1e-5, l1=1e-3, mode="prune"),
 }
 TRAINERS = {"Trainer": Trainer, "DRTTrainer": DRTTrainer}
 

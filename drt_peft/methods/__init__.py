@@ -3,6 +3,7 @@ per-step policy, its ``on_step``)."""
 
 from ..composition import ComposedConfig
 from .dct_sparse import DCTSparseConfig
+from .deep_r import DeepRConfig
 from .dsr import DSRConfig
 from .fish import FISHConfig
 from .fixed_classifier import FixedClassifierConfig
@@ -27,6 +28,7 @@ __all__ = [
     "ComposedConfig",
     "DCTSparseConfig",
     "DSRConfig",
+    "DeepRConfig",
     "FISHConfig",
     "FORCEConfig",
     "FixedClassifierConfig",

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 class DropAndGrow(Policy):
     """The loop every dynamic method shares, by default dropping the smallest |ϑ| and growing at random (survey
-    §6); SET, RigL, SNFS and DSR override the hooks that differ.
+    §6); SET, RigL, SNFS, DSR and DEEP-R override the hooks that differ.
 
     After every step :meth:`observe` sees the model (SNFS's momentum). At an update step with
     finite values, each layer drops the entries :meth:`drop` marks, grows as many in all as
@@ -40,7 +40,7 @@ class DropAndGrow(Policy):
     config: DynamicConfig
 
     #: Whether an entry dropped and grown again in the same update keeps its value and optimizer state (RigL)
-    #: instead of starting afresh like any grown entry (SET, SNFS, DSR).
+    #: instead of starting afresh like any grown entry (SET, SNFS, DSR, DEEP-R).
     keeps_regrown: ClassVar[bool] = False
 
     @property
@@ -139,14 +139,13 @@ class DropAndGrow(Policy):
 
 
 @dataclass(frozen=True)
-class DynamicConfig(DRTConfig):
-    """Dynamic sparse training (survey §6): ψ changes every ``update_frequency`` steps, d stays exact."""
+class RewiringConfig(DRTConfig):
+    """What every dynamic sparse training method shares (survey §6): a random mask to start, ψ rewired every
+    ``update_frequency`` steps until ``t_end``, d exact. Each method adds its drop rule: a fraction of each
+    layer (:class:`DynamicConfig`) or the sign crossings of DEEP-R."""
 
-    #: Whether the drop fraction decays as α/2·(1 + cos(πt/t_end)) (RigL, SNFS); then ``t_end`` is required.
-    cosine_decay: ClassVar[bool] = False
     criterion = random_scores
-    policy: ClassVar[type[Policy]] = DropAndGrow
-    selection_is_final = False  # drop-and-grow moves ψ without the row and column caps
+    selection_is_final = False  # rewiring moves ψ without the row and column caps
 
     budget: str = field(
         default="erk", metadata={"help": "As in DRTConfig; dynamic methods start from a random ERK mask by default."}
@@ -155,37 +154,14 @@ class DynamicConfig(DRTConfig):
     update_frequency: int = field(
         default=100, metadata={"help": "Fp: steps between mask updates (updates run at step = Fp, 2·Fp, ...)."}
     )
-    drop_fraction: float = field(
-        default=0.3, metadata={"help": "q: fraction of each layer's trained entries dropped and regrown per update."}
-    )
     t_end: int | None = field(
         default=None, metadata={"help": "Last step at which the mask may change (None: never stops)."}
-    )
-    drop_criterion: str = field(
-        default="magnitude",
-        metadata={
-            "help": "What the drop judges a trained entry by: 'magnitude', its weight ϑ (as the papers do); "
-            "'change', ϑ − Θ(0), how far training moved it from its frozen value (an ablation for freeze mode)."
-        },
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("update_frequency", self.update_frequency)
-        if not isinstance(self.drop_fraction, (int, float)) or not 0 < self.drop_fraction < 1:
-            raise ValueError(f"drop_fraction={self.drop_fraction!r} must satisfy 0 < drop_fraction < 1")
-        check_choice("drop_criterion", self.drop_criterion, DROP_CRITERIA)
-        if self.drop_criterion == "change" and self.mode != "freeze":
-            raise ValueError(
-                f"drop_criterion='change' is not supported with mode={self.mode!r}; it needs mode='freeze' (in prune "
-                "mode the untrained entries are zero, so the change is ϑ itself: use 'magnitude')"
-            )
         check_int("t_end", self.t_end, optional=True)
-        if self.cosine_decay and self.t_end is None:
-            raise ValueError(
-                f"t_end=None: {type(self).__name__}'s cosine decay α_t = α/2·(1 + cos(πt/t_end)) needs the last update "
-                "step (Evci et al. use 75% of the training steps)"
-            )
         if self.structure != "unstructured":
             raise ValueError(
                 f"structure={self.structure!r} is not supported by {self.method_name!r}; "
@@ -199,12 +175,53 @@ class DynamicConfig(DRTConfig):
                 f"set t_end <= {max_steps}, e.g. 75% of the steps as in RigL"
             )
 
+    def rewiring_at(self, step: int) -> bool:
+        """Whether the mask may still change at optimizer step ``step``: until ``t_end``, or always without it."""
+        return self.t_end is None or step <= self.t_end
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether the mask changes after optimizer step ``step``."""
+        return step > 0 and step % self.update_frequency == 0 and self.rewiring_at(step)
+
+
+@dataclass(frozen=True)
+class DynamicConfig(RewiringConfig):
+    """Dynamic sparse training that drops a fraction q of each layer's trained entries per update (SET, RigL,
+    SNFS) or aims at that fraction (DSR); ψ changes every ``update_frequency`` steps, d stays exact."""
+
+    #: Whether the drop fraction decays as α/2·(1 + cos(πt/t_end)) (RigL, SNFS); then ``t_end`` is required.
+    cosine_decay: ClassVar[bool] = False
+    policy: ClassVar[type[Policy]] = DropAndGrow
+
+    drop_fraction: float = field(
+        default=0.3, metadata={"help": "q: fraction of each layer's trained entries dropped and regrown per update."}
+    )
+    drop_criterion: str = field(
+        default="magnitude",
+        metadata={
+            "help": "What the drop judges a trained entry by: 'magnitude', its weight ϑ (as the papers do); "
+            "'change', ϑ − Θ(0), how far training moved it from its frozen value (an ablation for freeze mode)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.drop_fraction, (int, float)) or not 0 < self.drop_fraction < 1:
+            raise ValueError(f"drop_fraction={self.drop_fraction!r} must satisfy 0 < drop_fraction < 1")
+        check_choice("drop_criterion", self.drop_criterion, DROP_CRITERIA)
+        if self.drop_criterion == "change" and self.mode != "freeze":
+            raise ValueError(
+                f"drop_criterion='change' is not supported with mode={self.mode!r}; it needs mode='freeze' (in prune "
+                "mode the untrained entries are zero, so the change is ϑ itself: use 'magnitude')"
+            )
+        if self.cosine_decay and self.t_end is None:
+            raise ValueError(
+                f"t_end=None: {type(self).__name__}'s cosine decay α_t = α/2·(1 + cos(πt/t_end)) needs the last update "
+                "step (Evci et al. use 75% of the training steps)"
+            )
+
     def drop_fraction_at(self, step: int) -> float:
         """q_t: ``drop_fraction``, or with ``cosine_decay`` α/2 · (1 + cos(π t / t_end))."""
         if not self.cosine_decay:
             return self.drop_fraction
         return schedules.cosine_decay(self.drop_fraction, step, self.t_end)
-
-    def is_update_step(self, step: int) -> bool:
-        """Whether the mask changes after optimizer step ``step``."""
-        return step > 0 and step % self.update_frequency == 0 and (self.t_end is None or step <= self.t_end)
