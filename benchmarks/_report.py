@@ -75,6 +75,15 @@ def percent(mean: float, std: float | None) -> str:
     return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def lr_grid_lines(rows: list[dict], name: str) -> list[str]:
+    """Markdown lines listing each row's validation accuracy per learning rate (``row[name]``: its label)."""
+    lines = ["", "Validation accuracy (seed 0) per learning rate:", ""]
+    for r in rows:
+        grid = ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in r["lr_grid_val"].items())
+        lines.append(f"- {r[name]}: {grid}")
+    return lines
+
+
 def provenance(report: dict) -> str:
     """An intro's closing words: the CPU, its cores and the torch version in brackets, then the command."""
     m = report["machine"]

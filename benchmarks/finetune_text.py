@@ -45,7 +45,7 @@ from _builders import (
     train_text,
     tune_then_repeat,
 )
-from _report import command, machine, mean_std, parse_suite_args, percent, provenance, size, write_report
+from _report import command, lr_grid_lines, machine, mean_std, parse_suite_args, percent, provenance, size, write_report
 
 from drt_peft.apps.recipes.text_classification import batches
 
@@ -160,10 +160,7 @@ def _markdown(report: dict) -> str:
             f"| {r['trainable']:,} | {r['vs_full']:.2f} | {size(r['optimizer_state_bytes'])} "
             f"| {size(r['peak_extra_bytes'])} | {size(r['adapter_bytes'])} | {r['scoring_s']:.1f} s |"
         )
-    lines += ["", "Validation accuracy (seed 0) per learning rate:", ""]
-    for r in report["rows"]:
-        grid = ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in r["lr_grid_val"].items())
-        lines.append(f"- {r['method']}: {grid}")
+    lines += lr_grid_lines(report["rows"], "method")
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from _builders import ALL_LINEAR, MINILM, Builder, TextSetup, add_text_options, drt, train_text, tune_then_repeat
-from _report import command, machine, mean_std, parse_suite_args, percent, provenance, write_report
+from _report import command, lr_grid_lines, machine, mean_std, parse_suite_args, percent, provenance, write_report
 
 from drt_peft.config import config_class
 from drt_peft.methods.base import DataDrivenConfig
@@ -230,10 +230,7 @@ def _markdown(report: dict) -> str:
             f"| {m['drt/columns_touched']:.2f} | {m['drt/max_row_density']:.3f} | {m['drt/max_column_density']:.3f} "
             f"| {r['scoring_s']:.1f} s |"
         )
-    lines += ["", "Validation accuracy (seed 0) per learning rate:", ""]
-    for r in report["rows"]:
-        grid = ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in r["lr_grid_val"].items())
-        lines.append(f"- {r['row']}: {grid}")
+    lines += lr_grid_lines(report["rows"], "row")
     return "\n".join(lines) + "\n"
 
 
