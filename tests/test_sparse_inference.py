@@ -68,7 +68,7 @@ def _module(cls: type[SparseLinear], weight: torch.Tensor, bias: torch.Tensor | 
 
 
 # -- the modules: every kernel path against the dense product --------------------------------------------
-@pytest.mark.parametrize("rows", [1, 8, 100, 1500])  # MKL addmv, MKL addmm, embedding_bag, densified
+@pytest.mark.parametrize("rows", [1, 8, 100, 1500])  # MKL addmv, MKL addmm, embedding_bag, the tiled SpMM
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_csr_module_equals_the_dense_product_at_every_row_count(rows: int, dtype, with_bias: bool) -> None:
@@ -105,15 +105,17 @@ def test_half_precision_modules_compute_on_embedding_bag_and_follow_autocast() -
         reference = nn.functional.linear(x, weight, module.bias)
     assert out.dtype == reference.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), F.linear(x, weight, module.bias), atol=2e-2, rtol=2e-2)
-    half = copy.deepcopy(module).to(torch.bfloat16)  # MKL has no bfloat16 CSR kernels
-    torch.testing.assert_close(half(x.bfloat16()).float(), F.linear(x, weight, module.bias), atol=5e-2, rtol=2e-2)
+    half = copy.deepcopy(module).to(torch.bfloat16)  # MKL and the tiled SpMM have no bfloat16 kernels
+    for rows in (x, torch.randn(1500, 40)):  # embedding_bag; densified at 1,500 rows
+        expected = F.linear(rows, weight, module.bias)
+        torch.testing.assert_close(half(rows.bfloat16()).float(), expected, atol=5e-2, rtol=2e-2)
 
 
 def test_empty_rows_and_an_empty_layer_give_the_bias() -> None:
     weight = torch.zeros(6, 5)
     weight[2, 1] = 3.0
     bias = torch.arange(6.0)
-    for x in (torch.randn(1, 5), torch.randn(40, 5)):
+    for x in (torch.randn(1, 5), torch.randn(40, 5), torch.randn(1100, 5)):
         torch.testing.assert_close(_module(CSRLinear, weight, bias)(x), F.linear(x, weight, bias))
         torch.testing.assert_close(_module(CSRLinear, torch.zeros(6, 5), bias)(x), bias.expand(len(x), 6))
 

@@ -146,10 +146,10 @@ CUDA_SDDMM_KERNELS = ("sampled_addmm", "triton", "dense")
 _cuda_sddmm = {"kernel": "sampled_addmm"}
 
 #: Above this density a layer's weight gradient is formed as a dense product and gathered at ψ
-#: (transient, one layer at a time) instead of by SDDMM. The tiled SDDMM costs about seven times a
-#: dense product's time per multiply-add, so the two meet near 1/7 of the entries; on BERT-base shapes
-#: at 256 and 2,048 tokens and one and two threads they met between 8% and 15%
-#: (``python benchmarks/layer_kernels.py``, "weight gradient" table).
+#: (transient, one layer at a time) instead of by SDDMM. The tiled SDDMM costs several times a dense
+#: product's time per multiply-add, so the two meet where a fraction of the entries is trained: on
+#: BERT-base's FFN shapes at 256 and 2,048 tokens, with one and two threads, the SDDMM was faster at 10%
+#: and the dense product at 20% (``python benchmarks/layer_kernels.py``, the weight-gradient table).
 DENSE_GRADIENT_DENSITY = 0.1
 
 

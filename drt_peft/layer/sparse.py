@@ -19,10 +19,14 @@ Kernels. The CPU kernels were chosen by design-time measurements (one thread on 
 same-process ratios to ``nn.Linear``; ``benchmarks/layer_kernels.py`` measures the result) and are picked per
 call from the number of input rows n (batch × sequence) and the density ρ = d/D:
 
-1. n ≥ :data:`_DENSE_MIN_ROWS` and n·ρ² ≥ :data:`_DENSE_WORK`: M is scattered into a transient dense matrix for
-   one dense product. At thousands of rows a dense GEMM runs near the machine's peak while sparse kernels do
-   not (at ρ = 0.1 and 2,048 rows the best of them reached 0.8–1.4× dense); forming M costs a few dense
-   matrix-vector products, which only a product of a thousand rows or more makes small.
+1. n ≥ :data:`_DENSE_MIN_ROWS` on CPU in float32/float64 at ρ ≤ :data:`_TILED_MAX_DENSITY`: the tiled SpMM
+   of :mod:`drt_peft.layer.cpu_kernels`, the kernel of pruned layers in training (at 4,096 rows of MiniLM's FFN
+   shapes on an idle machine: 1.9× dense at ρ = 0.1 and 5× at ρ = 0.01 on one thread, 1.0× and 2.6× on two,
+   where ``embedding_bag`` ran at 0.4–0.8×). Denser layers (2:4 ran at 0.3× dense there), other devices and
+   dtypes, with n·ρ² ≥ :data:`_DENSE_WORK` as well: M is scattered into a transient dense matrix for one dense
+   product. At thousands of rows a dense GEMM runs near the machine's peak while sparse kernels do not, and
+   forming M costs a few dense matrix-vector products, which only a product of a thousand rows or more makes
+   small.
 2. On CPU in float32/float64 with n ≤ :data:`_MKL_MAX_ROWS`: MKL's CSR kernels, ``addmv`` for one row and
    ``addmm`` above. Their int32-index versions are what make one row fast: ``addmv`` at ρ = 0.1 ran 4.7–5.3×
    a dense 768 → 3072 layer with int32 indices and 2.0× with int64 ones.
@@ -52,6 +56,7 @@ from torch import Tensor, nn
 
 from ..validation import check_choice
 from .base import BaseDRTLayer
+from .cpu_kernels import tiled_spmm
 from .ops import (
     Conv1DOp,
     KernelCache,
@@ -77,6 +82,9 @@ _DENSE_WORK = 10.0
 #: ... and never below this many rows, where forming M would cost as much as the dense product itself (a
 #: 2:4 MiniLM ran at a quarter of the dense model's speed at 64 rows when ρ = 0.5 alone decided).
 _DENSE_MIN_ROWS = 1024
+#: Densities up to which CPU products of that many rows run on the tiled SpMM (1.0–1.9× dense at ρ = 0.1,
+#: 0.3× at ρ = 0.5 in ``benchmarks/pruned_inference.py``'s MiniLM).
+_TILED_MAX_DENSITY = 0.2
 _MKL_DTYPES = (torch.float32, torch.float64)
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -158,9 +166,14 @@ class SparseLinear(KernelCache, nn.Module):
         """``x [rows, in]`` → ``x Mᵀ + b``, contiguous ``[rows, out]`` (or ``[out]`` for one row), by the kernel
         the module docstring's rule picks."""
         rows, bias = x.shape[0], self.bias
+        on_cpu = x.device.type == "cpu" and x.dtype in _MKL_DTYPES
+        if rows >= _DENSE_MIN_ROWS and on_cpu and self.density <= _TILED_MAX_DENSITY:
+            crow, col = self._structure()
+            out = tiled_spmm(crow, col, self.values.reshape(-1), x)
+            return out if bias is None else out.add_(bias)
         if rows >= _DENSE_MIN_ROWS and rows * self.density**2 >= _DENSE_WORK:
             return F.linear(x, self.to_dense(), bias)
-        if rows <= _MKL_MAX_ROWS and x.device.type == "cpu" and x.dtype in _MKL_DTYPES:
+        if rows <= _MKL_MAX_ROWS and on_cpu:
             csr = self._csr()
             if rows == 1:
                 return torch.mv(csr, x[0]) if bias is None else torch.addmv(bias, csr, x[0])
