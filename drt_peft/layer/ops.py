@@ -41,7 +41,7 @@ from ..validation import check_choice
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# sampled_addmm has CPU kernels for these dtypes; others are computed in float32 and cast back.
+# The SDDMM kernels compute in these dtypes (numba and cuSPARSE); others are computed in float32 and cast back.
 _SDDMM_DTYPES = (torch.float32, torch.float64)
 # The dtypes autocast casts to its lower precision (it leaves float64 alone).
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
