@@ -159,11 +159,15 @@ def drt_model(
     """A registered DRT method at ``density`` on ``model``; ``fields`` are further config settings.
 
     A dynamic method (one with ``t_end``) moves its mask every ``steps // divisions`` steps until
-    3/4 of the ``steps`` training will take, unless ``fields`` say otherwise.
+    3/4 of the ``steps`` training will take, unless ``fields`` say otherwise; SpIEL's gradient window is then
+    at most the steps between updates.
     """
     cls = config_class(method)
     if "t_end" in cls.__dataclass_fields__:
         fields = {"update_frequency": max(1, steps // divisions), "t_end": (3 * steps) // 4, **fields}
+    if "accumulation_steps" in cls.__dataclass_fields__:
+        window = cls.__dataclass_fields__["accumulation_steps"].default
+        fields = {"accumulation_steps": min(window, fields["update_frequency"]), **fields}
     return get_drt_model(model, cls(density=density, **fields), calibration_data=calibration)
 
 

@@ -10,7 +10,8 @@ tested against its baseline row and against DRT random:
   SNIP and FISH ranked globally on per-layer normalised scores (``score_normalisation``), with a
   row cap (``max_row_density``) and with a column cap (``max_column_density``);
 - in freeze mode dropping returns an entry to Θ(0): SET, RigL, SNFS and DSR dropping by |ϑ − Θ(0)|
-  (``drop_criterion="change"``) against |ϑ|.
+  (``drop_criterion="change"``) against |ϑ|; SpIEL-AG, which drops by the change and grows by gradients summed
+  over a few steps (issue 13, §3).
 
 Each row chooses its learning rate from its own small grid by validation accuracy with seed 0, then
 runs every seed at it (test accuracy: mean ± std). The report adds each row's mask concentration
@@ -85,6 +86,7 @@ ROWS: dict[str, Row] = {
     "snfs-change": Row("snfs", (1e-3, 3e-3, 1e-2), "snfs", {"drop_criterion": "change"}),
     "dsr": Row("dsr", (3e-3, 1e-2, 2e-2)),
     "dsr-change": Row("dsr", (3e-3, 1e-2, 2e-2), "dsr", {"drop_criterion": "change"}),
+    "spiel": Row("spiel", SPREAD, "rigl"),
 }
 REFERENCE = "random"
 

@@ -1,6 +1,7 @@
 """Every schedule of the package: how a quantity moves over steps or rounds, as pure functions.
 
-- :func:`cosine_decay` — the drop fraction of dynamic sparse training (RigL, SNFS; Evci et al. 2020);
+- :func:`cosine_decay` and :func:`linear_decay` — the drop fraction of dynamic sparse training (RigL and SNFS,
+  Evci et al. 2020; SpIEL, Ansell et al. 2024);
 - :func:`round_densities` — the densities of iterative pruning at initialisation (FORCE, SynFlow);
 - :func:`lottery_rounds` and :func:`lottery_densities` — the rounds of iterative magnitude pruning
   (survey §4, eq. 18).
@@ -17,6 +18,11 @@ ROUND_SCHEDULES = ("exponential", "linear")
 def cosine_decay(initial: float, step: int, t_end: int) -> float:
     """α_t = α/2 · (1 + cos(π t / t_end)): from α at step 0 to 0 at ``t_end``."""
     return initial / 2 * (1 + math.cos(math.pi * step / t_end))
+
+
+def linear_decay(initial: float, step: int, t_end: int) -> float:
+    """α_t = α · (1 − t / t_end): from α at step 0 to 0 at ``t_end``."""
+    return initial * (1 - step / t_end)
 
 
 def round_densities(start: float, final: float, rounds: int, schedule: str) -> list[float]:

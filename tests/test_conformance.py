@@ -39,7 +39,14 @@ from drt_peft import DRTModel, DRTTrainer, available_methods, get_drt_model
 from drt_peft.config import DRTConfig, config_class
 
 #: Small settings for fields a method may have, so every method runs in a few steps.
-SMALL: dict[str, Any] = {"update_frequency": 2, "t_end": 6, "num_batches": 1, "rounds": 2, "num_samples": 4}
+SMALL: dict[str, Any] = {
+    "update_frequency": 2,
+    "accumulation_steps": 2,
+    "t_end": 6,
+    "num_batches": 1,
+    "rounds": 2,
+    "num_samples": 4,
+}
 STEPS = 6
 
 

@@ -11,13 +11,14 @@ from conftest import adamw, random_bert_batch, tiny_bert
 from ranks import run_ranks
 from torch.nn.parallel import DistributedDataParallel
 
-from drt_peft import DeepRConfig, RigLConfig, SETConfig, get_drt_model
+from drt_peft import DeepRConfig, RigLConfig, SETConfig, SpIELConfig, get_drt_model
 from drt_peft.trainer import unwrap_drt_model
 
 UPDATES = 20
 CONFIGS = {
     "set": lambda: SETConfig(density=0.2, update_frequency=1, drop_fraction=0.3, t_end=10 * UPDATES),
     "rigl": lambda: RigLConfig(density=0.2, update_frequency=1, drop_fraction=0.3, t_end=10 * UPDATES),
+    "spiel": lambda: SpIELConfig(density=0.2, update_frequency=2, accumulation_steps=2, t_end=10 * UPDATES),
     "deep_r": lambda: DeepRConfig(density=0.2, temperature=1e-5, l1=1e-3),  # noise drawn on every rank alike
 }
 

@@ -193,7 +193,8 @@ def test_rigl_cosine_schedule_and_bad_inputs() -> None:
     assert config.drop_fraction_at(50) == pytest.approx(0.2)
     assert config.drop_fraction_at(25) == pytest.approx(0.2 * (1 + math.cos(math.pi / 4)))
     assert config.drop_fraction_at(100) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="t_end=None: RigLConfig's cosine decay"):
+    decay = r"t_end=None: RigLConfig's drop fraction decays to 0 at t_end \(α_t = α/2 · \(1 \+ cos"
+    with pytest.raises(ValueError, match=decay):
         RigLConfig(density=0.1)
 
 

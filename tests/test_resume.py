@@ -17,6 +17,7 @@ from drt_peft import (
     FreezeNetConfig,
     RigLConfig,
     SETConfig,
+    SpIELConfig,
     get_drt_model,
 )
 
@@ -25,6 +26,8 @@ CONFIGS = {
     "set-prune": lambda: SETConfig(density=0.02, update_frequency=2, drop_fraction=0.3, mode="prune"),
     "set-prune-dense": lambda: SETConfig(density=0.2, update_frequency=2, drop_fraction=0.3, mode="prune"),
     "rigl": lambda: RigLConfig(density=0.2, update_frequency=2, drop_fraction=0.3, t_end=8),
+    # checkpoint-3 falls inside the window (steps 3, 4) whose gradients the update at step 4 sums
+    "spiel": lambda: SpIELConfig(density=0.2, update_frequency=4, accumulation_steps=2, t_end=8),
     "freezenet": lambda: FreezeNetConfig(density=0.2, frozen_weight_decay=0.1, num_batches=1),
     # sparse kernels, and noise and shrinkage on every step between the updates
     "deep_r-prune": lambda: DeepRConfig(density=0.02, update_frequency=2, temperature=1e-5, l1=1e-3, mode="prune"),

@@ -21,6 +21,7 @@ from .rigl import RigLConfig
 from .snfs import SNFSConfig
 from .snip import SNIPConfig
 from .sparse_evolutionary import SETConfig
+from .spiel import SpIELConfig
 from .supermask import SupermaskConfig
 from .synflow import SynFlowConfig
 
@@ -46,6 +47,7 @@ __all__ = [
     "SETConfig",
     "SNFSConfig",
     "SNIPConfig",
+    "SpIELConfig",
     "SupermaskConfig",
     "SynFlowConfig",
 ]

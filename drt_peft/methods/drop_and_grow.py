@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -9,7 +10,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import schedules
 from ..config import DRTConfig
 from ..masks.criteria.basic import random_scores
 from ..masks.dynamic import DROP_CRITERIA, regrow, smallest_magnitudes, trained_values_finite
@@ -99,7 +99,7 @@ class DropAndGrow(Policy):
     def after_update(self, model: Any, step: int, dropped: list[Tensor]) -> dict[str, float]:
         """Adapt the method's state after an update; return values worth logging (the drop fraction where it
         decays)."""
-        return {"drt/drop_fraction": self.config.drop_fraction_at(step)} if self.config.cosine_decay else {}
+        return {"drt/drop_fraction": self.config.drop_fraction_at(step)} if self.config.drop_decay else {}
 
     def after_step(self, model: Any, step: int) -> None:
         """Called last after every optimizer step (nothing by default)."""
@@ -189,8 +189,9 @@ class DynamicConfig(RewiringConfig):
     """Dynamic sparse training that drops a fraction q of each layer's trained entries per update (SET, RigL,
     SNFS) or aims at that fraction (DSR); ψ changes every ``update_frequency`` steps, d stays exact."""
 
-    #: Whether the drop fraction decays as α/2·(1 + cos(πt/t_end)) (RigL, SNFS); then ``t_end`` is required.
-    cosine_decay: ClassVar[bool] = False
+    #: How the drop fraction decays from α to 0 at ``t_end`` (:func:`~drt_peft.schedules.cosine_decay` in RigL and
+    #: SNFS); then ``t_end`` is required. None: it stays α.
+    drop_decay: ClassVar[Callable[[float, int, int], float] | None] = None
     policy: ClassVar[type[Policy]] = DropAndGrow
 
     drop_fraction: float = field(
@@ -214,14 +215,15 @@ class DynamicConfig(RewiringConfig):
                 f"drop_criterion='change' is not supported with mode={self.mode!r}; it needs mode='freeze' (in prune "
                 "mode the untrained entries are zero, so the change is ϑ itself: use 'magnitude')"
             )
-        if self.cosine_decay and self.t_end is None:
+        if self.drop_decay and self.t_end is None:
+            decay = self.drop_decay.__doc__.split(":")[0]
             raise ValueError(
-                f"t_end=None: {type(self).__name__}'s cosine decay α_t = α/2·(1 + cos(πt/t_end)) needs the last update "
-                "step (Evci et al. use 75% of the training steps)"
+                f"t_end=None: {type(self).__name__}'s drop fraction decays to 0 at t_end ({decay}), so it needs the "
+                "last update step (Evci et al. use 75% of the training steps)"
             )
 
     def drop_fraction_at(self, step: int) -> float:
-        """q_t: ``drop_fraction``, or with ``cosine_decay`` α/2 · (1 + cos(π t / t_end))."""
-        if not self.cosine_decay:
+        """q_t: ``drop_fraction``, or α = ``drop_fraction`` decayed by :attr:`drop_decay` at step t."""
+        if self.drop_decay is None:
             return self.drop_fraction
-        return schedules.cosine_decay(self.drop_fraction, step, self.t_end)
+        return self.drop_decay(self.drop_fraction, step, self.t_end)

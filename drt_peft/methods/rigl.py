@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import schedules
 from ..config import Paper, register_method
 from ..masks.dynamic import all_reduce_, capture_dense_gradients
 from .drop_and_grow import DropAndGrow, DynamicConfig
@@ -66,5 +67,5 @@ class RigLConfig(DynamicConfig):
 
     paper = Paper("Evci, Gale, Menick, Castro & Elsen", "Rigging the Lottery: Making All Tickets Winners", "ICML", 2020)
 
-    cosine_decay = True
+    drop_decay = staticmethod(schedules.cosine_decay)
     policy = RigLPolicy

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import schedules
 from ..config import Paper, register_method
 from ..masks.budgets import apportion
 from ..masks.dynamic import all_reduce_, capture_dense_gradients
@@ -101,7 +102,7 @@ class SNFSConfig(DynamicConfig):
         2019,
     )
 
-    cosine_decay = True
+    drop_decay = staticmethod(schedules.cosine_decay)
     policy = SNFSPolicy
 
     drop_fraction: float = field(
