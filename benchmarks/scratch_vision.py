@@ -16,6 +16,9 @@ kept under ``--work``, so an interrupted suite resumes.
 
     python benchmarks/scratch_vision.py             # the full suite (apt-get install dataset-fashion-mnist)
     python benchmarks/scratch_vision.py --quick     # synthetic images, few steps: checks the harness
+    python benchmarks/scratch_vision.py --models LeNet-300-100 --train-size 60000 --epochs 20 \
+        --densities 0.05 0.02 --modes prune --methods random SNIP SET RigL \
+        --out docs/benchmarks/scratch_long     # the long setting the survey's DST claims need
 
 Adding a method is one line in ``METHODS``.
 """
@@ -63,7 +66,7 @@ Table = dict[str, dict[str, dict[str, list[float]]]]
 def run_job(job: dict) -> dict:
     """Test accuracy of the dense network, or of one method in both modes."""
     net = NETS[job["model"]]
-    data = images(job["quick"], net.train_size)
+    data = images(job["quick"], job.get("train_size") or net.train_size)
     seed, epochs, batch_size = job["seed"], job["epochs"], job["batch_size"]
     if job["method"] == "dense":
         torch.manual_seed(seed)
@@ -74,7 +77,7 @@ def run_job(job: dict) -> dict:
     steps = epochs * (len(y) // batch_size)
     rounds = {"rounds": 2 if job["quick"] else method.rounds} if method.rounds else {}
     results = {}
-    for mode in MODES:
+    for mode in job.get("modes", MODES):
         torch.manual_seed(seed)  # the same init in both modes
         model = drt_model(
             net.build(), method.name, job["density"], steps, calibration, divisions=16, mode=mode,
@@ -85,10 +88,10 @@ def run_job(job: dict) -> dict:
 
 
 # -- the suite: jobs, aggregate, render ----------------------------------------------------------
-def _jobs(common: dict, densities: dict[str, list[float]], seeds: int) -> dict[str, dict]:
+def _jobs(common: dict, densities: dict[str, list[float]], methods: list[str], seeds: int) -> dict[str, dict]:
     """A run per model, method, density and seed; the dense reference per model and seed."""
     cells = [(model, "dense", None) for model in densities]
-    cells += [(model, method, density) for model in densities for method in METHODS for density in densities[model]]
+    cells += [(model, method, density) for model in densities for method in methods for density in densities[model]]
     return {
         f"{model}-{method}{'' if density is None else f'-density{density:g}'}-seed{seed}": {
             **common, "model": model, "method": method, "density": density, "seed": seed,
@@ -102,26 +105,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="synthetic images, LeNet, two densities, one seed")
     parser.add_argument("--models", nargs="+", default=list(NETS), choices=list(NETS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES), help="trained fractions")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument(
+        "--train-size", type=int, help="training images (default: each model's subset; 60000 is all of them)"
+    )
     add_options(parser, **SCRATCH_OPTIONS)
     suite = parse_suite_args(parser, "scratch_vision", run_job)
     if suite is None:
         return
     args = suite.args
-    densities = {model: list(DENSITIES) for model in args.models}
+    densities = {model: args.densities for model in args.models}
     if args.quick:
-        args.epochs, args.seeds, densities = 1, 1, {"LeNet-300-100": [DENSITIES[0], DENSITIES[-1]]}
-    common = {"quick": args.quick, "epochs": args.epochs, "batch_size": args.batch_size}
-    jobs = _jobs(common, densities, args.seeds)
+        args.epochs, args.seeds, densities = 1, 1, {"LeNet-300-100": [args.densities[0], args.densities[-1]]}
+    modes = [mode for mode in MODES if mode in args.modes]
+    common = {"quick": args.quick, "epochs": args.epochs, "batch_size": args.batch_size, "modes": modes}
+    if args.train_size:
+        common["train_size"] = args.train_size
+    jobs = _jobs(common, densities, args.methods, args.seeds)
     table = _table(jobs, suite.run(jobs))
-    nets = {m: {"train_size": None if args.quick else NETS[m].train_size, "densities": densities[m],
+    nets = {m: {"train_size": None if args.quick else args.train_size or NETS[m].train_size, "densities": densities[m],
                 "calibration": NETS[m].calibration} for m in densities}  # fmt: skip
     report = {
         "command": command("scratch_vision.py"),
         "machine": machine(suite.threads),
         "setup": {**common, "seeds": args.seeds, "optimizer": "Adam lr 1e-3", "models": nets},
-        "methods": {name: {"budget": m.budget, "family": m.family} for name, m in METHODS.items()},
+        "methods": {name: {"budget": METHODS[name].budget, "family": METHODS[name].family} for name in args.methods},
         "accuracy": table,
-        "claims": _claims(table, densities),
+        "claims": _claims(table, densities, args.methods, modes),
     }
     write_report(args.out, report, _markdown, _plot)
 
@@ -140,14 +152,29 @@ def _mean(table: Table, model: str, method: str, key: str) -> float:
     return statistics.fmean(table[model][method][key])
 
 
-def _claims(table: Table, densities: dict[str, list[float]]) -> dict[str, list[dict]]:
-    """The survey's claims checked on every model: freeze vs prune (Fig. 9), DST vs PaI (Table 5)."""
-    freeze_vs_prune, dst_vs_pai = [], []
+def _claims(
+    table: Table, densities: dict[str, list[float]], methods: list[str], modes: list[str]
+) -> dict[str, list[dict]]:
+    """The survey's claims checked on every model, where the run has what they compare: freeze vs prune (Fig. 9),
+    DST vs PaI in prune mode (Table 5)."""
+    freeze_vs_prune: list[dict] = []
+    dst_vs_pai: list[dict] = []
+    families = {METHODS[m].family for m in methods}
     for model in table:
         for density in densities[model]:
+            if "prune" in modes and families == {"DST", "PaI"}:
+                best = {
+                    fam: max(_mean(table, model, m, f"prune@{density}") for m in methods if METHODS[m].family == fam)
+                    for fam in ("DST", "PaI")
+                }  # fmt: skip
+                dst_vs_pai.append(
+                    {"model": model, "density": density, "best_dst": best["DST"], "best_pai": best["PaI"]}
+                )
+            if len(modes) < 2:
+                continue
             gaps = [
                 _mean(table, model, m, f"freeze@{density}") - _mean(table, model, m, f"prune@{density}")
-                for m in METHODS
+                for m in methods
             ]
             freeze_vs_prune.append(
                 {
@@ -159,11 +186,6 @@ def _claims(table: Table, densities: dict[str, list[float]]) -> dict[str, list[d
                     "methods": len(gaps),
                 }
             )
-            best = {
-                family: max(_mean(table, model, m, f"prune@{density}") for m in METHODS if METHODS[m].family == family)
-                for family in ("DST", "PaI")
-            }
-            dst_vs_pai.append({"model": model, "density": density, "best_dst": best["DST"], "best_pai": best["PaI"]})
     return {"freeze_vs_prune": freeze_vs_prune, "dst_vs_pai": dst_vs_pai}
 
 
@@ -186,26 +208,33 @@ def _markdown(report: dict) -> str:
             "|---|---|" + "---:|" * len(densities),
         ]
         for name in report["methods"]:
-            for mode in MODES:
+            for mode in s["modes"]:
                 cells = [f"{100 * statistics.fmean(methods[name][f'{mode}@{d}']):.2f}" for d in densities]
                 lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
-        lines += ["", "Ranking in prune mode (best first):", ""]
-        for d in densities:
+        lines += ["", "Ranking in prune mode (best first):", ""] if "prune" in s["modes"] else []
+        for d in densities if "prune" in s["modes"] else []:
             ranked = sorted(report["methods"], key=lambda n, d=d: -statistics.fmean(methods[n][f"prune@{d}"]))
             lines.append(f"- {100 * d:g}% trained: " + " > ".join(ranked))
-    lines += [
-        "",
-        "### The survey's claims",
-        "",
-        "| model | trained | freeze − prune: mean (median) over methods | freeze better in | best DST | best PaI |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for fp, dp in zip(report["claims"]["freeze_vs_prune"], report["claims"]["dst_vs_pai"], strict=True):
-        lines.append(
-            f"| {fp['model']} | {100 * fp['density']:g}% | {100 * fp['mean_freeze_minus_prune']:+.2f} "
-            f"({100 * fp['median_freeze_minus_prune']:+.2f}) | {fp['freeze_wins']}/{fp['methods']} "
-            f"| {100 * dp['best_dst']:.2f} | {100 * dp['best_pai']:.2f} |"
-        )
+    claims = report["claims"]
+    if claims["freeze_vs_prune"]:
+        lines += [
+            "",
+            "### The survey's claims: freeze vs prune",
+            "",
+            "| model | trained | freeze − prune: mean (median) over methods | freeze better in |",
+            "|---|---:|---:|---:|",
+        ]
+        for fp in claims["freeze_vs_prune"]:
+            lines.append(
+                f"| {fp['model']} | {100 * fp['density']:g}% | {100 * fp['mean_freeze_minus_prune']:+.2f} "
+                f"({100 * fp['median_freeze_minus_prune']:+.2f}) | {fp['freeze_wins']}/{fp['methods']} |"
+            )
+    if claims["dst_vs_pai"]:
+        lines += ["", "### The survey's claims: DST vs PaI (prune mode)", "",
+                  "| model | trained | best DST | best PaI |", "|---|---:|---:|---:|"]  # fmt: skip
+        for dp in claims["dst_vs_pai"]:
+            best = f"{100 * dp['best_dst']:.2f} | {100 * dp['best_pai']:.2f}"
+            lines.append(f"| {dp['model']} | {100 * dp['density']:g}% | {best} |")
     return "\n".join(lines) + "\n"
 
 
@@ -219,6 +248,8 @@ def _plot(report: dict, plt: ModuleType) -> Figure:
         floor, clipped = dense - 25, []  # collapsed runs (layer collapse) would squash the rest
         for i, name in enumerate(report["methods"]):
             for mode, style in (("prune", "--"), ("freeze", "-")):
+                if mode not in report["setup"]["modes"]:
+                    continue
                 acc = [100 * statistics.fmean(methods[name][f"{mode}@{d}"]) for d in densities]
                 clipped += [
                     f"{name} {mode} {100 * d:g}%: {a:.0f}%" for d, a in zip(densities, acc, strict=True) if a < floor
