@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -136,10 +137,13 @@ def head_only(head: str) -> Builder:
 
 
 def peft(kind: str, head: str, **fields) -> Builder:
-    """PEFT's ``kind`` at the rank matching the density (:func:`density_rank`); ``fields`` go to its config."""
+    """PEFT's ``kind`` at the rank matching the density (:func:`density_rank`); ``fields`` go to its config. A
+    ``target_modules`` regular expression also selects the layers the rank is matched on."""
+    targets = fields.get("target_modules")
+    pattern = targets if isinstance(targets, str) and targets != "all-linear" else None
 
     def build(model: nn.Module, density: float, steps: int, seed: int, calibration: list) -> nn.Module:
-        return peft_model(model, kind, density_rank(model, density, head), seed, **fields)
+        return peft_model(model, kind, density_rank(model, density, head, pattern), seed, **fields)
 
     return build
 
@@ -176,10 +180,20 @@ def lora_rank(trainable: float, shapes: Iterable[Sequence[int]]) -> int:
     return max(1, round(trainable / sum(sum(shape) for shape in shapes)))
 
 
-def density_rank(model: nn.Module, density: float, head: str) -> int:
-    """The LoRA rank matching ``density`` of the linear weights, the head's (names starting ``head``) left out."""
-    linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(head)]
-    return lora_rank(density * sum(m.weight.numel() for m in linears), (m.weight.shape for m in linears))
+def density_rank(model: nn.Module, density: float, head: str, pattern: str | None = None) -> int:
+    """The LoRA rank matching ``density`` of the weights LoRA adapts: every linear layer but the head's (names
+    starting ``head``), or the linear and ungrouped convolution layers whose names match ``pattern``. A layer's
+    LoRA pair has r·(out + in·k·k) numbers, k·k the kernel (1 for a linear layer)."""
+    if pattern is None:
+        layers = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(head)]
+    else:
+        adapted = (nn.Linear, nn.Conv2d)
+        layers = [
+            m for n, m in model.named_modules()
+            if isinstance(m, adapted) and getattr(m, "groups", 1) == 1 and re.fullmatch(pattern, n)
+        ]  # fmt: skip
+    shapes = [(m.weight.shape[0], m.weight[0].numel()) for m in layers]
+    return lora_rank(density * sum(m.weight.numel() for m in layers), shapes)
 
 
 def peft_model(model: nn.Module, kind: str, r: int, seed: int = 0, **fields) -> nn.Module:
@@ -452,17 +466,35 @@ def image_batches(x: Tensor, y: Tensor, batch_size: int, seed: int, epoch: int) 
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+def image_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Accuracy on images ``x`` with labels ``y``, in eval mode, 1,000 at a time."""
     model.eval()
     hits = sum(int((model(pixel_values=x[i : i + 1000]).logits.argmax(-1) == y[i : i + 1000]).sum()) for i in
                range(0, len(y), 1000))  # fmt: skip
     return hits / len(y)
 
 
-def train_images(model: nn.Module, data: dict, epochs: int, batch_size: int, seed: int) -> float:
-    """Train with Adam (lr 1e-3), moving a dynamic mask after every step; return the test accuracy."""
-    x, y = data["train"]
-    optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-3)
+def fit_images(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    lr: float = 1e-3,
+    warmup_decay: bool = False,
+) -> torch.optim.Optimizer:
+    """Train on images ``x`` with labels ``y``, moving a dynamic mask after every step: Adam at a constant ``lr``, or
+    with ``warmup_decay`` AdamW with 10% linear warm-up then linear decay to 0 (the fine-tuning recipe). Returns the
+    optimizer."""
+    parameters = trainable_parameters(model)
+    optimizer = (
+        torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0) if warmup_decay else torch.optim.Adam(parameters, lr=lr)
+    )
+    total = epochs * (len(y) // batch_size)
+    warmup = max(1, total // 10)
+    factor = (lambda t: min((t + 1) / warmup, max(0.0, (total - t) / (total - warmup)))) if warmup_decay else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor) if factor else None
     update_masks = getattr(model, "update_masks", None)
     step = 0
     model.train()
@@ -471,7 +503,15 @@ def train_images(model: nn.Module, data: dict, epochs: int, batch_size: int, see
             model(**batch).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
             step += 1
             if update_masks is not None:
                 update_masks(step, optimizer)
-    return _accuracy(model, *data["test"])
+    return optimizer
+
+
+def train_images(model: nn.Module, data: dict, epochs: int, batch_size: int, seed: int) -> float:
+    """Train with Adam (lr 1e-3), moving a dynamic mask after every step; return the test accuracy."""
+    fit_images(model, *data["train"], epochs, batch_size, seed)
+    return image_accuracy(model, *data["test"])

