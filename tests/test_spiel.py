@@ -77,7 +77,7 @@ def test_window_spans_the_steps_before_each_update_until_t_end() -> None:
     policy = _spiel(update_frequency=3, accumulation_steps=2, t_end=7).drt_policy
     assert [s for s in range(1, 12) if policy.in_window(s)] == [2, 3, 5, 6]  # no update after t_end = 7
     whole = _spiel(update_frequency=2, accumulation_steps=2, t_end=6).drt_policy
-    assert [s for s in range(0, 9) if whole.in_window(s)] == [1, 2, 3, 4, 5, 6]
+    assert [s for s in range(0, 9) if whole.in_window(s)] == [1, 2, 3, 4]  # ζ_6 = 0: the update at t_end moves nothing
 
 
 def test_config_defaults_schedule_and_bad_inputs() -> None:
@@ -117,3 +117,40 @@ def test_prune_mode_trains_with_exact_d_and_the_same_seed_gives_the_same_masks()
     (_, start) = next(iter(_spiel(mode="prune", drop_criterion="magnitude").drt_layers()))
     assert a.num_trainable == start.num_trainable == round(0.25 * 48)
     assert torch.equal(a.drt_indices, b.drt_indices) and not torch.equal(a.drt_indices, start.drt_indices)
+
+
+def test_a_non_finite_step_adds_nothing_and_a_missing_layer_adds_zero() -> None:
+    model = _spiel(target_modules=["0", "2"])
+    layers = [layer for _, layer in model.drt_layers()]
+    optimizer = adamw(model, lr=0.05)
+    for step in (1, 2):
+        x, y = _batch(step)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.update_masks(step, optimizer)
+    x, y = _batch(3)
+    nn.functional.mse_loss(model(x), y).backward()
+    layers[1].dense_grad[0, 0] = float("inf")  # an overflowing step: left out of the sums
+    optimizer.step()
+    with pytest.warns(UserWarning, match="step 3: non-finite gradients; SpIEL leaves them out"):
+        model.update_masks(3, optimizer)
+    assert not hasattr(model.drt_policy, "accumulated_0") and layers[0].dense_grad is None
+    x, y = _batch(4)
+    nn.functional.mse_loss(model(x), y).backward()
+    expected = layers[0].dense_grad.clone()
+    layers[1].dense_grad = None  # as if the layer took no part in the forward
+    model.drt_policy.observe(model, 4)
+    assert torch.equal(model.drt_policy.accumulated_0, expected)
+    assert not hasattr(model.drt_policy, "accumulated_1")
+    assert torch.equal(model.drt_policy.grow_scores(1, "2", layers[1], 4), torch.zeros(layers[1].weight_shape))
+
+
+def test_attach_keeps_the_sums_only_inside_a_window() -> None:
+    model = _spiel()
+    (_, layer) = next(iter(model.drt_layers()))
+    model.drt_policy.register_buffer("accumulated_0", torch.ones(layer.weight_shape))
+    model.drt_policy.on_attach(model, 3)  # resuming after step 3 of the window 3, 4
+    assert torch.equal(model.drt_policy.accumulated_0, torch.ones(layer.weight_shape)) and layer.capture_dense_grad
+    model.drt_policy.on_attach(model, 4)  # after the update: the sums are spent
+    assert not hasattr(model.drt_policy, "accumulated_0") and not layer.capture_dense_grad

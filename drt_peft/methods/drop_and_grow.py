@@ -216,7 +216,7 @@ class DynamicConfig(RewiringConfig):
                 "mode the untrained entries are zero, so the change is ϑ itself: use 'magnitude')"
             )
         if self.drop_decay and self.t_end is None:
-            decay = self.drop_decay.__doc__.split(":")[0]
+            decay = (self.drop_decay.__doc__ or self.drop_decay.__name__).split(":")[0]
             raise ValueError(
                 f"t_end=None: {type(self).__name__}'s drop fraction decays to 0 at t_end ({decay}), so it needs the "
                 "last update step (Evci et al. use 75% of the training steps)"

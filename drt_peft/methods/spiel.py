@@ -3,7 +3,7 @@ moved least and grows where gradients accumulated over a few steps are largest."
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -38,36 +38,65 @@ class SpIELPolicy(DropAndGrow):
     keeps_regrown = True
 
     def on_attach(self, model: DRTModel, step: int = 0) -> None:
+        """Keep a window's sums only when resuming inside that window, on the layers' devices; arm the capture."""
         super().on_attach(model, step)
+        inside = self.in_window(step) and not self.config.is_update_step(step)
+        for i, (_, layer) in enumerate(model.drt_layers()):
+            name = f"accumulated_{i}"
+            if hasattr(self, name):
+                if inside:
+                    setattr(self, name, getattr(self, name).to(layer.drt_indices.device))
+                else:
+                    delattr(self, name)
         self._arm(model, step + 1)
 
     def in_window(self, step: int) -> bool:
-        """Whether the gradient of optimizer step ``step`` counts towards the next update's growth scores."""
+        """Whether the gradient of optimizer step ``step`` counts towards the growth scores of the update that ends
+        its window (an update that moves entries: before ``t_end``, at a drop fraction above 0)."""
         frequency = self.config.update_frequency
-        update = math.ceil(step / frequency) * frequency
-        return step > 0 and self.config.is_update_step(update) and step > update - self.config.accumulation_steps
+        update = -(-step // frequency) * frequency
+        return (
+            step > update - self.config.accumulation_steps
+            and self.config.is_update_step(update)
+            and self.config.drop_fraction_at(update) > 0
+        )
 
     def observe(self, model: DRTModel, step: int) -> None:
-        """Inside a window, add each layer's dense gradient of this step to its buffer."""
+        """Inside a window, add each layer's dense gradient of this step, summed over processes, to its buffer.
+
+        Every rank so holds the same sums, and a checkpoint written by one of them resumes the window on all. A
+        layer that took no part in this step's forward adds nothing; a step with a non-finite gradient adds
+        nothing, with a warning (an fp16 step the loss scaler skips, for instance)."""
         if not self.in_window(step):
             return
-        for i, (name, layer) in enumerate(model.drt_layers()):
-            if layer.dense_grad is None:
-                raise RuntimeError(
-                    f"SpIEL at step {step}: layer {name} captured no dense gradient; call "
-                    "model.update_masks(step, optimizer) after every optimizer step (or use DRTCallback)"
-                )
-            grad = layer.dense_grad.to(torch.float32)
+        layers = list(model.drt_layers())
+        if all(layer.dense_grad is None for _, layer in layers):
+            raise RuntimeError(
+                f"SpIEL at step {step}: no layer captured a dense gradient; call model.update_masks(step, optimizer) "
+                "after every optimizer step (or use DRTCallback)"
+            )
+        grads = {i: all_reduce_(layer.dense_grad.to(torch.float32, copy=True)) for i, (_, layer) in enumerate(layers)
+                 if layer.dense_grad is not None}  # fmt: skip
+        for _, layer in layers:
+            layer.dense_grad = None  # the capture stays armed for the rest of the window
+        if not all(bool(torch.isfinite(grad).all()) for grad in grads.values()):
+            warnings.warn(
+                f"step {step}: non-finite gradients; SpIEL leaves them out of its growth scores", stacklevel=3
+            )
+            return
+        for i, grad in grads.items():
             accumulated = getattr(self, f"accumulated_{i}", None)
             if accumulated is None:
-                self.register_buffer(f"accumulated_{i}", grad.clone())
+                self.register_buffer(f"accumulated_{i}", grad)
             else:
                 accumulated.add_(grad)
-            layer.dense_grad = None  # the capture stays armed for the rest of the window
 
     def grow_scores(self, i: int, name: str, layer: DRTLayer, step: int) -> Tensor:
-        """|G|, the accumulated dense gradient summed over processes, so every rank grows the same entries."""
-        return all_reduce_(getattr(self, f"accumulated_{i}")).abs()
+        """|G|, the window's dense gradient summed over steps and processes (zero where the layer saw none)."""
+        accumulated = getattr(self, f"accumulated_{i}", None)
+        if accumulated is None:
+            return torch.zeros(layer.weight_shape, device=layer.drt_indices.device)
+        return accumulated.abs()
 
     def after_step(self, model: DRTModel, step: int) -> None:
         """Free the window's buffers after its update step; arm the capture if the next step is in a window."""
