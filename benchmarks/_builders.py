@@ -493,7 +493,7 @@ def fit_images(
     )
     total = epochs * (len(y) // batch_size)
     warmup = max(1, total // 10)
-    factor = (lambda t: min((t + 1) / warmup, max(0.0, (total - t) / (total - warmup)))) if warmup_decay else None
+    factor = (lambda t: min((t + 1) / warmup, max(0.0, (total - t) / max(1, total - warmup)))) if warmup_decay else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor) if factor else None
     update_masks = getattr(model, "update_masks", None)
     step = 0
