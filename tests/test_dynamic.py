@@ -143,6 +143,17 @@ def test_regrow_drops_smallest_and_grows_largest_scores() -> None:
     assert set(layer.drt_indices.tolist()) - set(before.tolist()) == set(sorted(untrained_after_drop)[-2:])
 
 
+def test_regrow_grows_exactly_as_many_when_scores_hold_nan_and_inf() -> None:
+    layer, _ = _layer("prune", d=8)
+    scores = torch.full((4, 5), float("nan"))
+    scores.view(-1)[[3, 7]] = torch.tensor([float("inf"), 1.0])
+    kept_before = layer.drt_indices.clone()
+    regrow(layer, smallest_magnitudes(layer, 3), 3, scores, None)
+    grown = set(layer.drt_indices.tolist()) - set(kept_before.tolist())
+    assert layer.num_trainable == 8 and len(set(layer.drt_indices.tolist())) == 8
+    assert {3, 7} - set(kept_before.tolist()) <= grown  # the finite and +inf scores grow first
+
+
 def _train_set(steps: int, seed: int = 0) -> tuple[DRTModel, list[dict]]:
     model = get_drt_model(tiny_bert(), SETConfig(density=0.2, update_frequency=2, drop_fraction=0.25, seed=seed))
     g = torch.Generator().manual_seed(4)

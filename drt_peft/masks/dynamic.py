@@ -64,12 +64,15 @@ def regrow(
     optimizer state), as in SET, SNFS and DSR, which grow among the weights the drop just set to
     zero; with ``keep_regrown`` it keeps its value and optimizer state, as in RigL (Evci et al.
     2020, whose update re-initialises only connections that were not active before it). Nothing to
-    drop or grow leaves the layer untouched.
+    drop or grow leaves the layer untouched. A NaN score ranks below every other untrained entry, so
+    exactly ``grow`` entries grow whatever the scores hold.
     """
     if grow == 0 and not bool(dropped.any()):
         return
     kept = layer.drt_indices[~dropped]
     scores = grow_scores.detach().reshape(-1).to(device=kept.device, dtype=torch.float64, copy=True)
+    lowest = torch.finfo(scores.dtype).min  # a NaN score ranks last among the candidates, still above the kept
+    torch.nan_to_num_(scores, nan=lowest, posinf=torch.finfo(scores.dtype).max, neginf=lowest)
     scores[kept] = float("-inf")
     grown = indices_of(top_k_mask(scores, grow))
     indices = torch.sort(torch.cat([kept, grown])).values
