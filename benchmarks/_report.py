@@ -70,6 +70,13 @@ def write_report(
         print(markdown(report))
 
 
+def pool_for_every_thread_count() -> None:
+    """Launch numba's thread pool with every core, for a suite that measures one thread count after another: drt_peft
+    otherwise launches it at the first kernel call with torch's thread count then, which later calls cannot
+    exceed."""
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(os.cpu_count() or 1))
+
+
 def percent(mean: float, std: float | None) -> str:
     """A fraction as a percentage, ``mean ± std`` over runs (the mean alone when one run gave no std)."""
     return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"

@@ -36,7 +36,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
-from _report import command, interleaved_ms, quartiles, spread, write_report
+from _report import command, interleaved_ms, pool_for_every_thread_count, quartiles, spread, write_report
 from torch import nn
 
 from drt_peft import DRTLayer
@@ -210,6 +210,7 @@ def crossover(rows: list[dict], sparse: str, dense: str) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    pool_for_every_thread_count()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", default="docs/benchmarks/layer_kernels")

@@ -24,7 +24,16 @@ from collections.abc import Callable
 
 import torch
 from _builders import ENCODER_LINEAR, MINILM, bert_classifier
-from _report import add_options, command, interleaved_ms, machine, quartiles, spread, write_report
+from _report import (
+    add_options,
+    command,
+    interleaved_ms,
+    machine,
+    pool_for_every_thread_count,
+    quartiles,
+    spread,
+    write_report,
+)
 from torch import nn
 
 from drt_peft import MagnitudeConfig, get_drt_model, save_sparse_model
@@ -111,6 +120,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    pool_for_every_thread_count()
     parser.add_argument("--quick", action="store_true", help="a tiny BERT from a config (harness check)")
     add_options(parser, seq=64, repeats=12)
     parser.add_argument("--out", default="docs/benchmarks/pruned_inference")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from _builders import ENCODER_LINEAR, adapter_bytes, lora_rank, peft_model, trainable_count, trainable_parameters
-from _report import add_options, command, machine, write_report
+from _report import add_options, command, machine, pool_for_every_thread_count, write_report
 from transformers import BertConfig, BertForSequenceClassification
 
 from drt_peft import DRTModel, RandomConfig, get_drt_model
@@ -163,6 +163,7 @@ def _measure_shape(name: str, shape: dict[str, int], args: argparse.Namespace, t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    pool_for_every_thread_count()
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (harness check)")
     add_options(parser, batch=16, seq=128, density=0.01, rounds=4, steps=4, bert_layers=4)
     parser.add_argument("--threads", default=None, help="thread counts, e.g. 1,2 (default 1, 2, 4, 8 up to cores)")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -42,7 +45,33 @@ def _with_threads(threads: int, fn: Callable[[], Tensor]) -> Tensor:
         torch.set_num_threads(before)
 
 
+_POOL_PROBE = """
+import torch
+torch.set_num_threads({threads})
+import numba
+from drt_peft.layer.cpu_kernels import tiled_sddmm
+pattern = torch.eye(4).to_sparse_csr()
+tiled_sddmm(pattern.crow_indices(), pattern.col_indices(), torch.ones(8, 4), torch.ones(8, 4))
+print(numba.config.NUMBA_NUM_THREADS, numba.get_num_threads())
+"""
+
+
+@pytest.mark.parametrize(("threads", "env", "expected"), [(1, {}, "1 1"), (1, {"NUMBA_NUM_THREADS": "2"}, "2 1")])
+def test_the_pool_starts_with_torchs_threads_unless_numba_num_threads_is_set(
+    threads: int, env: dict[str, str], expected: str
+) -> None:
+    """Workers beyond torch's count would spin idle on libgomp's active wait, so the pool has none (a fresh process:
+    the pool is launched once per process)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    probe = subprocess.run(
+        [sys.executable, "-c", _POOL_PROBE.format(threads=threads)], env={**clean, **env}, capture_output=True,
+        text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert probe.stdout.split("\n")[-2] == expected
+
+
 def test_small_products_run_on_fewer_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu_kernels._start_pool()  # launched as it would be, before the counts are faked
     chosen = []
     monkeypatch.setattr(cpu_kernels.numba, "set_num_threads", chosen.append)
     monkeypatch.setattr(cpu_kernels.numba.config, "NUMBA_NUM_THREADS", 8)

@@ -17,11 +17,22 @@ each one it transposes the rows of the operands it needs into buffers of its own
 stay in cache, runs the sparse product on them with contiguous loads along the tile (which the
 compiler vectorises), and writes back. Work is d multiply-adds per token plus one read of each
 operand; the SpMM writes its token-major output directly. The kernels use as many threads as
-``torch.get_num_threads()`` (capped by numba's pool), so ``torch.set_num_threads`` governs them as it
-governs PyTorch's own kernels.
+``torch.get_num_threads()``, so ``torch.set_num_threads`` governs them as it governs PyTorch's own
+kernels, up to the size of numba's pool (below).
+
+numba's OpenMP workers run on PyTorch's own libgomp, which starts with the active wait policy: idle
+workers spin at full load between parallel regions. A pool larger than the threads a call uses
+would spin on cores that PyTorch's threads or other processes need (with ``torch.set_num_threads(1)``
+and a pool of two, the second worker kept a second core busy while every kernel ran on one). So the
+pool is launched at the first call with as many workers as torch uses then (:func:`_start_pool`),
+unless ``NUMBA_NUM_THREADS`` is set: a program that raises torch's thread count after its first
+training step sets it to the most it will use.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import numba
 import numpy as np
@@ -108,9 +119,23 @@ def _tiled_spmm(x, crow, col, values, tile, groups):
     return y
 
 
+@functools.cache
+def _start_pool() -> None:
+    """Launch numba's thread pool with ``torch.get_num_threads()`` workers (within numba's default, the cores),
+    unless ``NUMBA_NUM_THREADS`` chose the size or the pool already runs; the kernels never use more threads than
+    it has."""
+    from numba.np.ufunc import parallel
+
+    if "NUMBA_NUM_THREADS" not in os.environ and not getattr(parallel, "_is_initialized", True):
+        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        numba.config.NUMBA_NUM_THREADS = parallel.NUM_THREADS = threads
+    numba.get_num_threads()  # launches the pool
+
+
 def _threads(tokens: int, work_per_token: int) -> int:
     """Threads for a call: torch's count, within numba's pool, at most one per tile and per :data:`GRAIN` of work;
     numba is set to it."""
+    _start_pool()
     by_work = tokens * work_per_token // GRAIN
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, -(-tokens // TILE), by_work))
     numba.set_num_threads(threads)
