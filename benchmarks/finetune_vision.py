@@ -90,9 +90,11 @@ VIT_LINEAR = (
 )
 SETTINGS = {
     "efficientnet": Setting(EFFICIENTNET_CONVS, "net._fc", (1e-4, 3e-4, 1e-3), shira=False),
-    "vit": Setting(VIT_LINEAR, "classifier", (1e-4, 3e-4, 1e-3), shira=True),
+    "vit": Setting(VIT_LINEAR, "classifier", (3e-4, 1e-3, 3e-3), shira=True),
 }
-DRT_LRS = (3e-3, 1e-2, 3e-2)
+#: The adapters' grids. A first ViT pass with grids a step lower chose the top rate of every grid (full 1e-3, LoRA
+#: 1e-2, SHiRA and DRT 3e-2), so they reach higher.
+DRT_LRS = (1e-2, 3e-2, 1e-1)
 
 
 @dataclass(frozen=True)
@@ -107,14 +109,14 @@ def methods(setting: Setting) -> dict[str, Method]:
     rows = {
         "head only": Method((1e-3, 1e-2, 1e-1), head_only(setting.head)),
         "full fine-tuning": Method(setting.full_lrs, full),
-        "PEFT LoRA": Method((1e-3, 3e-3, 1e-2), peft("lora", setting.head, **where)),
+        "PEFT LoRA": Method((3e-3, 1e-2, 3e-2, 1e-1), peft("lora", setting.head, **where)),
     }
     if setting.shira:
-        rows["PEFT SHiRA"] = Method((3e-3, 1e-2, 3e-2), peft("shira", setting.head, **where))
+        rows["PEFT SHiRA"] = Method((1e-2, 3e-2, 1e-1), peft("shira", setting.head, **where))
     rows |= {
         "DRT random": Method(DRT_LRS, drt("random", **where)),
-        "DRT SNIP, column cap": Method((1e-3, *DRT_LRS[:2]), drt("snip", max_column_density=0.02, **where)),
-        "DRT RigL": Method((1e-3, *DRT_LRS[:2]), drt("rigl", **where)),
+        "DRT SNIP, column cap": Method((3e-3, *DRT_LRS), drt("snip", max_column_density=0.02, **where)),
+        "DRT RigL": Method((3e-3, *DRT_LRS), drt("rigl", **where)),
         "DRT SpIEL": Method(DRT_LRS, drt("spiel", **where)),
     }
     return rows
