@@ -93,8 +93,8 @@ SETTINGS = {
     "vit": Setting(VIT_LINEAR, "classifier", (3e-4, 1e-3, 3e-3), shira=True),
 }
 #: The adapters' grids. A first ViT pass with grids a step lower chose the top rate of every grid (full 1e-3, LoRA
-#: 1e-2, SHiRA and DRT 3e-2), so they reach higher.
-DRT_LRS = (1e-2, 3e-2, 1e-1)
+#: 1e-2, SHiRA and DRT 3e-2), and a second still the top one for SHiRA and DRT (1e-1), so they reach higher.
+DRT_LRS = (1e-2, 3e-2, 1e-1, 3e-1)
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,12 @@ def methods(setting: Setting) -> dict[str, Method]:
         "PEFT LoRA": Method((3e-3, 1e-2, 3e-2, 1e-1), peft("lora", setting.head, **where)),
     }
     if setting.shira:
-        rows["PEFT SHiRA"] = Method((1e-2, 3e-2, 1e-1), peft("shira", setting.head, **where))
+        rows["PEFT SHiRA"] = Method((1e-2, 3e-2, 1e-1, 3e-1), peft("shira", setting.head, **where))
     rows |= {
         "DRT random": Method(DRT_LRS, drt("random", **where)),
-        "DRT SNIP, column cap": Method((3e-3, *DRT_LRS), drt("snip", max_column_density=0.02, **where)),
-        "DRT RigL": Method((3e-3, *DRT_LRS), drt("rigl", **where)),
-        "DRT SpIEL": Method(DRT_LRS, drt("spiel", **where)),
+        "DRT SNIP, column cap": Method(DRT_LRS, drt("snip", max_column_density=0.02, **where)),
+        "DRT RigL": Method((3e-3, *DRT_LRS[:3]), drt("rigl", **where)),
+        "DRT SpIEL": Method(DRT_LRS[:3], drt("spiel", **where)),
     }
     return rows
 
