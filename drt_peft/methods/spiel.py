@@ -40,14 +40,12 @@ class SpIELPolicy(DropAndGrow):
     def on_attach(self, model: DRTModel, step: int = 0) -> None:
         """Keep a window's sums only when resuming inside that window, on the layers' devices; arm the capture."""
         super().on_attach(model, step)
-        inside = self.in_window(step) and not self.config.is_update_step(step)
+        if not (self.in_window(step) and not self.config.is_update_step(step)):
+            self._free_sums()
         for i, (_, layer) in enumerate(model.drt_layers()):
             name = f"accumulated_{i}"
             if hasattr(self, name):
-                if inside:
-                    setattr(self, name, getattr(self, name).to(layer.drt_indices.device))
-                else:
-                    delattr(self, name)
+                setattr(self, name, getattr(self, name).to(layer.drt_indices.device))
         self._arm(model, step + 1)
 
     def in_window(self, step: int) -> bool:
@@ -101,10 +99,13 @@ class SpIELPolicy(DropAndGrow):
     def after_step(self, model: DRTModel, step: int) -> None:
         """Free the window's buffers after its update step; arm the capture if the next step is in a window."""
         if self.config.is_update_step(step):
-            for i in range(len(list(model.drt_layers()))):
-                if hasattr(self, f"accumulated_{i}"):
-                    delattr(self, f"accumulated_{i}")
+            self._free_sums()
         self._arm(model, step + 1)
+
+    def _free_sums(self) -> None:
+        """Drop every layer's window buffer (``accumulated_<i>``)."""
+        for name in [name for name in self._buffers if name.startswith("accumulated_")]:
+            delattr(self, name)
 
     def _arm(self, model: DRTModel, step: int) -> None:
         capture_dense_gradients((layer for _, layer in model.drt_layers()), self.in_window(step))
