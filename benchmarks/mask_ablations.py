@@ -63,6 +63,7 @@ SPREAD = (3e-3, 5e-3, 1e-2)
 WARMUP = {"warmup_steps": 96, "warmup_lr": 1e-2}  # three passes over the 32 calibration batches
 ROW_CAP = {"max_row_density": 0.02}  # 4x the density: at most 7 of 384 inputs per row (30 of 1,536)
 COLUMN_CAP = {"max_column_density": 0.02}  # likewise: at most 7 of 384 rows per input column (30 of 1,536)
+LINE_CAPS = {**ROW_CAP, **COLUMN_CAP}
 ROWS: dict[str, Row] = {
     "random": Row("random", (5e-3, 1e-2)),
     "snip": Row("snip", GRADIENT),
@@ -78,6 +79,8 @@ ROWS: dict[str, Row] = {
     "fish-row-cap": Row("fish", SPREAD, "fish", ROW_CAP),
     "snip-column-cap": Row("snip", SPREAD, "snip", COLUMN_CAP),
     "fish-column-cap": Row("fish", SPREAD, "fish", COLUMN_CAP),
+    "snip-line-caps": Row("snip", SPREAD, "snip", LINE_CAPS),
+    "fish-line-caps": Row("fish", SPREAD, "fish", LINE_CAPS),
     "set": Row("set", (5e-3, 1e-2, 2e-2)),
     "set-change": Row("set", (5e-3, 1e-2, 2e-2), "set", {"drop_criterion": "change"}),
     "rigl": Row("rigl", GRADIENT),
