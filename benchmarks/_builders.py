@@ -376,13 +376,15 @@ def run_jobs(setup: dict, rates: dict[str, Sequence[float]], seeds: Sequence[int
 
 
 def tune_then_repeat(
-    suite: Suite, setup: dict, grid: dict[str, Sequence[float]], seeds: Sequence[int]
+    suite: Suite, setup: dict, grid: dict[str, Sequence[float]], seeds: Sequence[int], measure: str = "val"
 ) -> tuple[dict[str, dict[float, float]], dict[str, float], dict[str, list[dict]]]:
-    """Each method's rates with the first seed, then every seed at the rate with the best validation accuracy:
-    the validation accuracy per method and rate, the chosen rate per method and each method's runs over the seeds."""
+    """Each method's rates with the first seed, then every seed at the rate with the best validation ``measure``
+    (a run's accuracy ``"val"``, the higher the better, or a loss ending in ``"loss"``, the lower the better): that
+    measure per method and rate, the chosen rate per method and each method's runs over the seeds."""
     grid_results = suite.run(run_jobs(setup, grid, seeds[:1]))
-    val = {name: {lr: grid_results[run_key(name, lr, seeds[0])]["val"] for lr in lrs} for name, lrs in grid.items()}
-    chosen = {name: max(lrs, key=lrs.__getitem__) for name, lrs in val.items()}
+    val = {name: {lr: grid_results[run_key(name, lr, seeds[0])][measure] for lr in lrs} for name, lrs in grid.items()}
+    best = min if measure.endswith("loss") else max
+    chosen = {name: best(lrs, key=lrs.__getitem__) for name, lrs in val.items()}
     results = suite.run(run_jobs(setup, {name: (lr,) for name, lr in chosen.items()}, seeds))
     runs = {name: [results[run_key(name, lr, seed)] for seed in seeds] for name, lr in chosen.items()}
     return val, chosen, runs
