@@ -64,6 +64,7 @@ WARMUP = {"warmup_steps": 96, "warmup_lr": 1e-2}  # three passes over the 32 cal
 ROW_CAP = {"max_row_density": 0.02}  # 4x the density: at most 7 of 384 inputs per row (30 of 1,536)
 COLUMN_CAP = {"max_column_density": 0.02}  # likewise: at most 7 of 384 rows per input column (30 of 1,536)
 LINE_CAPS = {**ROW_CAP, **COLUMN_CAP}
+FROZEN_DECAY = {"frozen_weight_decay": 0.01}  # as the text suite's FreezeNet row
 ROWS: dict[str, Row] = {
     "random": Row("random", (5e-3, 1e-2)),
     "snip": Row("snip", GRADIENT),
@@ -81,6 +82,11 @@ ROWS: dict[str, Row] = {
     "fish-column-cap": Row("fish", SPREAD, "fish", COLUMN_CAP),
     "snip-line-caps": Row("snip", SPREAD, "snip", LINE_CAPS),
     "fish-line-caps": Row("fish", SPREAD, "fish", LINE_CAPS),
+    "fish-uniform-line-caps": Row("fish", SPREAD, "fish", {"budget": "uniform", **LINE_CAPS}),
+    "freezenet": Row("freezenet", GRADIENT, None, FROZEN_DECAY),
+    "freezenet-line-caps": Row("freezenet", SPREAD, "freezenet", {**FROZEN_DECAY, **LINE_CAPS}),
+    "grasp-abs": Row("grasp_abs", GRADIENT),
+    "grasp-abs-line-caps": Row("grasp_abs", SPREAD, "grasp-abs", LINE_CAPS),
     "set": Row("set", (5e-3, 1e-2, 2e-2)),
     "set-change": Row("set", (5e-3, 1e-2, 2e-2), "set", {"drop_criterion": "change"}),
     "rigl": Row("rigl", GRADIENT),
