@@ -99,12 +99,12 @@ ROWS: dict[str, Row] = {
 }
 REFERENCE = "random"
 
-#: What the run-time estimate assumes per run on one thread (the text suite's runs: about 1.1 s per step of batch
-#: 16 × 48; loading, evaluating 3,752 snippets and saving the adapter about 1.5 minutes; SNIP and FISH scoring under
-#: two minutes).
-SECONDS_PER_STEP = 1.1
-EVALUATION_SECONDS = 90.0
-SCORING_SECONDS = 90.0
+#: What the run-time estimate assumes per run on one thread, two runs at a time (the text suite's runs: about
+#: 0.45 s per step of batch 16 × 48; loading, evaluating 3,752 snippets and saving the adapter under a minute; SNIP
+#: and FISH scoring 15–35 s).
+SECONDS_PER_STEP = 0.45
+EVALUATION_SECONDS = 50.0
+SCORING_SECONDS = 30.0
 STATISTICS = (
     "drt/largest_layer_share",
     "drt/top_rows_share",
