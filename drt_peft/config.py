@@ -181,10 +181,10 @@ class DRTConfig:
     #: ``{"budget": "global", "mode": "prune"}``: what :meth:`as_in_paper` applies. Read from the class itself,
     #: never inherited: None (the default) when no paper setting is recorded, and the method's page says why.
     paper_setting: ClassVar[Mapping[str, Any] | None] = None
-    #: False for methods whose ψ moves by rules of their own during training (drop-and-grow, a supermask's trained
-    #: scores): ``max_row_density`` and ``max_column_density``, which only the selection from scores enforces,
-    #: could not hold there, so they are refused.
-    selection_is_final: ClassVar[bool] = True
+    #: False for methods whose ψ follows rules of their own during training that do not keep ``max_row_density``
+    #: and ``max_column_density`` (a supermask's trained scores): the caps are refused there. The selection from
+    #: scores and drop-and-grow's regrowth keep them.
+    honours_line_caps: ClassVar[bool] = True
 
     density: float | None = field(
         default=None,
@@ -334,7 +334,7 @@ class DRTConfig:
 
     def _check_concentration(self) -> None:
         """``score_normalisation`` acts on a global ranking only; the caps are fractions in (0, 1] of unstructured
-        masks that the selection fixes (:attr:`selection_is_final`)."""
+        masks whose method keeps them (:attr:`honours_line_caps`)."""
         check_choice("score_normalisation", self.score_normalisation, SCORE_NORMALISATIONS)
         if self.score_normalisation != "none" and self.budget != "global":
             raise ValueError(
@@ -353,10 +353,10 @@ class DRTConfig:
                     f"{name}={value!r} is not supported with structure={self.structure!r}; the caps apply to "
                     "structure='unstructured'"
                 )
-            if self.criterion is None or not self.selection_is_final:
+            if self.criterion is None or not self.honours_line_caps:
                 raise ValueError(
                     f"{name}={value!r} is not supported by {self.method_name!r}: its ψ is not (only) the selection "
-                    "from scores that the caps constrain; leave it None"
+                    "from scores or the regrowth that the caps constrain; leave it None"
                 )
 
     def _check_modules(self) -> None:

@@ -6,6 +6,7 @@ import copy
 import math
 import re
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from conftest import (
     train_updating_masks,
 )
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from drt_peft import DRTCallback, DRTLayer, DRTModel, DRTTrainer, RigLConfig, SETConfig, get_drt_model
 from drt_peft.layer.frozen_decay import FrozenDecayLayer
@@ -152,6 +154,69 @@ def test_regrow_grows_exactly_as_many_when_scores_hold_nan_and_inf() -> None:
     grown = set(layer.drt_indices.tolist()) - set(kept_before.tolist())
     assert layer.num_trainable == 8 and len(set(layer.drt_indices.tolist())) == 8
     assert {3, 7} - set(kept_before.tolist()) <= grown  # the finite and +inf scores grow first
+
+
+def _capped_case(kind: str) -> tuple[DRTLayer, Callable[[list[int]], list[int]]]:
+    """A prune-mode layer whose ``[out=4, fan_in=5]`` view trains two entries in each row (columns 0 and 1, by
+    matrix-flat position 0, 1, 5, 6, 10, 11, 15, 16), those at 0 and 5 the smallest; and the map from
+    matrix-flat positions to the weight's own flat layout (``kind``: an ``nn.Linear``, or transformers' ``Conv1D``,
+    whose weight is ``[in, out]``)."""
+    module = nn.Linear(5, 4) if kind == "linear" else Conv1D(4, 5)
+
+    def to_weight(positions: list[int]) -> list[int]:
+        return positions if kind == "linear" else [(p % 5) * 4 + p // 5 for p in positions]
+
+    positions = [0, 1, 5, 6, 10, 11, 15, 16]
+    layer = DRTLayer(module, torch.tensor(sorted(to_weight(positions))), "prune")
+    small = set(to_weight([0, 5]))
+    with torch.no_grad():
+        layer.drt_values.copy_(torch.tensor([0.1 if i in small else 5.0 for i in layer.drt_indices.tolist()]))
+    return layer, to_weight
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize(
+    ("caps", "grown"),
+    [
+        (None, [18, 19]),  # the loudest row, which then trains all four inputs it holds
+        ((2, 4), [4, 9]),  # rows 2 and 3 are full: the best entries of rows 0 and 1
+        ((2, 1), [3, 9]),  # one per column too: 4 shares column 4 with 9, so row 0 takes 3
+    ],
+)
+def test_regrow_keeps_row_and_column_caps_on_the_matrix_view(kind: str, caps, grown: list[int]) -> None:
+    layer, to_weight = _capped_case(kind)
+    scores = layer.op.from_matrix(torch.arange(20, dtype=torch.float32).reshape(4, 5))  # matrix position = score
+    before = set(layer.drt_indices.tolist())
+    regrow(layer, smallest_magnitudes(layer, 2), 2, scores, None, caps=caps)
+    assert layer.num_trainable == 8
+    assert set(layer.drt_indices.tolist()) - before == set(to_weight(grown))
+    if caps is not None:
+        matrix = layer.op.to_matrix(layer.get_mask())
+        assert int(matrix.sum(1).max()) <= caps[0] and int(matrix.sum(0)[2:].max()) <= caps[1]  # columns 0, 1 held
+
+
+def test_regrow_keeps_d_exact_where_the_caps_leave_too_little_room() -> None:
+    layer, _ = _capped_case("linear")
+    regrow(layer, smallest_magnitudes(layer, 2), 2, torch.arange(20.0).reshape(4, 5), None, caps=(1, 1))
+    assert layer.num_trainable == 8 and len(set(layer.drt_indices.tolist())) == 8
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_dynamic_methods_keep_line_caps_through_training(method: str) -> None:
+    config_class = SETConfig if method == "set" else RigLConfig
+    config = config_class(density=0.2, update_frequency=2, drop_fraction=0.5, t_end=8, max_row_density=0.3,
+                          max_column_density=0.4)  # fmt: skip
+    model = get_drt_model(tiny_bert(), config)
+    start = {name: layer.num_trainable for name, layer in model.drt_layers()}
+    g = torch.Generator().manual_seed(3)
+    _, logs = train_updating_masks(model, [random_bert_batch(g) for _ in range(8)])
+    assert sum(entry.get("drt/moved", 0) for entry in logs) > 0
+    for name, layer in model.drt_layers():
+        matrix = layer.op.to_matrix(layer.get_mask())
+        out, fan_in = matrix.shape
+        assert layer.num_trainable == start[name]
+        assert int(matrix.sum(1).max()) <= max(1, math.floor(0.3 * fan_in + 1e-9))
+        assert int(matrix.sum(0).max()) <= max(1, math.floor(0.4 * out + 1e-9))
 
 
 def _train_set(steps: int, seed: int = 0) -> tuple[DRTModel, list[dict]]:

@@ -297,7 +297,6 @@ def test_drt_statistics_show_what_the_controls_change() -> None:
         ("random", {"max_row_density": 0}, r"max_row_density=0 must be a fraction with 0 < max_row_density <= 1"),
         ("random", {"max_column_density": 1.5}, r"max_column_density=1\.5 must be a fraction"),
         ("random", {"max_row_density": 0.1, "structure": "2:4"}, r"not supported with structure='2:4'"),
-        ("set", {"max_row_density": 0.1}, r"max_row_density=0\.1 is not supported by 'set'"),
         ("supermask", {"max_column_density": 0.1}, r"max_column_density=0\.1 is not supported by 'supermask'"),
     ],
 )

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..layer import DRTLayer
 from ..topk import top_k_mask
-from .selection import indices_of
+from .selection import capped_top_k, indices_of
 
 #: What the drop rules judge a trained entry by (``DynamicConfig.drop_criterion``).
 DROP_CRITERIA = ("magnitude", "change")
@@ -55,9 +55,11 @@ def regrow(
     optimizer: torch.optim.Optimizer | None,
     *,
     keep_regrown: bool = False,
+    caps: tuple[int, int] | None = None,
 ) -> None:
     """Drop the entries of ψ marked in ``dropped`` and grow ``grow`` untrained entries with the largest
-    ``grow_scores`` (weight-shaped).
+    ``grow_scores`` (weight-shaped), with at most ``caps = (per_row, per_column)`` trained entries in any row and
+    column of the layer's ``[out, fan_in]`` view afterwards, if given (:func:`~drt_peft.masks.budgets.line_caps`).
 
     Ties resolve to lower positions (deterministic on every process). A just-dropped entry may be
     grown again: by default it then starts afresh like any grown entry (value s·Θ(0) or 0, zero
@@ -65,7 +67,8 @@ def regrow(
     zero; with ``keep_regrown`` it keeps its value and optimizer state, as in RigL (Evci et al.
     2020, whose update re-initialises only connections that were not active before it). Nothing to
     drop or grow leaves the layer untouched. A NaN score ranks below every other untrained entry, so
-    exactly ``grow`` entries grow whatever the scores hold.
+    exactly ``grow`` entries grow whatever the scores hold; likewise, entries the caps cannot place (a layer that
+    grows more than its full lines leave room for) go to the best remaining ones, so d stays exact.
     """
     if grow == 0 and not bool(dropped.any()):
         return
@@ -74,9 +77,24 @@ def regrow(
     lowest = torch.finfo(scores.dtype).min  # a NaN score ranks last among the candidates, still above the kept
     torch.nan_to_num_(scores, nan=lowest, posinf=torch.finfo(scores.dtype).max, neginf=lowest)
     scores[kept] = float("-inf")
-    grown = indices_of(top_k_mask(scores, grow))
-    indices = torch.sort(torch.cat([kept, grown])).values
+    grown = top_k_mask(scores, grow) if caps is None else _capped_growth(layer, kept, scores, grow, caps)
+    indices = torch.sort(torch.cat([kept, indices_of(grown)])).values
     layer.update_indices(indices, optimizer, fresh=None if keep_regrown else ~torch.isin(indices, kept))
+
+
+def _capped_growth(layer: DRTLayer, kept: Tensor, scores: Tensor, grow: int, caps: tuple[int, int]) -> Tensor:
+    """Boolean over the flat weight of ``grow`` entries with the largest ``scores`` (-inf at ``kept``) that fit the
+    lines' room ``caps`` leaves next to ``kept``; any the caps turn away go to the best entries left."""
+    held = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    held[kept] = True
+    shape = layer.weight_shape
+    matrices = layer.op.to_matrix(scores.view(shape)), layer.op.to_matrix(held.view(shape))
+    taken = capped_top_k([matrices[0]], grow, [caps], held=[matrices[1]])[0]
+    grown = layer.op.from_matrix(taken.to(scores.device)).reshape(-1)
+    short = grow - int(grown.sum())
+    if short:
+        grown |= top_k_mask(scores.masked_fill(grown, float("-inf")), short)
+    return grown
 
 
 def trained_values_finite(model: Any, step: int) -> bool:

@@ -55,10 +55,14 @@ def select_capped(
     return capped_top_k(scores, total, caps)
 
 
-def capped_top_k(scores: Sequence[Tensor], k: int, caps: Sequence[tuple[int, int]]) -> list[Tensor]:
+def capped_top_k(
+    scores: Sequence[Tensor], k: int, caps: Sequence[tuple[int, int]], held: Sequence[Tensor] | None = None
+) -> list[Tensor]:
     """Masks of ``k`` entries of the ``[out, fan_in]`` ``scores``, taken greedily in one descending order of all of
     them (ties: lower position, matrices in order): each entry is taken unless its row already holds ``per_row`` or
-    its column ``per_column`` taken entries (``caps`` per matrix), until ``k`` are taken.
+    its column ``per_column`` taken entries (``caps`` per matrix), until ``k`` are taken. ``held`` (boolean, shaped
+    like ``scores``) marks entries already in the mask: they are never taken again and use up their lines' room, as
+    when drop-and-grow regrows next to the entries it kept.
 
     What a full row or column turns away goes to the next-best entries, so exactly ``k`` are taken whenever
     ``k`` fits :func:`~drt_peft.masks.budgets.capped_capacity`; with no binding cap this is the plain top-k. It is
@@ -72,8 +76,16 @@ def capped_top_k(scores: Sequence[Tensor], k: int, caps: Sequence[tuple[int, int
     fan_ins = torch.tensor([shape[1] for shape in shapes])
     first_row = torch.tensor([0, *itertools.accumulate(shape[0] for shape in shapes)][:-1])
     first_column = torch.tensor([0, *itertools.accumulate(shape[1] for shape in shapes)][:-1])
-    rows_left = [per_row for (out, _), (per_row, _) in zip(shapes, caps, strict=True) for _ in range(out)]
-    columns_left = [per_col for (_, fan_in), (_, per_col) in zip(shapes, caps, strict=True) for _ in range(fan_in)]
+    rows_room = torch.cat([torch.full((out,), per_row) for (out, _), (per_row, _) in zip(shapes, caps, strict=True)])
+    columns_room = torch.cat(
+        [torch.full((fan_in,), per_column) for (_, fan_in), (_, per_column) in zip(shapes, caps, strict=True)]
+    )
+    if held is not None:
+        held = [h.detach().cpu() for h in held]
+        rows_room -= torch.cat([h.sum(dim=1) for h in held])
+        columns_room -= torch.cat([h.sum(dim=0) for h in held])
+        order = order[~torch.cat([h.flatten() for h in held])[order]]
+    rows_left, columns_left = rows_room.clamp(min=0).tolist(), columns_room.clamp(min=0).tolist()
     taken: list[int] = []
     for chunk in order.split(_CHUNK):
         if len(taken) == k:

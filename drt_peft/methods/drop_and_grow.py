@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..config import DRTConfig
+from ..masks.budgets import line_caps
 from ..masks.criteria.basic import random_scores
 from ..masks.dynamic import DROP_CRITERIA, regrow, smallest_magnitudes, trained_values_finite
 from ..policy import Policy
@@ -66,7 +67,7 @@ class DropAndGrow(Policy):
                 zip(layers, dropped, self.grow_counts(model, dropped), strict=True)
             ):
                 scores = self.grow_scores(i, name, layer, step)
-                regrow(layer, drop, grow, scores, optimizer, keep_regrown=self.keeps_regrown)
+                regrow(layer, drop, grow, scores, optimizer, keep_regrown=self.keeps_regrown, caps=self._caps(layer))
                 self._mark_explored(i, layer.drt_indices)
             logs = {
                 "drt/moved": float(sum(int(drop.sum()) for drop in dropped)),
@@ -109,6 +110,14 @@ class DropAndGrow(Policy):
         finite (a non-finite step is skipped with a warning: :func:`~drt_peft.masks.dynamic.trained_values_finite`)."""
         return self.config.is_update_step(step) and trained_values_finite(model, step)
 
+    def _caps(self, layer: DRTLayer) -> tuple[int, int] | None:
+        """The layer's ``(per_row, per_column)`` room under the config's line caps, None without caps."""
+        config = self.config
+        if config.max_row_density is None and config.max_column_density is None:
+            return None
+        shape = tuple(layer.op.to_matrix(layer.base_layer.weight).shape)
+        return line_caps(shape, config.max_row_density, config.max_column_density)
+
     def require_single_process(self) -> None:
         """Refuse to run across processes: for methods that move d between layers (SNFS, DSR)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -145,7 +154,6 @@ class RewiringConfig(DRTConfig):
     layer (:class:`DynamicConfig`) or the sign crossings of DEEP-R."""
 
     criterion = random_scores
-    selection_is_final = False  # rewiring moves ψ without the row and column caps
 
     budget: str = field(
         default="erk", metadata={"help": "As in DRTConfig; dynamic methods start from a random ERK mask by default."}

@@ -85,7 +85,7 @@ class SupermaskConfig(DRTConfig):
     # Only fixes each layer's count k; the mask itself is the top-k of the scores.
     criterion = random_scores
     values_from_base = True
-    selection_is_final = False  # the mask follows the trained scores, without the row and column caps
+    honours_line_caps = False  # the mask follows the trained scores, without the row and column caps
 
     policy = SupermaskPolicy
 
