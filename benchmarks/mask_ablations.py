@@ -91,6 +91,7 @@ ROWS: dict[str, Row] = {
     "set-change": Row("set", (5e-3, 1e-2, 2e-2), "set", {"drop_criterion": "change"}),
     "rigl": Row("rigl", GRADIENT),
     "rigl-change": Row("rigl", GRADIENT, "rigl", {"drop_criterion": "change"}),
+    "rigl-line-caps": Row("rigl", SPREAD, "rigl", LINE_CAPS),
     "snfs": Row("snfs", (1e-3, 3e-3, 1e-2)),
     "snfs-change": Row("snfs", (1e-3, 3e-3, 1e-2), "snfs", {"drop_criterion": "change"}),
     "dsr": Row("dsr", (3e-3, 1e-2, 2e-2)),
