@@ -64,6 +64,7 @@ WARMUP = {"warmup_steps": 96, "warmup_lr": 1e-2}  # three passes over the 32 cal
 ROW_CAP = {"max_row_density": 0.02}  # 4x the density: at most 7 of 384 inputs per row (30 of 1,536)
 COLUMN_CAP = {"max_column_density": 0.02}  # likewise: at most 7 of 384 rows per input column (30 of 1,536)
 LINE_CAPS = {**ROW_CAP, **COLUMN_CAP}
+TIGHT_CAPS = {"max_row_density": 0.01, "max_column_density": 0.01}  # 2x the density: 3 of 384 per line (15 of 1,536)
 FROZEN_DECAY = {"frozen_weight_decay": 0.01}  # as the text suite's FreezeNet row
 ROWS: dict[str, Row] = {
     "random": Row("random", (5e-3, 1e-2)),
@@ -82,6 +83,7 @@ ROWS: dict[str, Row] = {
     "fish-column-cap": Row("fish", SPREAD, "fish", COLUMN_CAP),
     "snip-line-caps": Row("snip", SPREAD, "snip", LINE_CAPS),
     "fish-line-caps": Row("fish", SPREAD, "fish", LINE_CAPS),
+    "snip-tight-caps": Row("snip", SPREAD, "snip", TIGHT_CAPS),
     "fish-uniform-line-caps": Row("fish", SPREAD, "fish", {"budget": "uniform", **LINE_CAPS}),
     "freezenet": Row("freezenet", GRADIENT, None, FROZEN_DECAY),
     "freezenet-line-caps": Row("freezenet", SPREAD, "freezenet", {**FROZEN_DECAY, **LINE_CAPS}),
