@@ -148,11 +148,18 @@ def peft(kind: str, head: str, **fields) -> Builder:
     return build
 
 
-def drt(method: str, **fields) -> Builder:
-    """A registered DRT method, its schedule from the steps (:func:`drt_model`); ``fields`` go to its config."""
+def drt(method: str, *, line_cap: float | None = None, **fields) -> Builder:
+    """A registered DRT method, its schedule from the steps (:func:`drt_model`); ``fields`` go to its config.
+    ``line_cap``: every row and column of a layer trains at most this multiple of the density
+    (``max_row_density`` and ``max_column_density``, at most 1)."""
 
     def build(model: nn.Module, density: float, steps: int, seed: int, calibration: list) -> nn.Module:
-        return drt_model(model, method, density, steps, calibration, seed=seed, **fields)
+        caps = (
+            {}
+            if line_cap is None
+            else dict.fromkeys(("max_row_density", "max_column_density"), min(1.0, line_cap * density))
+        )
+        return drt_model(model, method, density, steps, calibration, seed=seed, **caps, **fields)
 
     return build
 

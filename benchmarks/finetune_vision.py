@@ -115,8 +115,10 @@ def methods(setting: Setting) -> dict[str, Method]:
         rows["PEFT SHiRA"] = Method((1e-2, 3e-2, 1e-1, 3e-1), peft("shira", setting.head, **where))
     rows |= {
         "DRT random": Method(DRT_LRS, drt("random", **where)),
-        "DRT SNIP, column cap": Method(DRT_LRS, drt("snip", max_column_density=0.02, **where)),
+        "DRT SNIP + column cap": Method(DRT_LRS, drt("snip", max_column_density=0.02, **where)),
+        "DRT SNIP + line caps": Method(DRT_LRS, drt("snip", line_cap=4, **where)),
         "DRT RigL": Method((3e-3, *DRT_LRS[:3]), drt("rigl", **where)),
+        "DRT RigL + line caps": Method((3e-3, *DRT_LRS[:3]), drt("rigl", line_cap=4, **where)),
         "DRT SpIEL": Method(DRT_LRS[:3], drt("spiel", **where)),
     }
     return rows
