@@ -228,6 +228,22 @@ def test_capped_selection_is_the_greedy_under_both_caps_and_the_top_k_without_th
     assert torch.equal(torch.cat([m.flatten() for m in capped_top_k(scores, 40, free)]), top_k_mask(joint, 40))
 
 
+def test_capped_selection_widens_past_its_first_prefix_and_counts_held_entries() -> None:
+    from drt_peft.masks.selection import capped_top_k
+
+    g = torch.Generator().manual_seed(1)
+    scores = [torch.rand(300, 300, generator=g) + torch.arange(300).flip(0)[:, None]]  # each row above the next
+    caps = [(1, 300)]
+    (got,) = capped_top_k(scores, 250, caps)  # the first 65,536 entries of the order lie in rows 0-218 only
+    assert torch.equal(got, _greedy(scores, 250, caps)[0])
+    assert got.sum(1)[:250].eq(1).all() and not got[250:].any()
+    held = torch.zeros(300, 300, dtype=torch.bool)
+    held[:10, 0] = True  # rows 0-9 are full already
+    (grown,) = capped_top_k(scores, 5, caps, held=[held])
+    assert not (grown & held).any() and int(grown.sum()) == 5 and grown.sum(1)[10:15].eq(1).all()
+    assert torch.equal(grown[10:15].float().argmax(1), scores[0][10:15].argmax(1))
+
+
 def test_a_row_cap_spills_to_the_next_best_entries_of_the_layer_and_keeps_d() -> None:
     targets = _targets((4, 10), (4, 10))
     with torch.no_grad():  # one loud row per layer: row 0 holds the ten largest magnitudes of each layer

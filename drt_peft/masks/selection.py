@@ -67,46 +67,67 @@ def capped_top_k(
     What a full row or column turns away goes to the next-best entries, so exactly ``k`` are taken whenever
     ``k`` fits :func:`~drt_peft.masks.budgets.capped_capacity`; with no binding cap this is the plain top-k. It is
     the greedy (maximal, score-ordered) selection under both caps; with one cap only it is also the best one.
+    The greedy pass reads the best 4·k entries first (at least :data:`_CHUNK`) and only widens that prefix of the
+    order, four times at a time, while the caps turn too many away, so a large layer is not sorted in full.
     """
     shapes = [tuple(s.shape) for s in scores]
     flat = torch.cat([s.detach().flatten().cpu() for s in scores])
-    order = torch.sort(flat, descending=True, stable=True).indices
     sizes = torch.tensor([s.numel() for s in scores])
-    starts, ends = sizes.cumsum(0) - sizes, sizes.cumsum(0)
-    fan_ins = torch.tensor([shape[1] for shape in shapes])
-    first_row = torch.tensor([0, *itertools.accumulate(shape[0] for shape in shapes)][:-1])
-    first_column = torch.tensor([0, *itertools.accumulate(shape[1] for shape in shapes)][:-1])
     rows_room = torch.cat([torch.full((out,), per_row) for (out, _), (per_row, _) in zip(shapes, caps, strict=True)])
     columns_room = torch.cat(
         [torch.full((fan_in,), per_column) for (_, fan_in), (_, per_column) in zip(shapes, caps, strict=True)]
     )
+    free = torch.ones(flat.numel(), dtype=torch.bool)
     if held is not None:
         held = [h.detach().cpu() for h in held]
         rows_room -= torch.cat([h.sum(dim=1) for h in held])
         columns_room -= torch.cat([h.sum(dim=0) for h in held])
-        order = order[~torch.cat([h.flatten() for h in held])[order]]
-    rows_left, columns_left = rows_room.clamp(min=0).tolist(), columns_room.clamp(min=0).tolist()
-    taken: list[int] = []
-    for chunk in order.split(_CHUNK):
-        if len(taken) == k:
+        free = ~torch.cat([h.flatten() for h in held])
+    lines = _Lines(shapes, sizes)
+    width = min(flat.numel(), max(4 * k, _CHUNK))
+    while True:
+        best = indices_of(top_k_mask(flat, width))  # the first ``width`` entries of the full stable order
+        order = best[torch.sort(flat[best], descending=True, stable=True).indices]
+        taken = lines.greedy(order[free[order]], k, rows_room.clamp(min=0).tolist(), columns_room.clamp(min=0).tolist())
+        if len(taken) == k or width == flat.numel():
             break
-        layer = torch.searchsorted(ends, chunk, right=True)
-        local = chunk - starts[layer]
-        rows = (local // fan_ins[layer] + first_row[layer]).tolist()
-        columns = (local % fan_ins[layer] + first_column[layer]).tolist()
-        for entry, row, column in zip(chunk.tolist(), rows, columns, strict=True):
-            if rows_left[row] and columns_left[column]:
-                rows_left[row] -= 1
-                columns_left[column] -= 1
-                taken.append(entry)
-                if len(taken) == k:
-                    break
+        width = min(flat.numel(), 4 * width)
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
     mask[torch.tensor(taken, dtype=torch.int64)] = True
     return [
         part.reshape(shape).to(s.device)
         for part, shape, s in zip(mask.split(sizes.tolist()), shapes, scores, strict=True)
     ]
+
+
+class _Lines:
+    """Where each entry of the ``[out, fan_in]`` matrices, flattened and concatenated, lies: its row and its column,
+    numbered over all matrices."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], sizes: Tensor) -> None:
+        self.starts, self.ends = sizes.cumsum(0) - sizes, sizes.cumsum(0)
+        self.fan_ins = torch.tensor([shape[1] for shape in shapes])
+        self.first_row = torch.tensor([0, *itertools.accumulate(shape[0] for shape in shapes)][:-1])
+        self.first_column = torch.tensor([0, *itertools.accumulate(shape[1] for shape in shapes)][:-1])
+
+    def greedy(self, order: Tensor, k: int, rows_left: list[int], columns_left: list[int]) -> list[int]:
+        """Entries of ``order`` taken in turn while their row and column have room left, up to ``k``."""
+        taken: list[int] = []
+        for chunk in order.split(_CHUNK):
+            if len(taken) == k:
+                break
+            layer = torch.searchsorted(self.ends, chunk, right=True)
+            local = chunk - self.starts[layer]
+            rows = (local // self.fan_ins[layer] + self.first_row[layer]).tolist()
+            columns = (local % self.fan_ins[layer] + self.first_column[layer]).tolist()
+            for entry, row, column in zip(chunk.tolist(), rows, columns, strict=True):
+                if rows_left[row] and columns_left[column]:
+                    rows_left[row] -= 1
+                    columns_left[column] -= 1
+                    taken.append(entry)
+                    if len(taken) == k:
+                        break
+        return taken
 
 
 def select_rows(scores: Sequence[Tensor], counts: Sequence[int] | None, total: int) -> list[Tensor]:
