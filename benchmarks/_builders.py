@@ -383,13 +383,24 @@ def run_jobs(setup: dict, rates: dict[str, Sequence[float]], seeds: Sequence[int
 
 
 def tune_then_repeat(
-    suite: Suite, setup: dict, grid: dict[str, Sequence[float]], seeds: Sequence[int], measure: str = "val"
+    suite: Suite,
+    setup: dict,
+    grid: dict[str, Sequence[float]],
+    seeds: Sequence[int],
+    measure: str = "val",
+    every_seed: bool = False,
 ) -> tuple[dict[str, dict[float, float]], dict[str, float], dict[str, list[dict]]]:
     """Each method's rates with the first seed, then every seed at the rate with the best validation ``measure``
     (a run's accuracy ``"val"``, the higher the better, or a loss ending in ``"loss"``, the lower the better): that
-    measure per method and rate, the chosen rate per method and each method's runs over the seeds."""
-    grid_results = suite.run(run_jobs(setup, grid, seeds[:1]))
-    val = {name: {lr: grid_results[run_key(name, lr, seeds[0])][measure] for lr in lrs} for name, lrs in grid.items()}
+    measure per method and rate, the chosen rate per method and each method's runs over the seeds. With
+    ``every_seed`` every rate runs with every seed and the rate is chosen by the measure's mean over the seeds, which
+    a single seed's validation noise sways less."""
+    tuning = seeds if every_seed else seeds[:1]
+    grid_results = suite.run(run_jobs(setup, grid, tuning))
+    val = {
+        name: {lr: statistics.fmean(grid_results[run_key(name, lr, seed)][measure] for seed in tuning) for lr in lrs}
+        for name, lrs in grid.items()
+    }
     best = min if measure.endswith("loss") else max
     chosen = {name: best(lrs, key=lrs.__getitem__) for name, lrs in val.items()}
     results = suite.run(run_jobs(setup, {name: (lr,) for name, lr in chosen.items()}, seeds))

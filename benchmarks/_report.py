@@ -82,10 +82,10 @@ def percent(mean: float, std: float | None) -> str:
     return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def lr_grid_lines(rows: list[dict], name: str, measure: str = "accuracy") -> list[str]:
-    """Markdown lines listing each row's validation ``measure`` per learning rate (``row[name]``: its label): an
-    accuracy in percent, or a loss as it is."""
-    lines = ["", f"Validation {measure} (seed 0) per learning rate:", ""]
+def lr_grid_lines(rows: list[dict], name: str, measure: str = "accuracy", over: str = "seed 0") -> list[str]:
+    """Markdown lines listing each row's validation ``measure`` per learning rate (``row[name]``: its label; ``over``:
+    the seeds it is taken over): an accuracy in percent, or a loss as it is."""
+    lines = ["", f"Validation {measure} ({over}) per learning rate:", ""]
     shown = "{:.3f}".format if measure.endswith("loss") else lambda acc: f"{100 * acc:.2f}"
     for r in rows:
         grid = ", ".join(f"{lr}: {shown(value)}" for lr, value in r["lr_grid_val"].items())
