@@ -15,9 +15,11 @@ from drt_peft import DeepRConfig, RigLConfig, SETConfig, SpIELConfig, get_drt_mo
 from drt_peft.trainer import unwrap_drt_model
 
 UPDATES = 20
+RIGL = {"density": 0.2, "update_frequency": 1, "drop_fraction": 0.3, "t_end": 10 * UPDATES}
 CONFIGS = {
     "set": lambda: SETConfig(density=0.2, update_frequency=1, drop_fraction=0.3, t_end=10 * UPDATES),
-    "rigl": lambda: RigLConfig(density=0.2, update_frequency=1, drop_fraction=0.3, t_end=10 * UPDATES),
+    "rigl": lambda: RigLConfig(**RIGL),
+    "rigl-line-caps": lambda: RigLConfig(**RIGL, max_row_density=0.3, max_column_density=0.3),  # regrowth under caps
     "spiel": lambda: SpIELConfig(density=0.2, update_frequency=2, accumulation_steps=2, t_end=10 * UPDATES),
     "deep_r": lambda: DeepRConfig(density=0.2, temperature=1e-5, l1=1e-3),  # noise drawn on every rank alike
 }
