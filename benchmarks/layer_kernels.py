@@ -17,7 +17,7 @@ CPU: the tiled SDDMM (``drt_peft.layer.cpu_kernels``), the dense product gathere
 ``sampled_addmm`` with the transposing copies it needs (the kernel before the tiled one), at 256 and 2,048
 tokens, for the FFN's two shapes; its crossover is what ``ops.DENSE_GRADIENT_DENSITY`` is set from.
 
-Writes JSON, markdown tables with the crossover densities and the target of issue 12 (≥ 3.5× a dense layer
+Writes JSON, markdown tables with the crossover densities and the target (≥ 3.5× a dense layer
 at 90% sparsity, batch 1), and a PNG plot:
 
     python benchmarks/layer_kernels.py            # about 3 minutes on 2 cores
@@ -60,7 +60,7 @@ GRADIENT_DENSITIES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
 GRADIENT_TOKENS = [256, 2048]
 #: Rows per forward (batch 1: latency; batch 64: throughput) and the calls timed together per sample.
 INFERENCE_BATCHES = {1: 20, 64: 4}
-#: The target of issue 12: a 90%-pruned layer at batch 1 against a dense one (SRigL's condensed layer reached 3.4×).
+#: The target: a 90%-pruned layer at batch 1 against a dense one (SRigL's condensed layer reached 3.4×).
 TARGET = ("90% unstructured", 1, 3.5)
 
 if TYPE_CHECKING:
@@ -328,7 +328,7 @@ def _inference_markdown(report: dict) -> str:
         ]
         verdict = "met" if found and min(found) >= target else "missed"
         lines.append(
-            f"\n- Target (issue 12), {threads} thread{'s' if threads > 1 else ''}: ≥ {target}× dense at {mask}, "
+            f"\n- Target, {threads} thread{'s' if threads > 1 else ''}: ≥ {target}× dense at {mask}, "
             f"batch {batch}: {', '.join(f'{v:.2f}×' for v in found)}, {verdict}."
         )
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Why gradient-scored masks trail a random one: ablations on the text suite (issue 13, "Diagnose").
+"""Why gradient-scored masks trail a random one: ablations on the text suite.
 
 The text suite's set-up (``benchmarks/finetune_text.py``: MiniLM-L6 with a new head on Rotten
 Tomatoes, density 0.5% of all linear weights, freeze mode, one epoch), one row per explanation
@@ -8,13 +8,15 @@ tested against its baseline row and against DRT random:
   (``warmup_steps``), FISH with the model's own labels (``fisher_labels``);
 - gradient-chosen entries crowd into a few layers, rows and columns: FISH with a per-layer budget,
   SNIP and FISH ranked globally on per-layer normalised scores (``score_normalisation``), with a
-  row cap (``max_row_density``) and with a column cap (``max_column_density``);
+  row cap (``max_row_density``), a column cap (``max_column_density``), and both ("line caps", on
+  every gradient-scored method; RigL regrows under them);
 - in freeze mode dropping returns an entry to Θ(0): SET, RigL, SNFS and DSR dropping by |ϑ − Θ(0)|
   (``drop_criterion="change"``) against |ϑ|; SpIEL-AG, which drops by the change and grows by gradients summed
-  over a few steps (issue 13, §3).
+  over a few steps.
 
 Each row chooses its learning rate from its own small grid by validation accuracy with seed 0, then
-runs every seed at it (test accuracy: mean ± std). The report adds each row's mask concentration
+runs every seed at it (test accuracy: mean ± std); with ``--every-seed`` every rate runs with every
+seed and the rate with the best mean validation accuracy is reported. The report adds each row's mask concentration
 (``drt_statistics()`` after training) and its difference to random and to its baseline row.
 Every run is its own process and is kept under ``--work``, so an interrupted suite resumes and a
 later run with more rows reuses what finished.

@@ -46,7 +46,7 @@ MASKS = [
     ("99% unstructured", 0.01, "unstructured", "auto"),
     ("2:4", 0.5, "2:4", "condensed"),
 ]
-#: The target of issue 12: a 90%-pruned MiniLM at batch 1 against the dense one.
+#: The target: a 90%-pruned MiniLM at batch 1 against the dense one.
 TARGET = ("90% unstructured", 1, 1.5)
 
 
@@ -174,7 +174,7 @@ def _markdown(report: dict) -> str:
         ]
         verdict = "met" if found and min(found) >= target else "missed"
         lines.append(
-            f"\n- Target (issue 12), {threads} thread{'s' if threads > 1 else ''}: ≥ {target}× the dense model at "
+            f"\n- Target, {threads} thread{'s' if threads > 1 else ''}: ≥ {target}× the dense model at "
             f"{mask}, batch {batch}: {', '.join(f'{v:.2f}×' for v in found)}, {verdict}."
         )
     return "\n".join(lines) + "\n"

@@ -32,7 +32,7 @@ from drt_peft import DRTModel, RandomConfig, get_drt_model
 from drt_peft.apps.recipes.text_classification import optimizer_state_bytes
 from drt_peft.base_weights import PROBE_BYTES_PER_LAYER
 
-#: The issue's targets at 1% density: (method, against, shape or None for every shape, bound).
+#: The targets at 1% density: (method, against, shape or None for every shape, bound).
 TARGETS = (
     ("DRT freeze", "LoRA", None, 0.95),
     ("DRT freeze", "full", "bert-base", 0.75),
